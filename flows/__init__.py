@@ -1,0 +1,1 @@
+"""Prefect orchestration of nst: thin flows and tasks over the nst library."""

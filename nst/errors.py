@@ -1,0 +1,29 @@
+"""Error types users can catch; each message names the file, pair or parameter at fault."""
+
+
+class NSTError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ParamsError(NSTError, ValueError):
+    """A parameter has a bad value (message: `where.field: problem`)."""
+
+
+class ImageError(NSTError):
+    """An input image is missing, unreadable, truncated or too large."""
+
+
+class WeightsError(NSTError):
+    """VGG weights could not be found or do not fit the network."""
+
+
+class ManifestError(NSTError):
+    """A manifest is invalid; the message lists every problem with its location."""
+
+
+class StorageError(NSTError):
+    """A storage URI could not be read or written."""
+
+
+class OutputError(NSTError):
+    """An output could not be written (e.g. directory not writable)."""
