@@ -1,0 +1,16 @@
+"""Shared pytest set-up: every test session gets its own PREFECT_HOME and no analytics."""
+
+import os
+import tempfile
+from pathlib import Path
+
+_home = tempfile.mkdtemp(prefix="nst-test-prefect-")
+os.environ.setdefault("PREFECT_HOME", _home)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "manifests" / "images"
+
+# Fixture modules, one per concern (each file owns its fixtures).
+pytest_plugins: list[str] = []
