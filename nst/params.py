@@ -63,6 +63,9 @@ class StyleParams(BaseModel):
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
     save_every: int = Field(0, ge=0, description="write an intermediate image every N iterations (0: never)")
     log_every: int = Field(10, ge=1, description="record the losses in the history every N iterations")
+    max_input_pixels: int = Field(
+        80_000_000, gt=0, description="refuse input images with more pixels than this (decompression-bomb guard)"
+    )
 
     @field_validator("content_weight", "style_weight", "tv_weight", "lr")
     @classmethod
