@@ -36,8 +36,8 @@ class StyleParams(BaseModel):
     optimizer: Optimizer = Field("lbfgs", description="lbfgs (per-pair batched L-BFGS) or adam")
     lr: float = Field(1.0, gt=0, description="step size, in the loss network's input units (Caffe: 0-255 pixels)")
     init: Init = Field("content", description="starting image: content, noise (white noise) or style")
-    content_weight: float = Field(1.0, ge=0, description="weight of the content loss (alpha)")
-    style_weight: float = Field(1e3, ge=0, description="weight of the style loss (beta)")
+    content_weight: float = Field(1.0, gt=0, description="weight of the content loss (alpha)")
+    style_weight: float = Field(1e3, gt=0, description="weight of the style loss (beta)")
     tv_weight: float = Field(0.0, ge=0, description="weight of the total-variation smoothness loss")
     normalization: Normalization = Field(
         "gatys",
