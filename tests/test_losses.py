@@ -1,0 +1,68 @@
+"""Losses against hand computation."""
+
+import torch
+
+from nst.losses import blended_gram, content_loss, gram_matrix, style_layer_loss, tv_loss
+
+
+def _features(seed: int, shape: tuple[int, ...] = (2, 3, 4, 5)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gram_matrix_is_FFt_over_M() -> None:
+    f = _features(0)
+    gram = gram_matrix(f)
+    b, c, h, w = f.shape
+    for i in range(b):
+        flat = f[i].reshape(c, h * w)
+        expected = torch.zeros(c, c)
+        for p in range(c):
+            for q in range(c):
+                expected[p, q] = sum(flat[p, k] * flat[q, k] for k in range(h * w)) / (h * w)
+        torch.testing.assert_close(gram[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_is_fp32_under_bf16_autocast() -> None:
+    f = _features(1).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gram_matrix(f).dtype == torch.float32
+
+
+def test_content_loss_normalisations() -> None:
+    f, p = _features(2), _features(3)
+    diff2 = (f - p) ** 2
+    torch.testing.assert_close(content_loss(f, p, "gatys"), 0.5 * diff2.flatten(1).sum(1))
+    torch.testing.assert_close(content_loss(f, p, "mean"), diff2.flatten(1).mean(1))
+
+
+def test_style_loss_gatys_is_paper_formula() -> None:
+    f, a = _features(4), _features(5)
+    b, n, h, w = f.shape
+    m = h * w
+    loss = style_layer_loss(gram_matrix(f), gram_matrix(a), "gatys")
+    for i in range(b):
+        g_raw = f[i].reshape(n, m) @ f[i].reshape(n, m).T  # unnormalised, as in the paper
+        a_raw = a[i].reshape(n, m) @ a[i].reshape(n, m).T
+        expected = ((g_raw - a_raw) ** 2).sum() / (4 * n**2 * m**2)
+        torch.testing.assert_close(loss[i], expected, rtol=1e-5, atol=1e-7)
+    mean_loss = style_layer_loss(gram_matrix(f), gram_matrix(a), "mean")
+    torch.testing.assert_close(mean_loss, 4 * loss)
+
+
+def test_tv_loss_by_hand() -> None:
+    x = torch.tensor([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])
+    # horizontal steps: 1,2,0,0 -> squares 1+4 = 5; vertical steps: 2,1,-1 -> 4+1+1 = 6
+    torch.testing.assert_close(tv_loss(x, "gatys"), torch.tensor([11.0]))
+    torch.testing.assert_close(tv_loss(x, "mean"), torch.tensor([5 / 4 + 6 / 3]))
+
+
+def test_blended_gram_gives_the_gradient_of_the_weighted_sum_of_losses() -> None:
+    a1, a2 = gram_matrix(_features(6, (1, 3, 4, 4))), gram_matrix(_features(7, (1, 3, 4, 4)))
+    f = _features(8, (1, 3, 4, 4)).requires_grad_(True)
+    blended = style_layer_loss(gram_matrix(f), blended_gram([a1, a2], [0.7, 0.3]), "mean")
+    (g_blend,) = torch.autograd.grad(blended.sum(), f)
+    summed = 0.7 * style_layer_loss(gram_matrix(f), a1, "mean") + 0.3 * style_layer_loss(gram_matrix(f), a2, "mean")
+    (g_sum,) = torch.autograd.grad(summed.sum(), f)
+    torch.testing.assert_close(g_blend, g_sum, rtol=1e-5, atol=1e-6)
+    # unnormalised blend weights mean the same as normalised ones
+    torch.testing.assert_close(blended_gram([a1, a2], [7, 3]), blended_gram([a1, a2], [0.7, 0.3]))
