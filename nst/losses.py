@@ -81,10 +81,7 @@ def total_losses(
     content = torch.stack(content_terms, 0).mean(0)
     style_terms = [style_layer_loss(gram_matrix(features[name]), t, normalization) for name, t in targets.style.items()]
     style = (torch.stack(style_terms, 1) * targets.style_layer_weights).sum(1)
-    if targets.use_tv:
-        tv = tv_loss(image, normalization)
-    else:
-        tv = torch.zeros_like(content)
+    tv = tv_loss(image, normalization) if targets.use_tv else torch.zeros_like(content)
     weighted_content = targets.content_weight * content
     weighted_style = targets.style_weight * style
     weighted_tv = targets.tv_weight * tv

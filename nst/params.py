@@ -47,7 +47,7 @@ class StyleParams(BaseModel):
     tv_weight: float = Field(0.0, ge=0, description="weight of the total-variation smoothness loss")
     normalization: Normalization = Field(
         "gatys",
-        description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum) or mean (MSE of features and of Gram/M)",
+        description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum) or mean (MSE of features, Gram/M)",
     )
     content_layers: list[str] = Field(
         ["block4_conv2"], min_length=1, description="layers whose features the content loss matches"
@@ -63,7 +63,7 @@ class StyleParams(BaseModel):
     )
     preserve_colors: ColorMode = Field(
         "none",
-        description="keep the content's colours: luminance (YIQ luminance-only transfer), histogram (match style colours), or none",
+        description="keep the content's colours: luminance (YIQ), histogram (match style colours to content), or none",
     )
     pooling: Pooling = Field("max", description="pooling in the loss network: max or avg")
     post_relu: bool = Field(True, description="take features after the ReLU (relu4_2) rather than before it (conv4_2)")
@@ -126,9 +126,8 @@ class StyleParams(BaseModel):
     @model_validator(mode="after")
     def _layer_weights_match(self) -> StyleParams:
         if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
-            raise ValueError(
-                f"style_layer_weights has {len(self.style_layer_weights)} values for {len(self.style_layers)} style_layers"
-            )
+            n_weights, n_layers = len(self.style_layer_weights), len(self.style_layers)
+            raise ValueError(f"style_layer_weights has {n_weights} values for {n_layers} style_layers")
         return self
 
     def graph_key(self) -> tuple[Any, ...]:
