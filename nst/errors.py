@@ -27,3 +27,7 @@ class StorageError(NSTError):
 
 class OutputError(NSTError):
     """An output could not be written (e.g. directory not writable)."""
+
+
+class OutOfMemory(NSTError):
+    """A batch did not fit in device memory; the caller may split it and try the halves."""

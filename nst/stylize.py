@@ -1,0 +1,189 @@
+"""Pair-level engine: images and parameters in, stylized images and losses out; batches same-shape pairs."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from nst.errors import NSTError, OutOfMemory
+from nst.images import image_to_tensor, luminance_transfer, match_color, resize_long_side, tensor_to_image
+from nst.optimize import PairProblem, ProgressCallback, stylize_batch
+from nst.params import StyleParams
+from nst.vgg import VGGFeatures, WeightsInfo, canonical_layer, load_vgg
+
+ReadBytes = Callable[[str], bytes]
+
+
+@dataclass
+class PairJob:
+    """One pair to stylize: decoded images (any size) and its resolved parameters."""
+
+    id: str
+    content: Image.Image
+    styles: list[Image.Image]
+    params: StyleParams
+
+
+@dataclass
+class PairResult:
+    """What came of one pair; `image` is None when it failed."""
+
+    id: str
+    status: str  # succeeded | failed
+    params: StyleParams
+    image: Image.Image | None
+    final_losses: dict[str, float] | None
+    history: list[dict[str, float]]
+    iterations: int
+    seconds: float
+    device: str
+    weights: WeightsInfo | None
+    error: dict[str, Any] | None = None
+    intermediates: list[tuple[int, Image.Image]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → cuda when available, else cpu; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NSTError(f"device: unknown torch device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+
+
+def canonical_params(params: StyleParams) -> StyleParams:
+    """The same parameters with layer names in canonical form (raises ParamsError listing valid names)."""
+    return params.model_copy(
+        update={
+            "content_layers": [canonical_layer(n, params.network) for n in params.content_layers],
+            "style_layers": [canonical_layer(n, params.network) for n in params.style_layers],
+        }
+    )
+
+
+def device_name(device: torch.device) -> str:
+    """A readable device name for results: the GPU model or the CPU architecture."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.machine()})"
+
+
+def prepare_problem(job: PairJob) -> tuple[PairProblem, torch.Tensor]:
+    """Resize and convert one job to tensors; returns the problem and the content tensor at output size."""
+    p = job.params
+    content = image_to_tensor(resize_long_side(job.content, p.size))
+    style_size = p.style_size or p.size
+    styles = [image_to_tensor(resize_long_side(s, style_size)) for s in job.styles]
+    if p.preserve_colors == "histogram":
+        # Gatys et al. 2016a, colour histogram matching: the style images take the content's colour statistics.
+        styles = [match_color(s, content) for s in styles]
+    if p.style_blend is not None and len(p.style_blend) != len(styles):
+        raise NSTError(f"style_blend: {len(p.style_blend)} weights for {len(styles)} style images")
+    return PairProblem(content=content, styles=styles, params=p), content
+
+
+class Stylizer:
+    """Keeps loss networks loaded between calls and runs pairs in same-shape batches."""
+
+    def __init__(self, read_bytes: ReadBytes | None = None) -> None:
+        self.read_bytes = read_bytes
+        self._networks: dict[tuple[Any, ...], tuple[VGGFeatures, WeightsInfo]] = {}
+
+    def network(self, params: StyleParams, device: torch.device) -> tuple[VGGFeatures, WeightsInfo]:
+        """The loss network for these parameters, loaded once per process."""
+        layers = tuple(dict.fromkeys([*params.content_layers, *params.style_layers]))
+        key = (params.network, params.weights, params.pooling, params.post_relu, layers, str(device))
+        if key not in self._networks:
+            self._networks[key] = load_vgg(
+                params.network,
+                params.weights,
+                layers=layers,
+                pooling=params.pooling,
+                post_relu=params.post_relu,
+                device=device,
+                read_bytes=self.read_bytes,
+            )
+        return self._networks[key]
+
+    def run_batch(self, jobs: Sequence[PairJob], *, callback: ProgressCallback | None = None) -> list[PairResult]:
+        """Stylize jobs that share shape and graph parameters in one batch (one forward/backward per step)."""
+        start = time.perf_counter()
+        params = [canonical_params(j.params) for j in jobs]
+        jobs = [PairJob(j.id, j.content, j.styles, p) for j, p in zip(jobs, params, strict=True)]
+        device = resolve_device(params[0].device)
+        extractor, weights = self.network(params[0], device)
+        prepared = [prepare_problem(j) for j in jobs]
+        problems = [p for p, _ in prepared]
+        intermediates: list[list[tuple[int, Image.Image]]] = [[] for _ in jobs]
+
+        def on_event(event: Any) -> None:
+            if event.images is not None:
+                for i, img in enumerate(event.images):
+                    intermediates[i].append((event.iteration, tensor_to_image(img[None])))
+            if callback is not None:
+                callback(event)
+
+        try:
+            outcomes = stylize_batch(problems, extractor, device=device, callback=on_event)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(f"out of memory on {device} with a batch of {len(jobs)}: {exc}") from None
+        seconds = (time.perf_counter() - start) / len(jobs)
+        results = []
+        for job, (_, content), outcome, inter in zip(jobs, prepared, outcomes, intermediates, strict=True):
+            image = None
+            if outcome.image is not None:
+                out = outcome.image
+                if job.params.preserve_colors == "luminance":
+                    out = luminance_transfer(out, content)
+                image = tensor_to_image(out)
+            results.append(
+                PairResult(
+                    id=job.id,
+                    status=outcome.status,
+                    params=job.params,
+                    image=image,
+                    final_losses=outcome.final_losses,
+                    history=outcome.history,
+                    iterations=outcome.iterations,
+                    seconds=seconds,
+                    device=device_name(device),
+                    weights=weights,
+                    error=outcome.error,
+                    intermediates=inter,
+                )
+            )
+        return results
+
+
+def output_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after `resize_long_side(img, size)`."""
+    if max(width, height) == size:
+        return width, height
+    if width >= height:
+        return size, max(1, round(height * size / width))
+    return max(1, round(width * size / height)), size
+
+
+def batch_key(job: PairJob) -> tuple[Any, ...]:
+    """Jobs with equal keys can share a batch: same output shape and the same graph parameters."""
+    return (output_size(*job.content.size, job.params.size), job.params.graph_key())
+
+
+def stylize(
+    content: Image.Image,
+    styles: Sequence[Image.Image],
+    params: StyleParams,
+    *,
+    callback: ProgressCallback | None = None,
+    stylizer: Stylizer | None = None,
+) -> PairResult:
+    """Stylize one pair (the library's simplest entry point)."""
+    job = PairJob("pair", content, list(styles), params)
+    return (stylizer or Stylizer()).run_batch([job], callback=callback)[0]
