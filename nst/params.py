@@ -42,11 +42,11 @@ class StyleParams(BaseModel):
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="Adam first-moment decay (beta1)")
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon, in gradient units of the network's input space")
     init: Init = Field("content", description="starting image: content, noise (white noise) or style")
-    content_weight: float = Field(1.0, gt=0, description="weight of the content loss (alpha)")
-    style_weight: float = Field(1e3, gt=0, description="weight of the style loss (beta)")
+    content_weight: float = Field(1e4, gt=0, description="weight of the content loss (alpha)")
+    style_weight: float = Field(3.0, gt=0, description="weight of the style loss (beta)")
     tv_weight: float = Field(0.0, ge=0, description="weight of the total-variation smoothness loss")
     normalization: Normalization = Field(
-        "gatys",
+        "mean",
         description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum) or mean (MSE of features, Gram/M)",
     )
     content_layers: list[str] = Field(
