@@ -13,4 +13,4 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "manifests" / "images"
 
 # Fixture modules, one per concern (each file owns its fixtures).
-pytest_plugins: list[str] = ["tests.fixtures.s3"]
+pytest_plugins: list[str] = ["tests.fixtures.s3", "tests.fixtures.prefect"]

@@ -1,0 +1,150 @@
+"""End to end, as a user works: `prefect server start`, a work pool, `prefect deploy --all` from the repository,
+a process worker, `prefect deployment run` on a manifest in S3 (SeaweedFS), then a failed pair fixed and retried.
+"""
+
+import json
+import os
+import re
+from typing import Any
+
+import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import AwaitingRetry
+
+from tests.conftest import REPO, SAMPLES
+from tests.fixtures.prefect import PrefectServer, WorkerFactory, wait_for_flow_run
+from tests.fixtures.s3 import S3Server
+
+pytestmark = pytest.mark.slow
+
+AWS_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+MANIFEST = """\
+version: 1
+name: e2e-s3
+output: out/
+defaults: {size: 32, iterations: 2}
+pairs:
+  - {id: cat, content: content/chelsea.jpg, style: styles/brick.jpg}
+  - {id: coffee, content: content/coffee.jpg, style: styles/hubble.jpg}
+  - {id: astronaut, content: content/astronaut.jpg, style: styles/ihc.jpg}
+"""
+
+
+def deploy(server: PrefectServer) -> None:
+    """Create the work pool and deploy every deployment of prefect.yaml, from the repository root."""
+    server.cli("work-pool", "create", "gpu-pool", "--type", "process", "--overwrite")
+    out = server.cli("--no-prompt", "deploy", "--all", cwd=REPO).stdout
+    assert "stylize-manifest/on-demand" in out and "stylize-manifest/nightly" in out, out
+
+
+def run_deployment_cli(server: PrefectServer, *params: str) -> str:
+    """`prefect deployment run 'stylize-manifest/on-demand' -p ...`; returns the flow run id it printed."""
+    args = [a for p in params for a in ("-p", p)]
+    out = server.cli("deployment", "run", "stylize-manifest/on-demand", *args).stdout
+    match = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    assert match, out
+    return match.group(1)
+
+
+def task_runs(server: PrefectServer, flow_run_id: str) -> list[Any]:
+    with server.client() as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
+    prefect_server: PrefectServer, process_worker: WorkerFactory, s3_env: S3Server, s3_bucket: str
+) -> None:
+    s3 = s3_env.client()
+    images = {
+        "content/chelsea.jpg": SAMPLES / "content" / "chelsea.jpg",
+        "content/coffee.jpg": SAMPLES / "content" / "coffee.jpg",
+        "content/astronaut.jpg": SAMPLES / "content" / "astronaut.jpg",
+        "styles/brick.jpg": SAMPLES / "styles" / "brick.jpg",
+        "styles/hubble.jpg": SAMPLES / "styles" / "hubble.jpg",
+        "styles/ihc.jpg": SAMPLES / "styles" / "ihc.jpg",
+    }
+    for key, path in images.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key="manifest.yaml", Body=MANIFEST.encode())
+    manifest_uri = f"s3://{s3_bucket}/manifest.yaml"
+
+    def get_json(key: str) -> dict[str, Any]:
+        return json.loads(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+
+    deploy(prefect_server)
+    with prefect_server.client() as client:
+        nightly = client.read_deployment_by_name("stylize-manifest/nightly")
+        assert nightly.parameters == {"manifest": "manifests/nightly.yaml"}
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
+        assert nightly.schedules[0].schedule.timezone == "UTC"  # type: ignore[union-attr]
+        assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    worker = process_worker("gpu-pool", env={k: os.environ[k] for k in AWS_VARS if k in os.environ})
+
+    # 1. A clean run: every pair written to the bucket.
+    first = run_deployment_cli(prefect_server, f"manifest={manifest_uri}")
+    run = wait_for_flow_run(prefect_server, first, worker=worker)
+    assert run.state.is_completed(), run.state.message
+    for pair in ("cat", "coffee", "astronaut"):
+        rec = get_json(f"out/{pair}.json")
+        assert rec["status"] == "succeeded" and rec["run_id"] == first
+        assert rec["inputs"]["content"]["uri"].startswith(f"s3://{s3_bucket}/content/")
+        assert s3.head_object(Bucket=s3_bucket, Key=f"out/{pair}.png")["ContentLength"] > 0
+    assert get_json(f"out/_runs/{first}.json")["counts"] == {"succeeded": 3}
+
+    # 2. One input goes bad: the next run skips the unchanged pairs, and fails on that one.
+    s3.put_object(Bucket=s3_bucket, Key="content/astronaut.jpg", Body=b"truncated upload")
+    second = run_deployment_cli(prefect_server, f"manifest={manifest_uri}")
+    run = wait_for_flow_run(prefect_server, second, worker=worker)
+    assert run.state.is_failed() and "astronaut" in (run.state.message or "")
+    assert get_json("out/astronaut.json")["status"] == "failed"
+    assert get_json(f"out/_runs/{second}.json")["counts"] == {"skipped": 2, "failed": 1}
+
+    # 3. Fixed, then retried (what the UI's Retry button sends): only that pair runs; the same run ends Completed.
+    s3.put_object(Bucket=s3_bucket, Key="content/astronaut.jpg", Body=images["content/astronaut.jpg"].read_bytes())
+    with prefect_server.client() as client:
+        assert client.set_flow_run_state(second, AwaitingRetry()).status.value == "ACCEPT"
+    run = wait_for_flow_run(prefect_server, second, worker=worker, after_run_count=run.run_count)
+    assert run.state.is_completed(), run.state.message
+    assert run.run_count == 2
+    fixed = get_json("out/astronaut.json")
+    assert fixed["status"] == "succeeded" and fixed["run_id"] == second
+    assert get_json("out/cat.json")["run_id"] == first and get_json("out/coffee.json")["run_id"] == first
+    summary = get_json(f"out/_runs/{second}.json")
+    assert {p["id"]: p["status"] for p in summary["pairs"]} == {
+        "cat": "skipped",
+        "coffee": "skipped",
+        "astronaut": "succeeded",
+    }
+    batches = sorted((t.name, t.state.name) for t in task_runs(prefect_server, second))  # type: ignore[union-attr]
+    assert batches == [("batch-1of1", "Completed"), ("batch-1of1", "Failed")], batches
+
+
+def test_prefect_yaml_deploys_without_network(prefect_server: PrefectServer) -> None:
+    """Both deployments, their pool and entrypoint, from `prefect deploy --all` (no push steps, local pull)."""
+    deploy(prefect_server)
+    with prefect_server.client() as client:
+        for name in ("on-demand", "nightly"):
+            dep = client.read_deployment_by_name(f"stylize-manifest/{name}")
+            assert dep.entrypoint == "flows/stylize.py:stylize_manifest"
+            assert dep.work_pool_name == "gpu-pool"
+            schema = dep.parameter_openapi_schema
+            assert {
+                "manifest",
+                "pair_ids",
+                "force",
+                "dry_run",
+                "max_failures",
+                "batch_timeout_s",
+                "max_batch_pairs",
+                "cpu_slots",
+            } <= set(schema["properties"])
+            assert schema["required"] == ["manifest"]
+            assert "manifest URI" in schema["properties"]["manifest"]["description"]

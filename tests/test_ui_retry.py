@@ -1,0 +1,101 @@
+"""The Prefect UI's Retry button on a failed `stylize-manifest` run re-runs only the failed pair (Playwright).
+
+Chromium comes from Debian (`apt-get install -y chromium`); Playwright's own browser downloads are not used.
+Writes docs/ui-retry.png: the flow run page after the retry.
+"""
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, SAMPLES
+from tests.fixtures.prefect import PrefectServer, WorkerFactory, wait_for_flow_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
+SCREENSHOT = REPO / "docs" / "ui-retry.png"
+
+
+def save_small_png(png: bytes, path: Path, width: int = 1000) -> None:
+    """Scale a screenshot to `width` px and store it with a 64-colour palette (a few tens of KB)."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img = img.resize((width, round(img.height * width / img.width)), Image.Resampling.LANCZOS)
+    img.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def test_ui_retry_button_reruns_only_the_failed_pair(
+    prefect_server: PrefectServer, process_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium not found at /usr/bin/chromium: run `apt-get update && apt-get install -y chromium`")
+    from playwright.sync_api import expect, sync_playwright
+
+    broken = tmp_path / "portrait.jpg"
+    broken.write_bytes(b"half an upload")
+    manifest = tmp_path / "manifest.yaml"
+    content, styles = SAMPLES / "content", SAMPLES / "styles"
+    manifest.write_text(
+        "version: 1\nname: ui-retry\noutput: out/\ndefaults: {size: 32, iterations: 2}\npairs:\n"
+        f"  - {{id: cat, content: {content / 'chelsea.jpg'}, style: {styles / 'brick.jpg'}}}\n"
+        f"  - {{id: coffee, content: {content / 'coffee.jpg'}, style: {styles / 'hubble.jpg'}}}\n"
+        f"  - {{id: portrait, content: {broken}, style: {styles / 'ihc.jpg'}}}\n"
+    )
+
+    def record(pair: str) -> dict[str, Any]:
+        return json.loads((tmp_path / "out" / f"{pair}.json").read_text())
+
+    prefect_server.cli("work-pool", "create", "gpu-pool", "--type", "process", "--overwrite")
+    prefect_server.cli("--no-prompt", "deploy", "--all", cwd=REPO)
+    worker = process_worker("gpu-pool")
+    out = prefect_server.cli("deployment", "run", "stylize-manifest/on-demand", "-p", f"manifest={manifest}").stdout
+    flow_run_id = out.split("UUID: ", 1)[1].split()[0]
+    run = wait_for_flow_run(prefect_server, flow_run_id, worker=worker)
+    assert run.state.is_failed() and "portrait" in (run.state.message or "")
+    assert record("portrait")["status"] == "failed"
+    first_finish = {p: record(p)["finished_at"] for p in ("cat", "coffee")}
+
+    shutil.copy(SAMPLES / "content" / "astronaut.jpg", broken)  # the fix, before pressing Retry
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}")
+            retry_button = page.get_by_role("button", name="Retry", exact=True)
+            expect(retry_button).to_be_visible(timeout=30_000)
+            retry_button.click()
+            dialog = page.get_by_role("dialog")
+            expect(dialog).to_be_visible(timeout=10_000)
+            dialog.get_by_role("button", name="Retry", exact=True).click()
+            run = wait_for_flow_run(prefect_server, flow_run_id, worker=worker, after_run_count=run.run_count)
+            page.reload()
+            expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1500)  # let the timeline and logs settle for the picture
+            save_small_png(page.screenshot(), SCREENSHOT)
+        finally:
+            browser.close()
+
+    assert run.state.is_completed(), run.state.message
+    assert str(run.id) == flow_run_id and run.run_count == 2
+    assert record("portrait")["status"] == "succeeded" and record("portrait")["run_id"] == flow_run_id
+    assert {p: record(p)["finished_at"] for p in ("cat", "coffee")} == first_finish  # not run again
+    summary = json.loads((tmp_path / "out" / "_runs" / f"{flow_run_id}.json").read_text())
+    assert {p["id"]: p["status"] for p in summary["pairs"]} == {
+        "cat": "skipped",
+        "coffee": "skipped",
+        "portrait": "succeeded",
+    }
+    assert SCREENSHOT.stat().st_size < 300_000
