@@ -147,7 +147,7 @@ def test_demo_manifest_loads() -> None:
     for pair in m.pairs:
         assert Path(pair.content).is_file() and all(Path(s).is_file() for s in pair.styles)
         assert pair.params.size <= 192 and 100 <= pair.params.iterations <= 200
-    assert m.pairs[1].params.style_weight == 1e4 and m.pairs[1].overrides["style_weight"] == 1e4
+    assert m.pairs[1].params.style_weight == 10 and m.pairs[1].overrides["style_weight"] == 10
     assert m.pairs[0].params.style_weight == StyleParams.model_fields["style_weight"].default
     assert len(m.pairs[2].styles) == 2 and m.pairs[2].params.style_blend == [0.7, 0.3]
 
@@ -301,7 +301,7 @@ def test_format_pairs(tree: Path) -> None:
     assert "images/styles/ihc.jpg, images/styles/brick.jpg" in short
     assert "style_weight" not in short
     verbose = format_pairs(m, verbose=True)
-    assert "style_weight: 10000.0" in verbose and 'preserve_colors: "luminance"' in verbose
+    assert "style_weight: 10.0" in verbose and 'preserve_colors: "luminance"' in verbose
     assert "network:" not in verbose  # only what differs from the defaults
 
 
