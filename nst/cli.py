@@ -225,9 +225,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """Print the manifest JSON Schema (manifests/schema.json is this output)."""
-    from nst.manifest import manifest_json_schema
+    from nst.manifest import manifest_json_schema_text
 
-    print(json.dumps(manifest_json_schema(), indent=2))
+    print(manifest_json_schema_text(), end="")
     return 0
 
 
