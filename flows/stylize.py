@@ -13,7 +13,9 @@ Retry of a failed flow run (UI button, `prefect flow-run retry`) runs only the f
 GPU use: a `DeviceSlots` pool holds one slot per visible GPU (or `cpu_slots` on a machine without one). The thread
 pool has two workers per slot; a batch task reads and decodes its own images, then waits for a free slot only for the
 optimisation (see `SlottedStylizer`), and writes its outputs after giving the slot back. So while one batch
-optimises on a GPU, the next batch's images are being read and the previous batch's outputs written.
+optimises on a GPU, the next batch's images are being read and the previous batch's outputs written. With
+`batch_timeout_s` (a task timeout, counted from the task's start) the pool has one worker per slot instead, so that
+no batch spends its time budget waiting for a slot.
 """
 
 import contextlib
@@ -405,7 +407,8 @@ def stylize_manifest(
             description=f"0/{len(planned.to_run)} pairs finished",
         ),
     )
-    workers = WORKERS_PER_SLOT * len(slots.devices)
+    # Task timeouts count from the task's start: with one, no task may wait for a slot, so one thread per slot.
+    workers = len(slots.devices) if batch_timeout_s else WORKERS_PER_SLOT * len(slots.devices)
     logger.info("%d batches on %s (%d task threads)", len(batches), slots, workers)
     batch_task = stylize_batch.with_options(timeout_seconds=batch_timeout_s) if batch_timeout_s else stylize_batch
 

@@ -312,7 +312,7 @@ def test_max_failures_stops_submitting_batches(tmp_path: Path, engine: EngineCal
     state = stylize_manifest(str(write_manifest(tmp_path, pairs)), max_failures=1, cpu_slots=1, return_state=True)
     assert state.is_failed()
     # cpu_slots=1 -> 2 task threads: two batches were in flight when the first failure arrived; no more started.
-    assert engine.calls == [["bad0"], ["bad1"]]
+    assert sorted(engine.calls) == [["bad0"], ["bad1"]]  # the two threads may start them in either order
     summary = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     statuses = {p["id"]: p["status"] for p in summary["pairs"]}
     assert statuses == {"bad0": "failed", "bad1": "failed", "bad2": "not_run", "good": "not_run"}
@@ -330,7 +330,8 @@ def test_hung_batch_times_out_and_its_pairs_are_failed(tmp_path: Path, engine: E
     engine.fault_hook = hang_on_slow
     pairs = [{"id": "slow", "content": ASTRONAUT, "style": IHC}, {"id": "fine", "content": CHELSEA, "style": BRICK}]
     started = time.monotonic()
-    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), batch_timeout_s=3, return_state=True)
+    # cpu_slots=2: both batches start at once; with a timeout no batch ever waits for a slot.
+    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), batch_timeout_s=10, cpu_slots=2, return_state=True)
     assert time.monotonic() - started < 45
     assert state.is_failed() and "slow" in (state.message or "")
     slow = record(tmp_path, "slow")
@@ -383,3 +384,42 @@ def test_nst_run_uses_the_flow(tmp_path: Path, engine: EngineCalls, capsys: pyte
     assert main(["run", manifest]) == 0
     assert f"outputs in {tmp_path / 'out'}" in capsys.readouterr().out
     assert engine.calls == [["a"]] and record(tmp_path, "a")["status"] == "succeeded"
+
+
+def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
+    tmp_path: Path, engine: EngineCalls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cpu_slots=1: optimisations never overlap, but the next batch's images are read during the current one."""
+    import threading
+
+    import nst.stylize
+
+    lock = threading.Lock()
+    events: list[tuple[str, str, float]] = []  # (what, pairs, time)
+    real = nst.stylize.Stylizer.run_batch
+
+    def optimise(self: Any, jobs: Sequence[Any], **kwargs: Any) -> Any:
+        ids = ",".join(j.id for j in jobs)
+        with lock:
+            events.append(("start", ids, time.monotonic()))
+        try:
+            return real(self, jobs, **kwargs)
+        finally:
+            with lock:
+                events.append(("end", ids, time.monotonic()))
+
+    def loaded(jobs: Sequence[Any]) -> None:  # run_batch calls the fault hook once the images are decoded
+        with lock:
+            events.append(("loaded", ",".join(j.id for j in jobs), time.monotonic()))
+
+    monkeypatch.setattr(nst.stylize.Stylizer, "run_batch", optimise)
+    engine.fault_hook = loaded
+    pairs = [{"id": "wide", "content": CHELSEA, "style": BRICK}, {"id": "square", "content": ASTRONAUT, "style": IHC}]
+    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), cpu_slots=1, return_state=True)
+    assert state.is_completed(), state.message
+
+    spans = {ids: [t for what, i, t in events if i == ids and what in ("start", "end")] for ids in ("wide", "square")}
+    (_, (_, a_end)), (second, (b_start, _)) = sorted(spans.items(), key=lambda kv: kv[1][0])
+    assert a_end <= b_start  # one optimisation at a time on the single slot
+    second_loaded = next(t for what, i, t in events if what == "loaded" and i == second)
+    assert second_loaded < a_end  # ... while the other batch's inputs were already read
