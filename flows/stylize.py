@@ -51,7 +51,6 @@ from nst.batch import PairRecord, PairTask
 from nst.errors import ManifestError, NSTError, StorageError
 from nst.manifest import load_manifest
 from nst.optimize import ProgressCallback, ProgressEvent
-from nst.results import build_record, inputs_section
 from nst.stylize import PairJob, PairResult, Stylizer
 
 # Task retries are for transient trouble only (storage, network): waits before the 2nd and 3rd attempt, seconds.
@@ -258,33 +257,6 @@ def stylize_batch(
     return records
 
 
-def record_failure(pair: PairTask, output: str, error: dict[str, Any], run_id: str | None) -> PairRecord:
-    """Write a failed JSON record for a pair whose batch ended without records (timeout, crash, storage down)."""
-    _, json_uri = nst_batch.output_uris(output, pair.id)
-    record = build_record(
-        pair_id=pair.id,
-        status="failed",
-        params=pair.spec.params,
-        inputs=inputs_section(pair.spec.content, pair.spec.styles, pair.input_hashes),
-        image_uri=None,
-        json_uri=json_uri,
-        error=error,
-        run_id=run_id,
-    )
-    with contextlib.suppress(Exception):  # storage may be what failed: the run summary still lists the pair
-        storage.write_bytes(json_uri, json.dumps(record, indent=2).encode(), content_type="application/json")
-    return PairRecord(
-        id=pair.id,
-        status="failed",
-        content_uri=pair.spec.content,
-        style_uris=list(pair.spec.styles),
-        image_uri=None,
-        json_uri=json_uri,
-        error=error,
-        record=record,
-    )
-
-
 def batch_outcome(future: PrefectFuture[Any], batch: list[PairTask], output: str, run_id: str) -> list[PairRecord]:
     """The records of a finished batch task, whatever its final state."""
     future.wait()  # sets the final state locally; `.state` alone may still read RUNNING from the API
@@ -300,7 +272,7 @@ def batch_outcome(future: PrefectFuture[Any], batch: list[PairTask], output: str
         "message": state.message or str(exc),
         "iteration": None,
     }
-    return [record_failure(p, output, error, run_id) for p in batch]
+    return [nst_batch.record_failure(p, output, error, run_id, best_effort=True) for p in batch]
 
 
 def publish_report(

@@ -178,9 +178,12 @@ def make_batches(tasks: Sequence[PairTask], *, max_pairs: int) -> list[list[Pair
     return batches
 
 
-def _failed_record(task: PairTask, output: str, error: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+def record_failure(
+    task: PairTask, output: str, error: dict[str, Any], run_id: str | None, *, best_effort: bool = False
+) -> PairRecord:
+    """Write a failed JSON record for a pair; `best_effort` swallows write errors (storage may be what failed)."""
     _, json_uri = output_uris(output, task.id)
-    return build_record(
+    record = build_record(
         pair_id=task.id,
         status="failed",
         params=task.spec.params,
@@ -190,6 +193,12 @@ def _failed_record(task: PairTask, output: str, error: dict[str, Any], run_id: s
         error=error,
         run_id=run_id,
     )
+    try:
+        return _store_record(task, record)
+    except NSTError:
+        if not best_effort:
+            raise
+        return _pair_record(task, record)
 
 
 def _error(exc: BaseException, iteration: int | None = None) -> dict[str, Any]:
@@ -246,6 +255,10 @@ def _store_record(task: PairTask, record: dict[str, Any]) -> PairRecord:
     storage.write_bytes(
         record["output"]["json"], json.dumps(record, indent=2).encode(), content_type="application/json"
     )
+    return _pair_record(task, record)
+
+
+def _pair_record(task: PairTask, record: dict[str, Any]) -> PairRecord:
     return PairRecord(
         id=task.id,
         status=record["status"],
@@ -282,7 +295,7 @@ def run_batch(
         try:
             job = _load_job(task)
         except NSTError as exc:
-            records.append(_store_record(task, _failed_record(task, output, _error(exc), run_id)))
+            records.append(record_failure(task, output, _error(exc), run_id))
             continue
         if device is not None:
             job.params = job.params.model_copy(update={"device": device})
@@ -309,13 +322,13 @@ def _run_jobs(
     except OutOfMemory as exc:
         if len(jobs) == 1:
             task = jobs[0][0]
-            return [_store_record(task, _failed_record(task, output, _error(exc), run_id))]
+            return [record_failure(task, output, _error(exc), run_id)]
         half = len(jobs) // 2
         return _run_jobs(jobs[:half], output, stylizer, on_progress, fault_hook, run_id) + _run_jobs(
             jobs[half:], output, stylizer, on_progress, fault_hook, run_id
         )
     except NSTError as exc:  # a problem of the whole batch's parameters (unknown layer, missing weights...)
-        return [_store_record(t, _failed_record(t, output, _error(exc), run_id)) for t, _ in jobs]
+        return [record_failure(t, output, _error(exc), run_id) for t, _ in jobs]
     return [
         write_pair_result(task, result, *output_uris(output, task.id), run_id)
         for (task, _), result in zip(jobs, results, strict=True)
