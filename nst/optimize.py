@@ -1,13 +1,20 @@
 """The batched optimisation loop: per-pair L-BFGS or Adam, multi-scale, best iterate, NaN isolation, progress events.
 
 The loop knows nothing about images on disk: it takes [0,1] RGB tensors and a feature extractor and returns tensors.
+How it runs on a device (bf16 autocast, channels_last, torch.compile, cuDNN autotuning) is a `FastPath`, resolved from
+the parameters and the device; docs/performance.md measures what each part buys.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import math
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,8 +25,17 @@ from torch import Tensor
 from nst.losses import LossTargets, blended_gram, gram_matrix, total_losses
 from nst.params import StyleParams
 
+log = logging.getLogger(__name__)
+
 LOSS_TERMS = ("content", "style", "tv", "total")
 MIN_SCALE_SIDE = 32  # the coarsest scale keeps at least this many pixels on its short side
+# cuDNN's per-convolution workspace cap (MiB) while autotuning: uncapped, benchmark mode can take tens of GB.
+CUDNN_WORKSPACE_CAP_MIB = 2048
+# Under bf16 the network sees its input rounded to ~3 significant digits (0.5-1 grey level on the Caffe scale), so
+# L-BFGS's tiny first step (torch: 1/|g|_1) moves nothing it can see and its first curvature pair is noise. Under
+# autocast the first step instead moves the largest pixel by this fraction of the input range (Caffe: 255/64 = 4).
+LOW_PRECISION_FIRST_STEP = 1 / 64
+COMPILE_RECOMPILE_LIMIT = 64  # shapes (scales, batch sizes, image sizes) one worker may compile the step for
 
 
 class FeatureExtractor(Protocol):
@@ -76,8 +92,13 @@ class BatchedLBFGS:
 
     Mirrors torch.optim.LBFGS(lr, history_size, line_search_fn=None) called once per iteration with max_iter=1,
     vectorised over the batch: the two-loop recursion runs on [B, D] rows, so pairs never share curvature or steps.
-    One difference: a pair whose curvature condition fails stores an inert (zero-weight) history entry instead of
-    none, so it forgets its oldest entry one step early; torch's single-pair path never sees that in our tests.
+    Differences from torch, none of which shows in a healthy fp32 run:
+    - a pair whose curvature condition fails stores an inert (zero-weight) history entry instead of none, so it forgets
+      its oldest entry one step early;
+    - while a pair has no accepted curvature pair yet it keeps taking first-iteration-sized steps (torch would step by
+      the raw gradient, which on Gatys' loss scale, gradients ~1e9, throws the image to infinity);
+    - `first_step_max` (used under bf16) makes the first step move the largest pixel by that much, so that it is
+      visible through reduced-precision rounding.
     """
 
     def __init__(
@@ -89,6 +110,7 @@ class BatchedLBFGS:
         history_size: int = 20,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
+        first_step_max: float | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -96,6 +118,7 @@ class BatchedLBFGS:
         self.history_size = history_size
         self.tolerance_grad = tolerance_grad
         self.tolerance_change = tolerance_change
+        self.first_step_max = first_step_max
         self.n_iter = 0
         self.ptr = 0
         self.count = 0
@@ -103,9 +126,17 @@ class BatchedLBFGS:
         self.y_hist = torch.zeros(history_size, batch, dim, device=device, dtype=dtype)
         self.rho = torch.zeros(history_size, batch, device=device, dtype=dtype)
         self.h_diag = torch.ones(batch, device=device, dtype=dtype)
+        self.has_curvature = torch.zeros(batch, dtype=torch.bool, device=device)
         self.direction = torch.zeros(batch, dim, device=device, dtype=dtype)
         self.step_size = torch.zeros(batch, device=device, dtype=dtype)
         self.prev_grad = torch.zeros(batch, dim, device=device, dtype=dtype)
+
+    def _first_step_size(self, g: Tensor) -> Tensor:
+        """torch's first step min(1, 1/|g|_1)·lr, or at least first_step_max/|g|_inf when that is set [B]."""
+        size = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
+        if self.first_step_max is not None:
+            size = torch.maximum(size, self.first_step_max / g.abs().amax(1).clamp_min(1e-30))
+        return size
 
     def step(self, x: Tensor, grad: Tensor, active: Tensor) -> Tensor:
         """Update the rows of `x` [B, D] in place from their gradients [B, D]; returns which rows moved [B]."""
@@ -118,40 +149,44 @@ class BatchedLBFGS:
         else:
             y = g - self.prev_grad
             s = self.direction * self.step_size[:, None]
-            ys = (y * s).sum(1)
+            ys = torch.linalg.vecdot(y, s)
             ok = ys > 1e-10
             self.s_hist[self.ptr] = s
             self.y_hist[self.ptr] = y
             self.rho[self.ptr] = torch.where(ok, 1.0 / torch.where(ok, ys, 1.0), 0.0)
             self.ptr = (self.ptr + 1) % self.history_size
             self.count = min(self.count + 1, self.history_size)
-            yy = (y * y).sum(1)
+            yy = torch.linalg.vecdot(y, y)
             self.h_diag = torch.where(ok, ys / torch.where(ok, yy, 1.0), self.h_diag)
+            self.has_curvature = self.has_curvature | ok
             d = self._two_loop(-g)
         self.prev_grad = g.clone()
         if self.n_iter == 1:
-            self.step_size = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
+            self.step_size = self._first_step_size(g)
         else:
-            self.step_size = torch.full_like(self.step_size, self.lr)
+            self.step_size = torch.where(self.has_curvature, self.lr, self._first_step_size(g))
         d = torch.where(active[:, None], d, 0.0)
         self.direction = d
-        gtd = (g * d).sum(1)
+        gtd = torch.linalg.vecdot(g, d)
         moving = active & (gtd <= -self.tolerance_change)
-        x.add_(torch.where(moving[:, None], d * self.step_size[:, None], 0.0))
+        x.addcmul_(d, torch.where(moving, self.step_size, 0.0)[:, None])
         return moving
 
     def _two_loop(self, q: Tensor) -> Tensor:
-        """H·q by the two-loop recursion over each row's history (newest first, then oldest first)."""
+        """H·q by the two-loop recursion over each row's history (newest first, then oldest first).
+
+        Fused dot products and in-place updates: 5 passes over [B, D] per history entry and loop instead of 9.
+        """
         order = [(self.ptr - 1 - k) % self.history_size for k in range(self.count)]
         alphas: dict[int, Tensor] = {}
         for idx in order:
-            alpha = self.rho[idx] * (self.s_hist[idx] * q).sum(1)
-            q = q - alpha[:, None] * self.y_hist[idx]
+            alpha = self.rho[idx] * torch.linalg.vecdot(self.s_hist[idx], q)
+            q.addcmul_(self.y_hist[idx], -alpha[:, None])
             alphas[idx] = alpha
-        r = q * self.h_diag[:, None]
+        r = q.mul_(self.h_diag[:, None])
         for idx in reversed(order):
-            beta = self.rho[idx] * (self.y_hist[idx] * r).sum(1)
-            r = r + self.s_hist[idx] * (alphas[idx] - beta)[:, None]
+            beta = self.rho[idx] * torch.linalg.vecdot(self.y_hist[idx], r)
+            r.addcmul_(self.s_hist[idx], (alphas[idx] - beta)[:, None])
         return r
 
 
@@ -185,6 +220,148 @@ def _autocast_dtype(params: StyleParams, device: torch.device) -> torch.dtype | 
     if params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """How a batch runs on its device. It changes speed and rounding, never the loss being minimised.
+
+    `for_params` gives the default: on CUDA bf16 autocast (for precision auto/bf16), channels_last, torch.compile
+    (compile auto -> "default"), cuDNN autotuning with a capped workspace, TF32 Gram products (exact: their inputs are
+    bf16 features, and bf16 fits in TF32) and fused Adam; on CPU plain eager (fp32 unless bf16 is asked for).
+    """
+
+    amp: torch.dtype | None = None  # autocast dtype, None: plain fp32
+    channels_last: bool = False  # NHWC activations (tensor-core friendly convolutions)
+    compile: str = "off"  # torch.compile mode for features + losses, or "off"
+    cudnn_benchmark: bool = False  # autotune convolution algorithms per shape (workspace capped)
+    tf32_gram: bool = False  # TF32 matmuls, i.e. the Gram products (exact for bf16 features)
+    fused_adam: bool = False  # one fused kernel per Adam step (CUDA)
+
+    @classmethod
+    def for_params(cls, params: StyleParams, device: torch.device | str) -> FastPath:
+        """The fast path these parameters ask for on this device (see the class docstring)."""
+        device = torch.device(device)
+        amp = _autocast_dtype(params, device)
+        cuda = device.type == "cuda"
+        mode = params.compile if params.compile != "auto" else ("default" if cuda else "off")
+        return cls(
+            amp=amp,
+            channels_last=cuda,
+            compile=mode,
+            cudnn_benchmark=cuda,
+            tf32_gram=cuda and amp is not None,
+            fused_adam=cuda,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Plain values for logs and benchmark records."""
+        out = dataclasses.asdict(self)
+        out["amp"] = str(self.amp).removeprefix("torch.") if self.amp is not None else "fp32"
+        return out
+
+
+_flags_lock = threading.Lock()
+_flags_users = 0
+_flags_saved: tuple[bool, bool] | None = None
+
+
+def configure_cuda_env() -> None:
+    """Cap cuDNN's autotuning workspace (env CUDNN_CONV_WSCAP_DBG, MiB) unless already set; call before any conv."""
+    os.environ.setdefault("CUDNN_CONV_WSCAP_DBG", str(CUDNN_WORKSPACE_CAP_MIB))
+
+
+@contextlib.contextmanager
+def backend_flags(fast: FastPath, device: torch.device) -> Iterator[None]:
+    """Set cuDNN autotuning and TF32 matmuls for the fast path while any batch runs; restore them after the last."""
+    global _flags_users, _flags_saved
+    if device.type != "cuda":
+        yield
+        return
+    configure_cuda_env()
+    with _flags_lock:
+        if _flags_users == 0:
+            _flags_saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+        _flags_users += 1
+        torch.backends.cudnn.benchmark = fast.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = fast.tf32_gram
+    try:
+        yield
+    finally:
+        with _flags_lock:
+            _flags_users -= 1
+            if _flags_users == 0 and _flags_saved is not None:
+                torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = _flags_saved
+
+
+def _features_and_losses(
+    extractor: FeatureExtractor,
+    x: Tensor,
+    targets: LossTargets,
+    normalization: str,
+    amp: torch.dtype | None,
+    channels_last: bool,
+) -> dict[str, Tensor]:
+    """One forward pass of the loss network and the per-pair losses (the part torch.compile compiles)."""
+    with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        feats = extractor(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    return total_losses(feats, x, targets, normalization)
+
+
+_compiled: dict[str, Callable[..., dict[str, Tensor]]] = {}
+_compile_broken: set[str] = set()
+
+
+def compile_fn(mode: str) -> Callable[..., dict[str, Tensor]]:
+    """The compiled `_features_and_losses` for a torch.compile mode, one per process (its caches are per shape)."""
+    if mode not in _compiled:
+        import torch._dynamo
+
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < COMPILE_RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
+        _compiled[mode] = torch.compile(_features_and_losses, mode=mode, dynamic=False)
+    return _compiled[mode]
+
+
+class _LossStep:
+    """Forward + backward of one step, compiled when asked; a compile failure falls back to eager with a warning."""
+
+    def __init__(self, extractor: FeatureExtractor, fast: FastPath, normalization: str) -> None:
+        self.extractor = extractor
+        self.fast = fast
+        self.normalization = normalization
+        self.mode = fast.compile if fast.compile != "off" and fast.compile not in _compile_broken else None
+        self.proven: set[tuple[int, ...]] = set()  # input shapes whose compiled step has run once
+
+    def __call__(self, x: Tensor, targets: LossTargets, alive: Tensor) -> dict[str, Tensor]:
+        """Losses of the batch [B] each; x.grad holds the gradient of the alive pairs' total loss."""
+        if self.mode is None:
+            return self._run(_features_and_losses, x, targets, alive)
+        shape = tuple(x.shape)
+        if shape in self.proven:
+            return self._run(compile_fn(self.mode), x, targets, alive)
+        try:
+            losses = self._run(compile_fn(self.mode), x, targets, alive)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compiler problem must not cost the batch: run eagerly from here on
+            log.warning("torch.compile(mode=%r) failed, running eagerly: %s: %s", self.mode, type(exc).__name__, exc)
+            _compile_broken.add(self.mode)
+            self.mode = None
+            x.grad = None
+            return self._run(_features_and_losses, x, targets, alive)
+        self.proven.add(shape)
+        return losses
+
+    def _run(
+        self, fn: Callable[..., dict[str, Tensor]], x: Tensor, targets: LossTargets, alive: Tensor
+    ) -> dict[str, Tensor]:
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        losses = fn(self.extractor, x, targets, self.normalization, self.fast.amp, self.fast.channels_last)
+        torch.where(alive & torch.isfinite(losses["total"]), losses["total"], 0.0).sum().backward()
+        return losses
 
 
 def build_targets(
@@ -254,19 +431,41 @@ def stylize_batch(
     *,
     device: torch.device | str = "cpu",
     callback: ProgressCallback | None = None,
+    fast: FastPath | None = None,
 ) -> list[PairOutcome]:
-    """Optimise every pair of a same-shape batch at once; each pair's result equals its single-pair run."""
+    """Optimise every pair of a same-shape batch at once; each pair's result equals its single-pair run.
+
+    `fast` overrides how the batch runs (default: `FastPath.for_params(params, device)`); benchmarks use it.
+    """
     if not problems:
         return []
     _batch_key_check(problems)
     device = torch.device(device)
+    fast = fast or FastPath.for_params(problems[0].params, device)
+    with backend_flags(fast, device):
+        return _stylize_batch(problems, extractor, device, callback, fast)
+
+
+def _stylize_batch(
+    problems: Sequence[PairProblem],
+    extractor: FeatureExtractor,
+    device: torch.device,
+    callback: ProgressCallback | None,
+    fast: FastPath,
+) -> list[PairOutcome]:
     params = problems[0].params
-    amp = _autocast_dtype(params, device)
+    amp = fast.amp
     batch = len(problems)
     height, width = problems[0].content.shape[-2:]
     sizes = scale_sizes(height, width, params.scales)
     total_iterations = params.iterations * len(sizes)
     low, high = (t.to(device).view(1, -1, 1, 1) for t in extractor.input_range())
+    if fast.channels_last and isinstance(extractor, torch.nn.Module):
+        extractor.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # weights once, not per step
+    loss_step = _LossStep(extractor, fast, params.normalization)
+    first_step_max = None
+    if amp is not None:
+        first_step_max = float((high - low).max()) * LOW_PRECISION_FIRST_STEP
 
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     failed_at = torch.full((batch,), -1, dtype=torch.long, device=device)
@@ -274,7 +473,6 @@ def stylize_batch(
     start = time.perf_counter()
     iteration = 0
     x01 = initial_images(problems, *sizes[0][:2], device)
-    channels_last = device.type == "cuda"
 
     for scale_index, (h, w, factor) in enumerate(sizes):
         targets = build_targets(problems, extractor, h, w, factor, device, amp)
@@ -282,30 +480,30 @@ def stylize_batch(
         x = extractor.to_model(resize(x01, h, w)).detach().contiguous().requires_grad_(True)
         best_x = x.detach().clone()
         best_loss = torch.full((batch,), math.inf, device=device)
-        lbfgs = BatchedLBFGS(
-            batch, x[0].numel(), lr=params.lr, history_size=params.history_size, device=device, dtype=x.dtype
-        )
-        adam = None
+        lbfgs = adam = None
         if params.optimizer == "adam":
             adam = torch.optim.Adam(
-                [x],
+                [x], lr=params.lr, betas=(params.adam_beta1, 0.999), eps=params.adam_eps, fused=fast.fused_adam
+            )
+        else:
+            lbfgs = BatchedLBFGS(
+                batch,
+                x[0].numel(),
                 lr=params.lr,
-                betas=(params.adam_beta1, 0.999),
-                eps=params.adam_eps,
-                fused=device.type == "cuda",
+                history_size=params.history_size,
+                first_step_max=first_step_max,
+                device=device,
+                dtype=x.dtype,
             )
         active = torch.ones(batch, dtype=torch.bool, device=device)
         for step in range(params.iterations):
             iteration += 1
             x.grad = None
-            with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                feats = extractor(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-            losses = total_losses(feats, x, targets, params.normalization)
+            losses = loss_step(x, targets, alive)
             total = losses["total"]
             finite = torch.isfinite(total)
             failed_at = torch.where(alive & ~finite, iteration, failed_at)
             alive = alive & finite
-            torch.where(alive, total, 0.0).sum().backward()
             assert x.grad is not None
             grad = torch.where(alive.view(-1, 1, 1, 1), x.grad, 0.0)
             if params.keep_best:
@@ -317,7 +515,7 @@ def stylize_batch(
                     x.grad = grad
                     adam.step()
                     x.copy_(torch.maximum(torch.minimum(x, high), low))
-                else:
+                elif lbfgs is not None:
                     active = active & alive
                     lbfgs.step(x.view(batch, -1), grad.reshape(batch, -1), active)
             log_now = (step + 1) % params.log_every == 0 or step == 0 or step + 1 == params.iterations

