@@ -167,6 +167,24 @@ class StyleParams(BaseModel):
 PARAM_NAMES: tuple[str, ...] = tuple(StyleParams.model_fields)
 
 # Presets: named bundles of values. Anything not listed takes the model's default.
+# seeds 001/002: the TF/Keras tutorial's settings on the 0-255 Caffe scale (tv_weight for seed 001's TV loss).
+TF_KERAS: dict[str, Any] = {
+    "network": "vgg19",
+    "content_layers": ["block5_conv2"],
+    "style_layers": GATYS_STYLE_LAYERS,
+    "normalization": "mean",
+    "content_weight": 1e3,
+    "style_weight": 1e-2,
+    "optimizer": "adam",
+    "lr": 5.0,
+    "adam_beta1": 0.99,
+    "adam_eps": 0.1,
+    "iterations": 1000,
+    "init": "content",
+    "tv_weight": 0.0,
+    "keep_best": True,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "gatys": {
         "network": "vgg19",
@@ -182,37 +200,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "init": "noise",
         "keep_best": True,
     },
-    "tf-keras": {
-        "network": "vgg19",
-        "content_layers": ["block5_conv2"],
-        "style_layers": GATYS_STYLE_LAYERS,
-        "normalization": "mean",
-        "content_weight": 1e3,
-        "style_weight": 1e-2,
-        "optimizer": "adam",
-        "lr": 5.0,
-        "adam_beta1": 0.99,
-        "adam_eps": 0.1,
-        "iterations": 1000,
-        "init": "content",
-        "tv_weight": 0.0,
-        "keep_best": True,
-    },
-    "deep-style": {
-        "network": "vgg19",
-        "content_layers": ["block5_conv4"],
-        "style_layers": DEEP_STYLE_LAYERS,
-        "normalization": "mean",
-        "content_weight": 1e3,
-        "style_weight": 1e-2,
-        "optimizer": "adam",
-        "lr": 5.0,
-        "adam_beta1": 0.99,
-        "adam_eps": 0.1,
-        "iterations": 1000,
-        "init": "content",
-        "keep_best": True,
-    },
+    "tf-keras": TF_KERAS,
+    # seed 003: other layers, otherwise as tf-keras
+    "deep-style": {**TF_KERAS, "content_layers": ["block5_conv4"], "style_layers": DEEP_STYLE_LAYERS},
     "vgg16": {
         "network": "vgg16",
         "size": 384,
