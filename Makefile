@@ -44,3 +44,7 @@ bench-cpu: install
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+
+# Builds the Dockerfile for real (own dockerd, local Debian base; root), runs nst stylize + the worker in it. docs/docker.md
+docker-smoke:
+	bash scripts/docker_smoke.sh
