@@ -361,6 +361,8 @@ def throughput_section(
             except Exception as exc:  # one broken configuration (OOM, compiler) must not lose the others' numbers
                 record["error"] = _error(exc)
                 free_memory(device)
+                if not args.repeats:
+                    emit(record)
                 continue
             rates[name] = [res.rate]
             losses = [o.final_losses["total"] if o.final_losses else math.nan for o in res.outcomes]
@@ -383,6 +385,12 @@ def throughput_section(
                 record["max_abs_rel_diff"] = round(max(abs(d) for d in diffs), 5)
                 last_diffs = [(a - b) / b for a, b in zip(last, ref_last, strict=True)]
                 record["last_iterate_rel_diff"] = [round(d, 5) for d in last_diffs]
+            if not args.repeats:  # emit at once: a run cut short (device time limit) keeps what it finished
+                ref_rate = rates.get("reference", [None])[0]
+                record.update(_rates(res.rate, ref_rate, env))
+                emit(record)
+        if not args.repeats:
+            continue
         for _ in range(args.repeats):
             for name in rates:
                 cfg = configs[name]
@@ -592,6 +600,7 @@ def history_section(
             warmup=args.warmup,
         )
         losses = [o.final_losses["total"] if o.final_losses else math.nan for o in res.outcomes]
+        last = [o.history[-1]["total"] if o.history else math.nan for o in res.outcomes]
         curve = [[h["iteration"], h["total"]] for h in res.outcomes[0].history]
         emit(
             {
@@ -601,6 +610,7 @@ def history_section(
                 "size": args.size,
                 "iterations": args.iterations,
                 "final_loss": losses,
+                "last_iterate_loss": last,
                 "loss_curve_pair0": curve,
                 "peak_memory_bytes": res.peak_memory_bytes,
                 **_rates(res.rate, None, env),
@@ -735,7 +745,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="pairs per batch for batched configurations (default: auto_batch_pairs)")
     p.add_argument("--iterations", type=int, help="iterations per run; parity compares after these (500, --cpu 100)")
     p.add_argument("--warmup", type=int, help="iterations excluded from timing (default 20, --cpu 5)")
-    p.add_argument("--repeats", type=int, help="extra short timing runs per configuration (default 1, --cpu 3)")
+    p.add_argument("--repeats", type=int, help="extra short timing runs per configuration (default 0, --cpu 3)")
     p.add_argument("--timing-iterations", type=int, help="timed iterations of a repeat (default 50, --cpu 10)")
     p.add_argument("--configs", type=_names, help="configurations, comma-separated (see make_configs)")
     p.add_argument("--optimizers", type=_names, default=["adam", "lbfgs"])
@@ -765,7 +775,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.size = args.size or (64 if cpu else 512)
     args.pairs = args.pairs or (4 if cpu else 8)
     args.iterations = args.iterations or (100 if cpu else 500)
-    args.repeats = args.repeats if args.repeats is not None else (3 if cpu else 1)
+    args.repeats = args.repeats if args.repeats is not None else (3 if cpu else 0)
     args.timing_iterations = args.timing_iterations or (10 if cpu else 50)
     args.warmup = args.warmup or (5 if cpu else 20)
     args.configs = args.configs or list(CPU_CONFIGS if cpu else GPU_CONFIGS)

@@ -460,8 +460,9 @@ def _stylize_batch(
     sizes = scale_sizes(height, width, params.scales)
     total_iterations = params.iterations * len(sizes)
     low, high = (t.to(device).view(1, -1, 1, 1) for t in extractor.input_range())
-    if fast.channels_last and isinstance(extractor, torch.nn.Module):
-        extractor.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # weights once, not per step
+    if isinstance(extractor, torch.nn.Module):  # weights in the activations' layout: converted once, not per step
+        layout = torch.channels_last if fast.channels_last else torch.contiguous_format
+        extractor.to(memory_format=layout)  # type: ignore[call-overload]
     loss_step = _LossStep(extractor, fast, params.normalization)
     first_step_max = None
     if amp is not None:

@@ -167,6 +167,7 @@ def _tiny_problems(optimizer: str) -> list[PairProblem]:
     ]
 
 
+@pytest.mark.slow  # torch.compile on CPU: ~20 s idle, over a minute on a busy machine
 def test_compiled_step_equals_eager(fresh_compile_state: None) -> None:
     # float64 so that any difference is the compiler's, not rounding amplified by L-BFGS.
     previous = torch.get_default_dtype()
