@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmarks, one section per call (each fits a 10-minute command limit on an H100), from the repository root:
-#   bash bench/gpu.sh throughput|sweep|ttq|coldstart|pipeline|all
+#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|all
 # Writes JSON lines (and the sweep's plot) to $OUT if set (the lent-device tool), else docs/bench/, named after the
 # GPU (h100.jsonl, h100-sweep.jsonl, h100.png, ...). `python -m bench.report FILE...` turns them into tables.
 # Packages the machine lacks travel as wheels in .whl/ (see docs/performance.md, "Running on a GPU").
@@ -21,17 +21,19 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --
 run() {
   case $1 in
     throughput) $py -m bench.throughput --size 512 --out "$out/$gpu.jsonl" ;;
+    defaults) $py -m bench.throughput --size 512 --preset none --configs reference,bf16,bf16-compile \
+                --out "$out/$gpu-defaults.jsonl" ;;
     sweep) $py -m bench.throughput --size 512 --skip-throughput --plot "$out/$gpu.png" --budget-s 480 \
              --out "$out/$gpu-sweep.jsonl" ;;
     ttq) $py -m bench.throughput --size 512 --skip-throughput --ttq --history-sweep --out "$out/$gpu-ttq.jsonl" ;;
     coldstart) $py -m bench.throughput --size 512 --skip-throughput --cold-start --out "$out/$gpu-coldstart.jsonl" ;;
     pipeline) $py -m bench.pipeline --out "$out/$gpu-pipeline.jsonl" ;;
-    *) echo "unknown section $1 (throughput|sweep|ttq|coldstart|pipeline|all)" >&2; exit 2 ;;
+    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|all)" >&2; exit 2 ;;
   esac
 }
 
 if [ "$section" = all ]; then
-  for s in throughput sweep ttq coldstart pipeline; do run "$s"; done
+  for s in throughput defaults sweep ttq coldstart pipeline; do run "$s"; done
 else
   run "$section"
 fi
