@@ -54,27 +54,16 @@ ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["sh", "-c", "exec prefect worker start --pool \"$NST_WORK_POOL\" --type \"$NST_WORKER_TYPE\" \
 --limit \"$NST_WORKER_LIMIT\" --with-healthcheck --install-policy never"]
 
-# torch on its own, before anything of the project, so its ~6 GB layer stays cached.
-# TORCH_INDEX_URL: empty = the default index (PyPI: the CUDA 13.0 build); for a CPU-only image e.g.
-# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg TORCH_SPEC="torch==2.14.1+cpu ..."
-ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
-ARG TORCH_INDEX_URL=""
-# The versions are pinned in TORCH_SPEC (hadolint cannot see through the ARG); word splitting is intended.
-# hadolint ignore=DL3013,SC2086
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH_SPEC \
+# Every dependency from the lock (exact versions + sha256; torch 2.14.1 is the ~6 GB CUDA 13.0 build): pip refuses
+# anything unpinned or unhashed. Cached until requirements.txt changes (`make lock`, on purpose).
+COPY requirements.txt /opt/nst/
+RUN pip install --no-cache-dir --require-hashes -r /opt/nst/requirements.txt \
     && python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-
-# The project's other dependencies, read from pyproject.toml alone: cached until the dependency list changes.
-COPY pyproject.toml /opt/nst/
-RUN python -c "import tomllib; p = tomllib.load(open('/opt/nst/pyproject.toml', 'rb')); \
-print('\n'.join(p['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
 
 # The project itself (.dockerignore lets in only the package sources, manifests and prefect.yaml). The source tree
 # stays in /opt/nst so a deployment's pull step can `set_working_directory: /opt/nst` and find flows/ there.
 COPY . /opt/nst/
-RUN pip install --no-cache-dir --no-deps /opt/nst \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation /opt/nst \
     && rm -rf /opt/nst/build /opt/nst/*.egg-info \
     && python -c "import sys, nst; sys.exit('nst must not import prefect' if 'prefect' in sys.modules else 0)" \
     && python -c "import flows" \

@@ -6,24 +6,42 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install demo test test-fast lint typecheck schema bench-cpu docker-smoke clean
+.PHONY: install lock browser demo test test-fast lint typecheck schema bench-cpu docker-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstall only when the dependency list changes; torch 2.14.1 is a ~5.5 GB CUDA build (runs on CPU too).
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+# Everything comes from the lock (exact versions + sha256); pip refuses anything unpinned or unhashed. torch 2.14.1 is
+# a ~5.5 GB CUDA build that runs on the CPU too. Reinstalls only when the lock or pyproject.toml changes.
+$(STAMP): requirements-dev.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Refresh the lock on purpose (new dependency in pyproject.toml, or a deliberate upgrade): every package to the newest
+# release the constraints in pyproject.toml allow. requirements.txt (runtime, the Docker image) is the subset of
+# requirements-dev.txt (runtime + dev tools, `make install`), with the same versions.
+LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+lock: $(STAMP)
+	$(BIN)/pip-compile $(LOCK_FLAGS) --upgrade --extra dev -o requirements-dev.txt pyproject.toml
+	$(BIN)/pip-compile $(LOCK_FLAGS) --upgrade -c requirements-dev.txt -o requirements.txt pyproject.toml
+
+# The browser test drives Debian's chromium with Playwright (Playwright's own browser download is impossible here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "make test needs Debian's chromium for tests/test_ui_retry.py: run 'sudo apt-get install chromium'" >&2; \
+	    exit 1; \
+	  fi; }
+
 demo: install
 	$(BIN)/nst run manifests/demo.yaml
 
-test: install lint typecheck
+test: install browser lint typecheck
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install

@@ -8,7 +8,7 @@
 #   --purge  run, then delete the whole state dir (images and build cache; the next run starts from nothing)
 #   --clean  only delete the state dir
 # Environment: NST_DOCKER_STATE (state dir, default /var/tmp/nst-docker-smoke), NST_SMOKE_IMAGE (tag, default
-# nst-worker:smoke), NST_SMOKE_BUILD_ARGS (extra `docker build` args, e.g. "--build-arg TORCH_INDEX_URL=..."),
+# nst-worker:smoke), NST_SMOKE_BUILD_ARGS (extra `docker build` args, e.g. "--build-arg WORK_POOL=..."),
 # NST_DOCKER_STORAGE_DRIVER (auto | overlay2 | vfs), NST_SMOKE_WORKER=0 (skip the worker check),
 # NST_SMOKE_MIN_FREE_GB (free disk required; default 15 with overlay2, 40 with vfs), NST_DEBIAN_MIRROR.
 set -euo pipefail

@@ -348,7 +348,8 @@ def test_alias_bomb_is_refused_quickly(tree: Path) -> None:
 def test_deep_nesting_is_an_error_not_a_crash(tree: Path) -> None:
     depth = 200_000  # libyaml's own composer overflows the C stack here; ours must not
     msg = only_problem(write(tree, "version: 1\noutput: out\nx: " + "[" * depth + "]" * depth + "\n"))
-    assert msg == "invalid YAML: nested too deeply"
+    # Our prefix and one line; the rest is the YAML library's (PyYAML >= 6.0.4 has its own depth limit, with a line).
+    assert msg.startswith("invalid YAML: ") and "\n" not in msg
 
 
 def test_recursive_alias_is_refused(tree: Path) -> None:
@@ -388,7 +389,8 @@ def test_duplicate_yaml_keys(tree: Path) -> None:
 
 def test_bad_value_names_pair_field_and_line(tree: Path) -> None:
     msg = only_problem(write(tree, PAIR + "    style_weight: -3\n"))
-    assert msg == "pairs[0].style_weight: Input should be greater than 0 (line 6)"
+    # Ours: the location, the line and one line of text; the reason in between is pydantic's wording.
+    assert msg.startswith("pairs[0].style_weight: ") and msg.endswith(" (line 6)") and "\n" not in msg
 
 
 PAIR2 = "  - content: images/content/chelsea.jpg\n    style: images/styles/brick.jpg\n"
@@ -397,13 +399,15 @@ PAIR2 = "  - content: images/content/chelsea.jpg\n    style: images/styles/brick
 @pytest.mark.parametrize(
     ("default", "expected"),
     [
-        ("optimizer: sgd", "defaults.optimizer: Input should be 'lbfgs' or 'adam' (line 4)"),
+        ("optimizer: sgd", "defaults.optimizer: * (line 4)"),  # * = pydantic's reason, not ours to assert
         ("style_layer_weights: [1, 2]", "defaults: style_layer_weights has 2 values for 5 style_layers (line 4)"),
     ],
 )
 def test_bad_default_is_reported_once(tree: Path, default: str, expected: str) -> None:
     text = PAIR.replace("output: out\n", f"output: out\ndefaults:\n  {default}\n") + PAIR2
-    assert only_problem(write(tree, text)) == expected
+    msg = only_problem(write(tree, text))
+    head, star, tail = expected.partition("*")
+    assert (msg.startswith(head) and msg.endswith(tail) and "\n" not in msg) if star else msg == expected
 
 
 def test_unknown_parameter_suggests_the_name(tree: Path) -> None:
@@ -547,10 +551,13 @@ def test_every_problem_is_listed(tree: Path) -> None:
     with pytest.raises(InvalidManifestError) as info:
         load_manifest(write(tree, text))
     problems = info.value.problems
+    # pairs[0]'s reason is pydantic's wording: assert our location and line only.
+    assert problems[2].startswith("pairs[0].style_weight: ") and problems[2].endswith(" (line 8)")
+    problems[2] = "pairs[0].style_weight: (pydantic's reason) (line 8)"
     assert problems == [
         "output: '../escape': '..' is not allowed (outputs must stay under the manifest's directory) (line 2)",
         "defaults.iterationz: unknown parameter (did you mean 'iterations'?) (line 4)",
-        "pairs[0].style_weight: Input should be greater than 0 (line 8)",
+        "pairs[0].style_weight: (pydantic's reason) (line 8)",
         f"pairs[1].content: not found: {tree}/images/content/missing.jpg (pair missing__hubble-nope) (line 9)",
         f"pairs[1].style[1]: not found: {tree}/images/styles/nope.jpg (pair missing__hubble-nope) (line 10)",
         "pairs[2]: duplicate id 'astronaut__hubble' (also pairs[0]), derived from the file names; "
