@@ -90,15 +90,22 @@ ProgressCallback = Callable[[ProgressEvent], None]
 class BatchedLBFGS:
     """L-BFGS with one independent history, step and stopping state per image of a batch.
 
-    Mirrors torch.optim.LBFGS(lr, history_size, line_search_fn=None) called once per iteration with max_iter=1,
-    vectorised over the batch: the two-loop recursion runs on [B, D] rows, so pairs never share curvature or steps.
-    Differences from torch, none of which shows in a healthy fp32 run:
+    Unbounded (no `lower`/`upper`), it mirrors torch.optim.LBFGS(lr, history_size, line_search_fn=None) called once
+    per iteration with max_iter=1, vectorised over the batch: the two-loop recursion runs on [B, D] rows, so pairs never
+    share curvature or steps. Differences from torch, none of which shows in a healthy fp32 run:
     - a pair whose curvature condition fails stores an inert (zero-weight) history entry instead of none, so it forgets
       its oldest entry one step early;
     - while a pair has no accepted curvature pair yet it keeps taking first-iteration-sized steps (torch would step by
       the raw gradient, which on Gatys' loss scale, gradients ~1e9, throws the image to infinity);
     - `first_step_max` (used under bf16) makes the first step move the largest pixel by that much, so that it is
       visible through reduced-precision rounding.
+
+    Bounded (`lower`/`upper` given; `step` then needs each row's loss), it is projected L-BFGS in the style of
+    L-BFGS-B: the two-loop recursion sees only the free variables (a pixel at a bound whose gradient pushes it outward
+    is pinned), every trial point is projected into the box, and a backtracking Armijo line search along the projected
+    path accepts or rejects each trial. One call evaluates one trial, so a rejected trial costs one iteration, leaves
+    an inert history entry and shrinks the step; `accepted_x`/`accepted_loss` hold each row's current iterate, which
+    never gets worse.
     """
 
     def __init__(
@@ -111,6 +118,9 @@ class BatchedLBFGS:
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
         first_step_max: float | None = None,
+        lower: Tensor | None = None,
+        upper: Tensor | None = None,
+        armijo: float = 1e-4,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -130,6 +140,15 @@ class BatchedLBFGS:
         self.direction = torch.zeros(batch, dim, device=device, dtype=dtype)
         self.step_size = torch.zeros(batch, device=device, dtype=dtype)
         self.prev_grad = torch.zeros(batch, dim, device=device, dtype=dtype)
+        self.bounded = lower is not None or upper is not None
+        inf = torch.tensor(math.inf, device=device, dtype=dtype)
+        self.lower = lower.to(device, dtype) if lower is not None else -inf
+        self.upper = upper.to(device, dtype) if upper is not None else inf
+        self.armijo = armijo
+        if self.bounded:
+            self.accepted_x = torch.zeros(batch, dim, device=device, dtype=dtype)
+            self.accepted_loss = torch.full((batch,), math.inf, device=device, dtype=dtype)
+            self.accepted_now = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def _first_step_size(self, g: Tensor) -> Tensor:
         """torch's first step min(1, 1/|g|_1)·lr, or at least first_step_max/|g|_inf when that is set [B]."""
@@ -138,8 +157,15 @@ class BatchedLBFGS:
             size = torch.maximum(size, self.first_step_max / g.abs().amax(1).clamp_min(1e-30))
         return size
 
-    def step(self, x: Tensor, grad: Tensor, active: Tensor) -> Tensor:
-        """Update the rows of `x` [B, D] in place from their gradients [B, D]; returns which rows moved [B]."""
+    def step(self, x: Tensor, grad: Tensor, active: Tensor, loss: Tensor | None = None) -> Tensor:
+        """Update the rows of `x` [B, D] in place from their gradients [B, D]; returns which rows moved [B].
+
+        Bounded, `x` is the trial just evaluated, `loss` [B] its losses, and `x` becomes the next trial.
+        """
+        if self.bounded:
+            if loss is None:
+                raise ValueError("bounded L-BFGS needs each row's loss for its line search")
+            return self._bounded_step(x, grad, active, loss)
         g = grad.to(self.s_hist.dtype)
         # torch returns early when the gradient is already tiny; that pair stops for good.
         active = active & (g.abs().amax(1) > self.tolerance_grad)
@@ -151,14 +177,7 @@ class BatchedLBFGS:
             s = self.direction * self.step_size[:, None]
             ys = torch.linalg.vecdot(y, s)
             ok = ys > 1e-10
-            self.s_hist[self.ptr] = s
-            self.y_hist[self.ptr] = y
-            self.rho[self.ptr] = torch.where(ok, 1.0 / torch.where(ok, ys, 1.0), 0.0)
-            self.ptr = (self.ptr + 1) % self.history_size
-            self.count = min(self.count + 1, self.history_size)
-            yy = torch.linalg.vecdot(y, y)
-            self.h_diag = torch.where(ok, ys / torch.where(ok, yy, 1.0), self.h_diag)
-            self.has_curvature = self.has_curvature | ok
+            self._remember(s, y, ys, ok)
             d = self._two_loop(-g)
         self.prev_grad = g.clone()
         if self.n_iter == 1:
@@ -170,6 +189,68 @@ class BatchedLBFGS:
         gtd = torch.linalg.vecdot(g, d)
         moving = active & (gtd <= -self.tolerance_change)
         x.addcmul_(d, torch.where(moving, self.step_size, 0.0)[:, None])
+        return moving
+
+    def _remember(self, s: Tensor, y: Tensor, ys: Tensor, ok: Tensor) -> None:
+        """Store one curvature pair per row (an inert one, weight 0, where `ok` is false)."""
+        self.s_hist[self.ptr] = torch.where(ok[:, None], s, 0.0)
+        self.y_hist[self.ptr] = torch.where(ok[:, None], y, 0.0)
+        self.rho[self.ptr] = torch.where(ok, 1.0 / torch.where(ok, ys, 1.0), 0.0)
+        self.ptr = (self.ptr + 1) % self.history_size
+        self.count = min(self.count + 1, self.history_size)
+        yy = torch.linalg.vecdot(y, y)
+        self.h_diag = torch.where(ok, ys / torch.where(ok, yy, 1.0), self.h_diag)
+        self.has_curvature = self.has_curvature | ok
+
+    def _bounded_step(self, x: Tensor, grad: Tensor, active: Tensor, loss: Tensor) -> Tensor:
+        """Accept or reject the evaluated trial per row (Armijo), then project the next trial into the box."""
+        g = grad.to(self.s_hist.dtype)
+        f = loss.to(self.s_hist.dtype)
+        self.n_iter += 1
+        if self.n_iter == 1:
+            accept = torch.ones_like(active)
+            s = torch.zeros_like(x)
+            decrease = torch.zeros_like(f)
+        else:
+            s = x - self.accepted_x
+            decrease = torch.linalg.vecdot(self.prev_grad, s)  # directional derivative along the projected step
+            accept = torch.isfinite(f) & (f <= self.accepted_loss + self.armijo * decrease)
+            y = g - self.prev_grad
+            ys = torch.linalg.vecdot(y, s)
+            self._remember(s, y, ys, accept & (ys > 1e-10))
+        self.accepted_now = accept
+        col = accept[:, None]
+        self.accepted_x = torch.where(col, x, self.accepted_x)
+        self.accepted_loss = torch.where(accept, f, self.accepted_loss)
+        self.prev_grad = torch.where(col, g, self.prev_grad)
+        g = self.prev_grad
+        at_bound = ((self.accepted_x <= self.lower) & (g > 0)) | ((self.accepted_x >= self.upper) & (g < 0))
+        q = torch.where(at_bound, 0.0, -g)  # minus the projected gradient
+        d = self._two_loop(q.clone()) if self.count else q.clone()
+        d.masked_fill_(at_bound, 0.0)
+        gtd = torch.linalg.vecdot(g, d)
+        # The free-set recursion can miss descent near the box's faces: fall back to the projected gradient.
+        uphill = gtd > -self.tolerance_change
+        d = torch.where(uphill[:, None], q, d)
+        gtd = torch.where(uphill, -torch.linalg.vecdot(q, q), gtd)
+        new_size = torch.where(self.has_curvature & ~uphill, self.lr, self._first_step_size(q))
+        # A rejected trial: backtrack along the same direction to the minimiser of the quadratic through
+        # f(0), f'(0) and f(trial), kept within [0.1, 0.5] of the step (Nocedal & Wright, 3.5).
+        curvature = 2 * (f - self.accepted_loss - decrease)
+        shrink = torch.where(torch.isfinite(curvature) & (curvature > 0), -decrease / curvature, 0.1)
+        backtracked = self.step_size * shrink.clamp(0.1, 0.5)
+        self.direction = torch.where(col, d, self.direction)
+        self.step_size = torch.where(accept, new_size, backtracked)
+        # A step that no longer moves anything: forget the curvature pairs and restart from the projected gradient.
+        tiny = ~accept & (self.step_size * self.direction.abs().amax(1) < 1e-6)
+        self.rho = torch.where(tiny, 0.0, self.rho)
+        self.has_curvature = self.has_curvature & ~tiny
+        self.direction = torch.where(tiny[:, None], q, self.direction)
+        self.step_size = torch.where(tiny, self._first_step_size(q), self.step_size)
+        gtd = torch.where(accept, gtd, torch.linalg.vecdot(g, self.direction))
+        moving = active & (q.abs().amax(1) > self.tolerance_grad) & (gtd <= -self.tolerance_change)
+        trial = self.accepted_x + self.direction * torch.where(moving, self.step_size, 0.0)[:, None]
+        x.copy_(torch.maximum(torch.minimum(trial, self.upper), self.lower))
         return moving
 
     def _two_loop(self, q: Tensor) -> Tensor:
@@ -419,10 +500,14 @@ def initial_images(problems: Sequence[PairProblem], height: int, width: int, dev
     return torch.cat([img.to(device) for img in images])
 
 
-def _read_losses(losses: dict[str, Tensor]) -> list[dict[str, float]]:
-    """Copy per-pair losses to the host (one sync)."""
-    stacked = torch.stack([losses[k].detach().float() for k in LOSS_TERMS], 1).cpu().tolist()
-    return [dict(zip(LOSS_TERMS, row, strict=True)) for row in stacked]
+def _stack_losses(losses: dict[str, Tensor]) -> Tensor:
+    """Per-pair losses as one [B, len(LOSS_TERMS)] fp32 tensor."""
+    return torch.stack([losses[k].detach().float() for k in LOSS_TERMS], 1)
+
+
+def _read_losses(stacked: Tensor) -> list[dict[str, float]]:
+    """Copy per-pair losses [B, len(LOSS_TERMS)] to the host (one sync)."""
+    return [dict(zip(LOSS_TERMS, row, strict=True)) for row in stacked.cpu().tolist()]
 
 
 def stylize_batch(
@@ -478,7 +563,8 @@ def _stylize_batch(
     for scale_index, (h, w, factor) in enumerate(sizes):
         targets = build_targets(problems, extractor, h, w, factor, device, amp)
         # x stays NCHW-contiguous so L-BFGS can treat each image as one flat row; the network sees channels_last on GPU.
-        x = extractor.to_model(resize(x01, h, w)).detach().contiguous().requires_grad_(True)
+        # Bicubic resizing overshoots [0, 1] a little: the start, like every iterate, lies inside the valid range.
+        x = extractor.to_model(resize(x01, h, w).clamp(0, 1)).detach().contiguous().requires_grad_(True)
         best_x = x.detach().clone()
         best_loss = torch.full((batch,), math.inf, device=device)
         lbfgs = adam = None
@@ -493,9 +579,12 @@ def _stylize_batch(
                 lr=params.lr,
                 history_size=params.history_size,
                 first_step_max=first_step_max,
+                lower=low.expand(1, -1, h, w).reshape(-1),
+                upper=high.expand(1, -1, h, w).reshape(-1),
                 device=device,
                 dtype=x.dtype,
             )
+        current = torch.zeros(batch, len(LOSS_TERMS), device=device)  # the losses of each pair's current iterate
         active = torch.ones(batch, dtype=torch.bool, device=device)
         for step in range(params.iterations):
             iteration += 1
@@ -507,7 +596,7 @@ def _stylize_batch(
             alive = alive & finite
             assert x.grad is not None
             grad = torch.where(alive.view(-1, 1, 1, 1), x.grad, 0.0)
-            if params.keep_best:
+            if params.keep_best and adam is not None:  # bounded L-BFGS's iterate never gets worse: it is the best
                 improved = alive & (total.detach() < best_loss)
                 best_loss = torch.where(improved, total.detach(), best_loss)
                 best_x = torch.where(improved.view(-1, 1, 1, 1), x.detach(), best_x)
@@ -518,9 +607,12 @@ def _stylize_batch(
                     x.copy_(torch.maximum(torch.minimum(x, high), low))
                 elif lbfgs is not None:
                     active = active & alive
-                    lbfgs.step(x.view(batch, -1), grad.reshape(batch, -1), active)
+                    lbfgs.step(x.view(batch, -1), grad.reshape(batch, -1), active, loss=total.detach())
+            # L-BFGS logs its accepted iterate (a rejected line-search trial is not an iterate); Adam its last one.
+            stacked = _stack_losses(losses)
+            current = stacked if lbfgs is None else torch.where(lbfgs.accepted_now[:, None], stacked, current)
             log_now = (step + 1) % params.log_every == 0 or step == 0 or step + 1 == params.iterations
-            read = _read_losses(losses) if log_now else None
+            read = _read_losses(current) if log_now else None
             if read is not None:
                 dead = failed_at.cpu().tolist()
                 for i, row in enumerate(read):
@@ -528,7 +620,8 @@ def _stylize_batch(
                         histories[i].append({"iteration": iteration, "scale": scale_index, **row})
             if callback is not None:
                 save_now = params.save_every > 0 and iteration % params.save_every == 0
-                images = extractor.from_model(x.detach()).clamp(0, 1) if save_now else None
+                shown = x.detach() if lbfgs is None else lbfgs.accepted_x.view_as(x)
+                images = extractor.from_model(shown).clamp(0, 1) if save_now else None
                 failed = (failed_at >= 0).cpu().tolist() if read is not None else []
                 callback(
                     ProgressEvent(
@@ -545,12 +638,17 @@ def _stylize_batch(
                     )
                 )
         final = best_x if params.keep_best else x.detach()
+        if lbfgs is not None:
+            final = lbfgs.accepted_x.view_as(x)
+        # Every iterate is inside the valid range, so this clamp only removes float rounding at the bounds.
         # A pair whose loss was never finite keeps its start image; it is reported failed below.
         x01 = extractor.from_model(final).clamp(0, 1)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         final_model = extractor.to_model(x01)
-        final_losses = _read_losses(total_losses(extractor(final_model), final_model, targets, params.normalization))
+        final_losses = _read_losses(
+            _stack_losses(total_losses(extractor(final_model), final_model, targets, params.normalization))
+        )
     failed_list = failed_at.cpu().tolist()
     outcomes = []
     for i in range(batch):
