@@ -66,3 +66,10 @@ clean:
 # Builds the Dockerfile for real (own dockerd, local Debian base; root), runs nst stylize + the worker in it. docs/docker.md
 docker-smoke:
 	bash scripts/docker_smoke.sh
+
+# Prefect objects of this project on the server in PREFECT_API_URL (idempotent): work pools gpu-pool + parent-pool,
+# global concurrency limit gpu-shards (GPU_SHARDS slots), the zombie-run automation. docs/scaling.md
+GPU_SHARDS ?= 1
+.PHONY: prefect-setup
+prefect-setup: install
+	$(BIN)/python deploy/setup.py --gpu-shards $(GPU_SHARDS)
