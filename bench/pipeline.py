@@ -9,7 +9,7 @@ too: `busy_fraction_steady` counts it as idle, `busy_fraction` as busy.
 
 GPU:        python bench/pipeline.py --out docs/bench/pipeline-h100.jsonl
 CPU proxy:  python bench/pipeline.py --cpu
-Runners: `batch` (nst.batch.run_manifest, one batch after another) and `flow` (the Prefect flow
+Runners: `batch` (nst.pipeline.run, the plain run path: one batch after another) and `flow` (the Prefect flow
 flows.stylize.stylize_manifest, which overlaps one batch's I/O with another's optimisation).
 """
 
@@ -31,9 +31,10 @@ from typing import Any
 import torch
 import yaml
 
-import nst.stylize
+import nst.engine
 from nst.memory import auto_batch_pairs
 from nst.params import resolve_params
+from nst.run_options import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "manifests" / "images"
@@ -121,24 +122,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch = auto_batch_pairs(args.size, args.size, params, device)
     batch = int(batch)
     timer = IntervalTimer(device)
-    original = nst.stylize.stylize_batch
-    nst.stylize.stylize_batch = timer.wrap(original)  # Stylizer.run_batch looks it up in nst.stylize
+    original = nst.engine.stylize_batch
+    nst.engine.stylize_batch = timer.wrap(original)  # Stylizer.run looks it up in nst.engine
     try:
         with tempfile.TemporaryDirectory(prefix="nst-bench-pipeline-") as tmp:
             manifest = write_manifest(Path(tmp), args.pairs, args.size, args.iterations)
             start = time.perf_counter()
+            options = RunOptions(force=True, max_batch_pairs=batch)
             if args.runner == "flow":
                 from flows.stylize import stylize_manifest
 
-                stylize_manifest(manifest=str(manifest), force=True, max_batch_pairs=batch, return_state=True)
+                stylize_manifest(manifest=str(manifest), options=options, return_state=True)
             else:
-                from nst.batch import run_manifest
+                from nst.pipeline import run as run_path
 
-                run_manifest(str(manifest), force=True, max_batch_pairs=batch)
+                run_path(str(manifest), options)
             wall = time.perf_counter() - start
             written = len(list((Path(tmp) / "out").glob("*.png")))
     finally:
-        nst.stylize.stylize_batch = original
+        nst.engine.stylize_batch = original
     busy = timer.busy_seconds()
     first = min((a for a, _ in timer.intervals), default=start)
     return {

@@ -6,6 +6,8 @@ picked up by whichever worker is free. Pairs are planned first (done pairs skipp
 same graph parameters) are dealt to shards, largest first, so that shards are balanced and batches stay full.
 """
 
+from __future__ import annotations
+
 import hashlib
 import time
 from collections.abc import Sequence
@@ -19,19 +21,21 @@ from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import Field
 
-from nst import batch as nst_batch
-from nst.errors import ManifestError
-from nst.manifest import load_manifest
+from nst import pipeline
+from nst.errors import NSTError
+from nst.manifest import ParamOverrides, load_manifest, override_values
+from nst.pipeline import Batch
+from nst.run_options import RunOptions
 
 POLL_S = 5.0
 
 
-def split_batches(batches: Sequence[Sequence[Any]], shards: int) -> list[list[str]]:
+def split_batches(batches: Sequence[Batch], shards: int) -> list[list[str]]:
     """Deal batches (largest first) to the least-loaded of `shards` shards; pair ids per shard, empty shards dropped."""
     loads: list[list[str]] = [[] for _ in range(max(1, shards))]
-    for batch in sorted(batches, key=len, reverse=True):
+    for batch in sorted(batches, key=lambda b: len(b.pairs), reverse=True):
         target = min(loads, key=len)
-        target.extend(p.id for p in batch)
+        target.extend(p.id for p in batch.pairs)
     return [ids for ids in loads if ids]
 
 
@@ -40,10 +44,8 @@ def shard_manifest(
     manifest: str,
     shards: Annotated[int, Field(ge=1, le=1024)] = 2,
     deployment: str = "stylize-manifest/on-demand",
-    force: bool = False,
-    max_batch_pairs: Annotated[int, Field(ge=1, le=1024)] = 8,
-    max_failures: Annotated[int, Field(ge=1)] | None = None,
-    batch_timeout_s: Annotated[float, Field(gt=0)] | None = None,
+    overrides: ParamOverrides = ParamOverrides(),  # type: ignore[valid-type]  # noqa: B008
+    options: RunOptions = RunOptions(),  # noqa: B008
     wait: bool = True,
     timeout_s: Annotated[float, Field(gt=0)] = 24 * 3600,
 ) -> State[Any]:
@@ -53,23 +55,27 @@ def shard_manifest(
         manifest: manifest URI (local path as the workers see it, or s3://)
         shards: how many stylize-manifest runs to split the pending pairs into (e.g. the number of GPU workers)
         deployment: the deployment each shard runs
-        force: run pairs even if their outputs already say succeeded
-        max_batch_pairs: at most this many pairs per batch (also used to deal whole batches to shards)
-        max_failures: passed to each shard
-        batch_timeout_s: passed to each shard
+        overrides: engine parameters for every pair, passed to each shard (see stylize-manifest)
+        options: run options passed to each shard, with `pair_ids` narrowed to its pairs
         wait: wait for the shards to finish (otherwise return once they are scheduled)
         timeout_s: give up waiting after this many seconds
     """
     logger = get_run_logger()
-    loaded = load_manifest(manifest)
-    planned = nst_batch.plan(loaded, force=force)
-    if planned.unknown_ids:  # cannot happen without pair_ids; kept for symmetry with stylize-manifest
-        raise ManifestError(f"{manifest}: unknown pair ids {planned.unknown_ids}")
-    groups = split_batches(nst_batch.make_batches(planned.to_run, max_pairs=max_batch_pairs), shards)
+    parent = str(runtime_flow_run.id or pipeline.new_run_id())
+    explicit = override_values(overrides)
+    try:
+        loaded = load_manifest(manifest, overrides=explicit)
+        planned = pipeline.plan(loaded, options)
+    except NSTError as exc:
+        logger.error("%s", exc)
+        return Failed(message=str(exc), data={"error": type(exc).__name__, "message": str(exc)})
+    batches = pipeline.make_batches(
+        planned.to_run, max_pairs=options.max_batch_pairs, output=loaded.output, run_id=parent
+    )
+    groups = split_batches(batches, shards)
     logger.info(
         "%d pairs to run (%d already done) in %d shards", len(planned.to_run), len(planned.skipped), len(groups)
     )
-    parent = str(runtime_flow_run.id or "local")
     runs = []
     for i, ids in enumerate(groups, start=1):
         key = hashlib.sha256(f"{parent}:{deployment}:{','.join(sorted(ids))}".encode()).hexdigest()
@@ -79,11 +85,8 @@ def shard_manifest(
                 deployment,
                 parameters={
                     "manifest": manifest,
-                    "pair_ids": ids,
-                    "force": force,
-                    "max_batch_pairs": max_batch_pairs,
-                    "max_failures": max_failures,
-                    "batch_timeout_s": batch_timeout_s,
+                    "overrides": explicit,
+                    "options": options.model_copy(update={"pair_ids": ids}).model_dump(mode="json"),
                 },
                 flow_run_name=f"{loaded.name}-shard-{i}of{len(groups)}",
                 idempotency_key=key,  # a restarted parent does not start the same shard twice

@@ -12,8 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nst.errors import NSTError, OutputError
-from nst.params import PARAM_NAMES, PRESETS, StyleParams, resolve_params
+from pydantic import BaseModel, ValidationError
+
+from nst.errors import NSTError, OutputError, ParamsError
+from nst.params import PRESETS, StyleParams, format_validation_error, resolve_params
+from nst.run_options import RunOptions
 
 
 def _flag(name: str) -> str:
@@ -28,10 +31,10 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def add_param_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per StyleParams field, with its type, choices, default and description; unset flags stay None."""
-    group = parser.add_argument_group("style-transfer parameters (defaults shown; a --preset changes them)")
-    for name, info in StyleParams.model_fields.items():
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], title: str) -> None:
+    """One flag per field of `model`, with its type, choices, default and description; unset flags stay None."""
+    group = parser.add_argument_group(title)
+    for name, info in model.model_fields.items():
         annotation = _unwrap_optional(info.annotation)
         default = info.get_default(call_default_factory=True)
         help_text = f"{info.description} (default: {default if default is not None else 'unset'})"
@@ -41,7 +44,7 @@ def add_param_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is list:
             (item,) = typing.get_args(annotation)
-            kwargs.update(nargs="+", type=item, metavar=name.upper())
+            kwargs.update(nargs="+", type=item, metavar=name.upper(), action="extend")
         elif origin is typing.Literal:
             kwargs.update(choices=list(typing.get_args(annotation)))
         elif annotation in (int, float, str):
@@ -51,9 +54,12 @@ def add_param_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(_flag(name), **kwargs)
 
 
-def param_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The parameter flags the user set."""
-    return {name: getattr(args, name) for name in PARAM_NAMES if getattr(args, name, None) is not None}
+def model_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The flags of `model`'s fields that the user set."""
+    return {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
+
+
+PARAM_FLAGS_TITLE = "style-transfer parameters (defaults shown; a --preset changes them)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,15 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("content", help="content image (path or s3:// URI)")
     p.add_argument("styles", nargs="+", metavar="style", help="style image(s) (path or s3:// URI)")
     p.add_argument("-o", "--output", required=True, help="output PNG; the JSON record is written next to it")
-    add_param_flags(p)
+    add_model_flags(p, StyleParams, PARAM_FLAGS_TITLE)
 
     p = sub.add_parser("run", help="run a manifest (a Prefect flow run in this process)")
     p.add_argument("manifest", help="manifest path or s3:// URI")
-    p.add_argument("--pair-id", dest="pair_ids", action="append", help="run only this pair (repeatable)")
-    p.add_argument("--force", action="store_true", help="run pairs even if their outputs are up to date")
-    p.add_argument("--dry-run", action="store_true", help="validate and show what would run; touch no GPU")
     p.add_argument("--no-prefect", action="store_true", help="run without Prefect (plain loop in this process)")
-    p.add_argument("--max-batch-pairs", type=int, default=4, help="most pairs optimised together (default: 4)")
+    add_model_flags(p, RunOptions, "run options")
+    add_model_flags(p, StyleParams, PARAM_FLAGS_TITLE + "; above the manifest's defaults, below its pairs' values")
 
     p = sub.add_parser("validate", help="check a manifest and print its expanded pairs")
     p.add_argument("manifest", help="manifest path or s3:// URI")
@@ -105,26 +109,20 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nst import storage
-    from nst.batch import PairTask, write_pair_result
+    from nst.engine import PairJob, Stylizer, canonical_params
     from nst.images import load_image, sha256_bytes
     from nst.manifest import PairSpec
-    from nst.stylize import Stylizer
+    from nst.pipeline import PlannedPair, write_pair_result
 
-    params = resolve_params(param_values(args), context="parameters")
+    params = canonical_params(resolve_params(model_values(args, StyleParams), context="parameters"))
     output = args.output
     if not output.lower().endswith(".png"):
         raise OutputError(f"output {output!r}: must end in .png")
     _check_output_writable(output)
-    uris = [args.content, *args.styles]
-    data = {u: storage.read_bytes(u) for u in uris}
+    data = {u: storage.read_bytes(u) for u in [args.content, *args.styles]}
     content = load_image(data[args.content], label=f"content {args.content!r}", max_pixels=params.max_input_pixels)
     styles = [load_image(data[s], label=f"style {s!r}", max_pixels=params.max_input_pixels) for s in args.styles]
-
-    from nst.stylize import PairJob, canonical_params
-
     pair_id = Path(output).stem
-    params = canonical_params(params)
-    job = PairJob(pair_id, content, styles, params)
     bar = tqdm(total=params.iterations * params.scales, unit="it", desc=pair_id, file=sys.stderr)
 
     def progress(event: Any) -> None:
@@ -136,13 +134,15 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        (result,) = Stylizer(read_bytes=storage.read_bytes).run_batch([job], callback=progress)
+        (result,) = Stylizer(read_bytes=storage.read_bytes).run(
+            [PairJob(pair_id, content, styles, params)], callback=progress
+        )
     finally:
         bar.close()
     spec = PairSpec(id=pair_id, content=args.content, styles=list(args.styles), params=params)
-    task = PairTask(spec, {u: sha256_bytes(d) for u, d in data.items()})
+    pair = PlannedPair(spec, {u: sha256_bytes(d) for u, d in data.items()})
     # Same writer as manifest runs, with the image at the requested path and the JSON beside it.
-    record = write_pair_result(task, result, output, output[: -len(".png")] + ".json", None)
+    record = write_pair_result(pair, result, output, output[: -len(".png")] + ".json", None)
     if record.status != "succeeded":
         print(f"nst: error: {record.error['message'] if record.error else 'failed'}", file=sys.stderr)
         return 1
@@ -151,44 +151,37 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The run options the user set, validated (ParamsError naming the option)."""
+    try:
+        return RunOptions(**model_values(args, RunOptions))
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(exc, "run options")) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run a manifest through the Prefect flow in-process (ephemeral server), or a plain loop with --no-prefect."""
-    if args.no_prefect:
-        from nst.batch import run_manifest
+    """Run a manifest as a Prefect flow run in this process (ephemeral server), or with --no-prefect without one."""
+    options = run_options(args)
+    overrides = model_values(args, StyleParams)
+    if not args.no_prefect:
+        from flows.stylize import run_from_cli  # lazily: `import nst` stays free of prefect
 
-        if args.dry_run:
-            return _dry_run(args.manifest, args.pair_ids, args.force)
-        summary = run_manifest(
-            args.manifest, pair_ids=args.pair_ids, force=args.force, max_batch_pairs=args.max_batch_pairs
-        )
-        counts = {s: summary.count(s) for s in ("succeeded", "skipped", "failed", "not_run")}
-        print(f"outputs in {summary.output}; run summary {summary.summary_uri}")
-        print(", ".join(f"{n} {s}" for s, n in counts.items()))
-        return 1 if summary.failed_ids else 0
-    from flows.stylize import run_from_cli  # lazily: `import nst` stays free of prefect
+        return run_from_cli(args.manifest, options, overrides)
+    from nst.pipeline import run
 
-    return run_from_cli(
-        args.manifest,
-        pair_ids=args.pair_ids,
-        force=args.force,
-        dry_run=args.dry_run,
-        max_batch_pairs=args.max_batch_pairs,
-    )
-
-
-def _dry_run(manifest_uri: str, pair_ids: list[str] | None, force: bool) -> int:
-    from nst.batch import plan
-    from nst.manifest import load_manifest
-
-    manifest = load_manifest(manifest_uri)
-    the_plan = plan(manifest, pair_ids=pair_ids, force=force)
-    for task in the_plan.to_run:
-        print(f"run   {task.id}")
-    for rec in the_plan.skipped:
-        print(f"skip  {rec.id} (up to date)")
-    for pair_id in the_plan.unknown_ids:
-        print(f"??    {pair_id} (not in the manifest)")
-    return 1 if the_plan.unknown_ids else 0
+    for name in ("batch_timeout_s", "cpu_slots"):
+        if name in model_values(args, RunOptions):
+            raise ParamsError(f"run options.{name}: needs Prefect; drop --no-prefect")
+    summary = run(args.manifest, options, overrides=overrides)
+    if summary.dry_run:
+        for pair_id in summary.ids("not_run"):
+            print(f"run   {pair_id}")
+        for pair_id in summary.ids("skipped"):
+            print(f"skip  {pair_id} (up to date)")
+        return 0
+    print(f"outputs in {summary.manifest.output}; run summary {summary.summary_uri}")
+    print(", ".join(f"{n} {s}" for s, n in summary.counts().items()))
+    return 1 if summary.ids("failed", "not_run") else 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

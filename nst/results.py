@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import platform
-from typing import Any
+from typing import Any, Literal
 
 import nst
-from nst.params import StyleParams
+from nst.params import Role, StyleParams, fields_with
 
 RECORD_SCHEMA = 1
-# Parameters that cannot change the stylized image: a rerun on another device or with other logging is not new work.
-NON_RESULT_PARAMS = frozenset({"device", "save_every", "log_every", "max_input_pixels"})
+Status = Literal["succeeded", "failed", "skipped", "not_run"]
+STATUSES: tuple[Status, ...] = ("succeeded", "failed", "skipped", "not_run")
 
 
 def versions() -> dict[str, str]:
@@ -26,9 +26,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-def result_params(params: StyleParams) -> dict[str, Any]:
-    """The parameters that decide the output image, as JSON."""
-    return {k: v for k, v in params.model_dump(mode="json").items() if k not in NON_RESULT_PARAMS}
+def error_info(kind: str, message: str, iteration: int | None = None) -> dict[str, Any]:
+    """The `error` of a record: {type, message, iteration}."""
+    return {"type": kind, "message": message, "iteration": iteration}
+
+
+def exception_info(exc: BaseException, iteration: int | None = None) -> dict[str, Any]:
+    """`error_info` of an exception: its class name and message."""
+    return error_info(type(exc).__name__, str(exc), iteration)
 
 
 def now_iso() -> str:
@@ -47,7 +52,7 @@ def inputs_section(content: str, styles: list[str], hashes: dict[str, str | None
 def build_record(
     *,
     pair_id: str,
-    status: str,
+    status: Status,
     params: StyleParams,
     inputs: dict[str, Any],
     image_uri: str | None,
@@ -88,7 +93,9 @@ def is_done(record: dict[str, Any], params: StyleParams, inputs: dict[str, Any])
         return False
     if record.get("inputs") != inputs or any(i.get("sha256") is None for i in [inputs["content"], *inputs["styles"]]):
         return False
-    old_params = {k: v for k, v in (record.get("params") or {}).items() if k not in NON_RESULT_PARAMS}
-    if old_params != result_params(params):
+    # A rerun on another device or with other logging (Role.NOT_RESULT) is not new work.
+    skip = set(fields_with(type(params), Role.NOT_RESULT))
+    old_params = {k: v for k, v in (record.get("params") or {}).items() if k not in skip}
+    if old_params != params.result_values():
         return False
     return (record.get("versions") or {}).get("nst") == nst.__version__

@@ -576,13 +576,14 @@ class VGGFeatures(nn.Module):
         return total
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` → cuda when available, else cpu; anything else as torch spells it."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):
-        raise ParamsError(f"device: unknown torch device {device!r}") from None
+        raise ParamsError(f"device: unknown torch device {device!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
 def load_vgg(
@@ -600,7 +601,7 @@ def load_vgg(
     model = VGGFeatures(
         tensors, network=network, layers=layers, pooling=pooling, post_relu=post_relu, preprocessing=info.preprocessing
     )
-    return model.to(_device(device)), info
+    return model.to(resolve_device(device)), info
 
 
 __all__ = [
@@ -619,5 +620,6 @@ __all__ = [
     "load_vgg",
     "load_weights",
     "read_local_bytes",
+    "resolve_device",
     "torchvision_cache_path",
 ]

@@ -1,4 +1,4 @@
-"""Manifest runs end to end on local disk and on a real S3 server: outputs, JSON records, idempotent reruns."""
+"""The run path (nst.pipeline.run) end to end on local disk and on a real S3 server: outputs, records, reruns."""
 
 import json
 from pathlib import Path
@@ -6,10 +6,14 @@ from typing import Any
 
 import pytest
 
-import nst.batch
+import nst.engine
+import nst.pipeline
 from nst import storage
-from nst.batch import run_manifest
 from nst.cli import main
+from nst.errors import ManifestError
+from nst.manifest import load_manifest
+from nst.pipeline import RunSummary, run
+from nst.run_options import RunOptions
 from tests.conftest import SAMPLES
 
 MANIFEST = """\
@@ -30,6 +34,11 @@ pairs:
 """
 
 
+def run_manifest(uri: str, **options: Any) -> RunSummary:
+    """The plain run path with these run options (what `nst run --no-prefect` does)."""
+    return run(uri, RunOptions(**options))
+
+
 def _put_inputs(root: str, manifest: str = MANIFEST) -> str:
     for sub in ("content", "styles"):
         for path in (SAMPLES / sub).glob("*.jpg"):
@@ -43,13 +52,13 @@ def _put_inputs(root: str, manifest: str = MANIFEST) -> str:
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Pair ids of every batch that reached the engine (a spy around the real Stylizer)."""
     calls: list[list[str]] = []
-    real = nst.batch.Stylizer.run_batch
+    real = nst.engine.Stylizer.run
 
     def spy(self: Any, jobs: Any, **kwargs: Any) -> Any:
         calls.append([j.id for j in jobs])
         return real(self, jobs, **kwargs)
 
-    monkeypatch.setattr(nst.batch.Stylizer, "run_batch", spy)
+    monkeypatch.setattr(nst.engine.Stylizer, "run", spy)
     return calls
 
 
@@ -106,7 +115,9 @@ def test_pair_ids_pick_pairs_and_unknown_ids_are_an_error(tmp_path: Path, engine
     uri = _put_inputs(str(tmp_path))
     summary = run_manifest(uri, pair_ids=["coffee-blend"])
     assert [r.id for r in summary.records] == ["coffee-blend"] and _ran(engine_calls) == ["coffee-blend"]
-    with pytest.raises(Exception, match="nope"):
+    picked = nst.pipeline.plan(load_manifest(uri), RunOptions(pair_ids=["astronaut__hubble", "chelsea__brick"]))
+    assert [p.id for p in picked.to_run] == ["chelsea__brick", "astronaut__hubble"]  # manifest order
+    with pytest.raises(ManifestError, match="pair_ids not in the manifest: nope"):
         run_manifest(uri, pair_ids=["nope"])
 
 
@@ -120,7 +131,7 @@ def test_a_bad_pair_fails_alone_and_is_recorded(tmp_path: Path, engine_calls: li
     assert record["status"] == "failed" and "brick.jpg" in record["error"]["message"]
     assert record["error"]["type"] == "ImageError"
     assert not (tmp_path / "out" / "chelsea__brick.png").exists()
-    assert summary.failed_ids == ["chelsea__brick", "coffee-blend"]
+    assert summary.ids("failed", "not_run") == ["chelsea__brick", "coffee-blend"]
 
 
 def test_oom_splits_the_batch_and_retries_the_halves(tmp_path: Path) -> None:
@@ -141,10 +152,11 @@ grid: {contents: [content/chelsea.jpg, content/coffee.jpg], styles: [styles/bric
         if len(jobs) > 1:
             raise OutOfMemory(f"simulated: {len(jobs)} pairs do not fit")
 
-    manifest = nst.batch.load_manifest(uri)
-    the_plan = nst.batch.plan(manifest)
-    batches = nst.batch.make_batches(the_plan.to_run, max_pairs=8)
-    records = [r for b in batches for r in nst.batch.run_batch(b, output=manifest.output, fault_hook=fault)]
+    manifest = load_manifest(uri)
+    the_plan = nst.pipeline.plan(manifest, RunOptions())
+    batches = nst.pipeline.make_batches(the_plan.to_run, max_pairs=8, output=manifest.output, run_id="test")
+    stylizer = nst.engine.Stylizer()
+    records = [r for b in batches for r in nst.pipeline.run_batch(b, stylizer=stylizer, fault_hook=fault)]
     assert len(batches) == 1 and len(records) == 4
     assert {r.status for r in records} == {"succeeded"}
     assert sizes == [4, 2, 1, 1, 2, 1, 1]

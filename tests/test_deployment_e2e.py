@@ -8,9 +8,12 @@ import re
 from typing import Any
 
 import pytest
+import yaml
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import AwaitingRetry
 
+from nst.params import StyleParams
+from nst.run_options import RunOptions
 from tests.conftest import REPO, SAMPLES
 from tests.fixtures.prefect import PrefectServer, WorkerFactory, wait_for_flow_run
 from tests.fixtures.s3 import S3Server
@@ -39,8 +42,10 @@ pairs:
 
 
 def deploy(server: PrefectServer) -> None:
-    """Create the work pool and deploy every deployment of prefect.yaml, from the repository root."""
-    server.cli("work-pool", "create", "gpu-pool", "--type", "process", "--overwrite")
+    """Create the work pools and deploy every deployment of prefect.yaml, from the repository root."""
+    pools = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["work_pools"]
+    for pool in pools.values():  # gpu-pool, and any other pool prefect.yaml names
+        server.cli("work-pool", "create", pool["name"], "--type", "process", "--overwrite")
     out = server.cli("--no-prompt", "deploy", "--all", cwd=REPO).stdout
     assert "stylize-manifest/on-demand" in out and "stylize-manifest/nightly" in out, out
 
@@ -126,6 +131,21 @@ def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
     batches = sorted((t.name, t.state.name) for t in task_runs(prefect_server, second))  # type: ignore[union-attr]
     assert batches == [("batch-1of1", "Completed"), ("batch-1of1", "Failed")], batches
 
+    # 4. Engine parameters and run options from the command line, as JSON: the overrides rank above the manifest's
+    #    defaults (size 32, iterations 2) and below its pairs' own values; a changed parameter is new work.
+    fourth = run_deployment_cli(
+        prefect_server,
+        f"manifest={manifest_uri}",
+        'overrides={"iterations": 3, "style_weight": 7}',
+        'options={"pair_ids": ["cat"]}',
+    )
+    run = wait_for_flow_run(prefect_server, fourth, worker=worker)
+    assert run.state.is_completed(), run.state.message
+    cat = get_json("out/cat.json")
+    assert cat["run_id"] == fourth and cat["iterations"] == 3
+    assert (cat["params"]["iterations"], cat["params"]["style_weight"], cat["params"]["size"]) == (3, 7, 32)
+    assert get_json("out/coffee.json")["run_id"] == first  # not in pair_ids: untouched
+
 
 def test_prefect_yaml_deploys_without_network(prefect_server: PrefectServer) -> None:
     """Both deployments, their pool and entrypoint, from `prefect deploy --all` (no push steps, local pull)."""
@@ -136,15 +156,14 @@ def test_prefect_yaml_deploys_without_network(prefect_server: PrefectServer) -> 
             assert dep.entrypoint == "flows/stylize.py:stylize_manifest"
             assert dep.work_pool_name == "gpu-pool"
             schema = dep.parameter_openapi_schema
-            assert {
-                "manifest",
-                "pair_ids",
-                "force",
-                "dry_run",
-                "max_failures",
-                "batch_timeout_s",
-                "max_batch_pairs",
-                "cpu_slots",
-            } <= set(schema["properties"])
+            assert set(schema["properties"]) == {"manifest", "overrides", "options"}
             assert schema["required"] == ["manifest"]
             assert "manifest URI" in schema["properties"]["manifest"]["description"]
+            # The form's sub-forms: every run option and every engine parameter, with its description.
+            definitions = schema["definitions"]
+            options = definitions["RunOptions"]["properties"]
+            assert set(RunOptions.model_fields) == set(options)
+            assert options["max_batch_pairs"]["default"] == 8 and options["force"]["description"]
+            engine = definitions["ParamOverrides"]["properties"]
+            assert set(StyleParams.model_fields) == set(engine)
+            assert engine["style_weight"]["description"] == StyleParams.model_fields["style_weight"].description

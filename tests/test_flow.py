@@ -1,6 +1,6 @@
 """The `stylize-manifest` flow on a real (in-process) Prefect API with the real engine: tiny images, 2 iterations.
 
-Engine calls are counted by wrapping `nst.batch.run_batch` (it still runs); faults the real parts cannot produce on
+Engine calls are counted by wrapping `nst.pipeline.run_batch` (it still runs); faults the real parts cannot produce on
 demand (out of memory on CPU, a hung batch, a storage blip) come through run_batch's `fault_hook` or the wrapper.
 """
 
@@ -22,9 +22,11 @@ from prefect.flow_engine import run_flow
 from prefect.states import AwaitingRetry, State
 
 import flows.stylize as flow_module
-import nst.batch
+import nst.pipeline
 from flows.stylize import stylize_manifest
 from nst.errors import OutOfMemory, StorageError
+from nst.pipeline import Batch
+from nst.run_options import RunOptions
 from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -38,7 +40,7 @@ IHC = SAMPLES / "styles" / "ihc.jpg"
 
 
 class EngineCalls:
-    """Wraps nst.batch.run_batch: records the pair ids of every call, optionally injects a fault hook or error."""
+    """Wraps nst.pipeline.run_batch: records the pair ids of every call, optionally injects a fault hook or error."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
@@ -54,17 +56,17 @@ class EngineCalls:
 def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[EngineCalls]:
     """Count engine calls; tests may set `fault_hook` (passed to the real run_batch) or `raise_first`."""
     rec = EngineCalls()
-    real = nst.batch.run_batch
+    real = nst.pipeline.run_batch
 
-    def run_batch(batch: Sequence[Any], **kwargs: Any) -> Any:
-        rec.calls.append([p.id for p in batch])
+    def run_batch(batch: Batch, **kwargs: Any) -> Any:
+        rec.calls.append([p.id for p in batch.pairs])
         if rec.raise_first:
             raise rec.raise_first.pop(0)
         if rec.fault_hook is not None:
             kwargs["fault_hook"] = rec.fault_hook
         return real(batch, **kwargs)
 
-    monkeypatch.setattr(nst.batch, "run_batch", run_batch)
+    monkeypatch.setattr(nst.pipeline, "run_batch", run_batch)
     yield rec
 
 
@@ -237,7 +239,7 @@ def test_retry_with_force_reuses_persisted_results_of_completed_batches(tmp_path
         {"id": "c", "content": broken, "style": IHC},
     ]
     manifest = write_manifest(tmp_path, pairs)
-    first = run_as_deployment({"manifest": str(manifest), "force": True})
+    first = run_as_deployment({"manifest": str(manifest), "options": {"force": True}})
     assert first.is_failed()
     assert sorted(engine.calls) == [["a", "b"], ["c"]]
     run_id = flow_run_id(first)
@@ -257,7 +259,7 @@ def test_pair_ids_and_force(tmp_path: Path, engine: EngineCalls) -> None:
     pairs = [{"id": "a", "content": CHELSEA, "style": BRICK}, {"id": "b", "content": ASTRONAUT, "style": IHC}]
     manifest = str(write_manifest(tmp_path, pairs))
 
-    assert stylize_manifest(manifest, pair_ids=["a"], return_state=True).is_completed()
+    assert stylize_manifest(manifest, options=RunOptions(pair_ids=["a"]), return_state=True).is_completed()
     assert engine.calls == [["a"]] and not (tmp_path / "out" / "b.json").exists()
     first_finish = record(tmp_path, "a")["finished_at"]
 
@@ -268,11 +270,11 @@ def test_pair_ids_and_force(tmp_path: Path, engine: EngineCalls) -> None:
 
     engine.calls.clear()
     time.sleep(1.1)  # finished_at has one-second resolution
-    assert stylize_manifest(manifest, pair_ids=["a"], force=True, return_state=True).is_completed()
+    assert stylize_manifest(manifest, options=RunOptions(pair_ids=["a"], force=True), return_state=True).is_completed()
     assert engine.calls == [["a"]] and record(tmp_path, "a")["finished_at"] != first_finish
 
     engine.calls.clear()
-    unknown = stylize_manifest(manifest, pair_ids=["a", "nope"], return_state=True)
+    unknown = stylize_manifest(manifest, options=RunOptions(pair_ids=["a", "nope"]), return_state=True)
     assert unknown.is_failed() and "pair_ids not in the manifest: nope" in (unknown.message or "")
     assert engine.calls == []
 
@@ -287,7 +289,9 @@ def test_out_of_memory_splits_the_batch(tmp_path: Path, engine: EngineCalls) -> 
 
     engine.fault_hook = oom_above_one
     pairs = [{"id": f"p{i}", "content": CHELSEA, "style": s} for i, s in enumerate((BRICK, HUBBLE, IHC))]
-    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), max_batch_pairs=4, return_state=True)
+    state = stylize_manifest(
+        str(write_manifest(tmp_path, pairs)), options=RunOptions(max_batch_pairs=4), return_state=True
+    )
     assert state.is_completed(), state.message
     assert engine.calls == [["p0", "p1", "p2"]]
     assert sizes == [3, 1, 2, 1, 1]
@@ -298,7 +302,7 @@ def test_dry_run_touches_nothing(tmp_path: Path, engine: EngineCalls) -> None:
     pairs = [{"id": "a", "content": CHELSEA, "style": BRICK}, {"id": "b", "content": ASTRONAUT, "style": IHC}]
     manifest = write_manifest(tmp_path, pairs, name="dry")
     before = sorted(p.name for p in tmp_path.iterdir())
-    state = stylize_manifest(str(manifest), dry_run=True, return_state=True)
+    state = stylize_manifest(str(manifest), options=RunOptions(dry_run=True), return_state=True)
     assert state.is_completed() and state.message == "dry run: 2 pairs would run, 0 would be skipped"
     assert state.result() == {"would_run": ["a", "b"], "would_skip": []}
     assert engine.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == before
@@ -309,7 +313,8 @@ def test_dry_run_touches_nothing(tmp_path: Path, engine: EngineCalls) -> None:
 def test_max_failures_stops_submitting_batches(tmp_path: Path, engine: EngineCalls) -> None:
     pairs = [{"id": f"bad{i}", "content": bad_image(tmp_path, f"bad{i}.jpg"), "style": IHC} for i in range(3)]
     pairs += [{"id": "good", "content": CHELSEA, "style": BRICK}]
-    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), max_failures=1, cpu_slots=1, return_state=True)
+    options = RunOptions(max_failures=1, cpu_slots=1)
+    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=options, return_state=True)
     assert state.is_failed()
     # cpu_slots=1 -> 2 task threads: two batches were in flight when the first failure arrived; no more started.
     assert sorted(engine.calls) == [["bad0"], ["bad1"]]  # the two threads may start them in either order
@@ -331,7 +336,8 @@ def test_hung_batch_times_out_and_its_pairs_are_failed(tmp_path: Path, engine: E
     pairs = [{"id": "slow", "content": ASTRONAUT, "style": IHC}, {"id": "fine", "content": CHELSEA, "style": BRICK}]
     started = time.monotonic()
     # cpu_slots=2: both batches start at once; with a timeout no batch ever waits for a slot.
-    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), batch_timeout_s=10, cpu_slots=2, return_state=True)
+    options = RunOptions(batch_timeout_s=10, cpu_slots=2)
+    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=options, return_state=True)
     assert time.monotonic() - started < 45
     assert state.is_failed() and "slow" in (state.message or "")
     slow = record(tmp_path, "slow")
@@ -342,7 +348,7 @@ def test_hung_batch_times_out_and_its_pairs_are_failed(tmp_path: Path, engine: E
 def test_transient_storage_error_is_retried(
     tmp_path: Path, engine: EngineCalls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(flow_module, "stylize_batch", flow_module.stylize_batch.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(flow_module, "batch_task", flow_module.batch_task.with_options(retry_delay_seconds=0))
     engine.raise_first = [StorageError("s3://bucket/out/a.png: SlowDown (503), try again")]
     state = stylize_manifest(
         str(write_manifest(tmp_path, [{"id": "a", "content": CHELSEA, "style": BRICK}])), return_state=True
@@ -358,13 +364,14 @@ def test_shard_flow_splits_pending_pairs_across_deployment_runs(tmp_path: Path, 
     pairs = [{"id": f"cat{i}", "content": CHELSEA, "style": s} for i, s in enumerate((BRICK, HUBBLE, IHC))]
     pairs += [{"id": "astro", "content": ASTRONAUT, "style": IHC}]
     manifest = str(write_manifest(tmp_path, pairs))
-    assert stylize_manifest(manifest, pair_ids=["cat0"], return_state=True).is_completed()  # already done: skipped
+    done = stylize_manifest(manifest, options=RunOptions(pair_ids=["cat0"]), return_state=True)
+    assert done.is_completed()  # cat0 is done: the shards skip it
     engine.calls.clear()
 
     deploy_in_process()
-    state = shard_manifest(
-        manifest, shards=2, deployment="stylize-manifest/in-process", max_batch_pairs=2, wait=False, return_state=True
-    )
+    options = RunOptions(max_batch_pairs=2)
+    deployment = "stylize-manifest/in-process"
+    state = shard_manifest(manifest, shards=2, deployment=deployment, options=options, wait=False, return_state=True)
     assert state.is_completed()
     shards: list[dict[str, Any]] = state.result()["shards"]  # type: ignore[index]
     # pending batches: [cat1, cat2] and [astro]; whole batches go to the least-loaded shard
@@ -392,11 +399,11 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
     """cpu_slots=1: optimisations never overlap, but the next batch's images are read during the current one."""
     import threading
 
-    import nst.stylize
+    import nst.engine
 
     lock = threading.Lock()
     events: list[tuple[str, str, float]] = []  # (what, pairs, time)
-    real = nst.stylize.Stylizer.run_batch
+    real = nst.engine.Stylizer.run
 
     def optimise(self: Any, jobs: Sequence[Any], **kwargs: Any) -> Any:
         ids = ",".join(j.id for j in jobs)
@@ -412,10 +419,10 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
         with lock:
             events.append(("loaded", ",".join(j.id for j in jobs), time.monotonic()))
 
-    monkeypatch.setattr(nst.stylize.Stylizer, "run_batch", optimise)
+    monkeypatch.setattr(nst.engine.Stylizer, "run", optimise)
     engine.fault_hook = loaded
     pairs = [{"id": "wide", "content": CHELSEA, "style": BRICK}, {"id": "square", "content": ASTRONAUT, "style": IHC}]
-    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), cpu_slots=1, return_state=True)
+    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=RunOptions(cpu_slots=1), return_state=True)
     assert state.is_completed(), state.message
 
     spans = {ids: [t for what, i, t in events if i == ids and what in ("start", "end")] for ids in ("wide", "square")}
@@ -423,3 +430,21 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
     assert a_end <= b_start  # one optimisation at a time on the single slot
     second_loaded = next(t for what, i, t in events if what == "loaded" and i == second)
     assert second_loaded < a_end  # ... while the other batch's inputs were already read
+
+
+def test_overrides_rank_above_defaults_and_below_pair_values(tmp_path: Path, engine: EngineCalls) -> None:
+    pairs = [
+        {"id": "plain", "content": CHELSEA, "style": BRICK},
+        {"id": "own", "content": ASTRONAUT, "style": IHC, "iterations": 3, "style_weight": 9.0},
+    ]
+    manifest = write_manifest(tmp_path, pairs, style_weight=5.0)  # defaults: size 32, iterations 2, style_weight 5
+    state = stylize_manifest(str(manifest), overrides={"iterations": 4, "size": 24}, return_state=True)
+    assert state.is_completed(), state.message
+    plain, own = record(tmp_path, "plain"), record(tmp_path, "own")
+    assert (plain["params"]["iterations"], plain["params"]["size"], plain["params"]["style_weight"]) == (4, 24, 5.0)
+    assert (own["params"]["iterations"], own["params"]["size"], own["params"]["style_weight"]) == (3, 24, 9.0)
+    assert plain["iterations"] == 4 and own["iterations"] == 3
+
+    engine.calls.clear()
+    again = stylize_manifest(str(manifest), overrides={"iterations": 4, "size": 24}, return_state=True)
+    assert again.is_completed() and engine.calls == []  # same overrides: the pairs are done

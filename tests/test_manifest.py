@@ -265,15 +265,30 @@ def test_ids_are_derived_and_made_safe(tree: Path) -> None:
     assert ids[2] == "archive.tar__brick-hubble"
 
 
-def test_select_and_pair(tree: Path) -> None:
-    m = load_manifest(str(MANIFESTS / "demo.yaml"))
-    assert [p.id for p in m.select(["coffee__ihc-brick", "astronaut__hubble"])] == [
-        "astronaut__hubble",
-        "coffee__ihc-brick",
-    ]
-    assert m.pair("chelsea-brick").params.preserve_colors == "luminance"
-    with pytest.raises(ManifestError, match="'nope'"):
-        m.select(["nope"])
+def test_demo_pairs_resolve_their_parameters(tree: Path) -> None:
+    # Selecting pairs by id moved to the run path (nst.pipeline.plan, tested in test_batch.py).
+    pairs = {p.id: p for p in load_manifest(str(MANIFESTS / "demo.yaml")).pairs}
+    assert {"astronaut__hubble", "coffee__ihc-brick"} <= set(pairs)
+    assert pairs["chelsea-brick"].params.preserve_colors == "luminance"
+
+
+def test_overrides_rank_above_defaults_below_pairs(tree: Path) -> None:
+    path = write(
+        tree,
+        """
+        version: 1
+        output: out/
+        defaults: {size: 64, style_weight: 5}
+        pairs:
+          - {id: plain, content: images/content/chelsea.jpg, style: images/styles/brick.jpg}
+          - {id: own, content: images/content/chelsea.jpg, style: images/styles/brick.jpg, size: 48}
+        """,
+    )
+    pairs = {p.id: p.params for p in load_manifest(path, overrides={"size": 32, "iterations": 7}).pairs}
+    assert (pairs["plain"].size, pairs["plain"].iterations, pairs["plain"].style_weight) == (32, 7, 5)
+    assert (pairs["own"].size, pairs["own"].iterations) == (48, 7)
+    with pytest.raises(ManifestError, match=r"overrides\.size"):
+        load_manifest(path, overrides={"size": -1})
 
 
 def test_yaml_anchors_and_merge_keys_work(tree: Path) -> None:

@@ -51,3 +51,40 @@ def test_per_pair_weights_do_not_split_batches_but_graph_parameters_do() -> None
     assert resolve_params({"style_weight": 99, "seed": 3, "init": "noise"}).graph_key() == base.graph_key()
     assert resolve_params({"size": 64}).graph_key() != base.graph_key()
     assert resolve_params({"optimizer": "adam"}).graph_key() != base.graph_key()
+
+
+def test_adding_a_parameter_is_a_one_place_edit() -> None:
+    """A new field with its Role marker joins the batch key, the network key and the idempotency check by itself."""
+    from typing import Annotated
+
+    from pydantic import Field
+
+    from nst.params import Role
+
+    class Extended(StyleParams):
+        blur: Annotated[int, Role.GRAPH | Role.NETWORK] = Field(0, description="a new graph-changing parameter")
+        note: Annotated[str, Role.NOT_RESULT] = Field("", description="a parameter that cannot change the image")
+        tint: float = Field(0.0, description="a new result-only parameter")
+
+    base = Extended()
+    assert Extended(blur=1).graph_key() != base.graph_key()
+    assert Extended(blur=1).network_key() != base.network_key()
+    assert Extended(tint=0.5).graph_key() == base.graph_key() and Extended(note="x").graph_key() == base.graph_key()
+    assert "blur" in base.result_values() and "tint" in base.result_values() and "note" not in base.result_values()
+
+
+def test_roles_of_the_existing_parameters() -> None:
+    from nst.params import Role, fields_with
+
+    assert fields_with(StyleParams, Role.NOT_RESULT) == ("device", "save_every", "log_every", "max_input_pixels")
+    assert set(fields_with(StyleParams, Role.NETWORK)) == {
+        "network",
+        "content_layers",
+        "style_layers",
+        "pooling",
+        "post_relu",
+        "weights",
+        "device",
+    }
+    assert resolve_params({"tv_weight": 1.0}).graph_key() != resolve_params({"tv_weight": 0.0}).graph_key()
+    assert resolve_params({"tv_weight": 1.0}).graph_key() == resolve_params({"tv_weight": 2.0}).graph_key()

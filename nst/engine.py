@@ -1,8 +1,9 @@
-"""Pair-level engine: images and parameters in, stylized images and losses out; batches same-shape pairs."""
+"""The engine: decoded images and parameters in, stylized images and losses out; same-shape pairs run as one batch."""
 
 from __future__ import annotations
 
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from nst.errors import NSTError, OutOfMemory
 from nst.images import image_to_tensor, luminance_transfer, match_color, resize_long_side, tensor_to_image
 from nst.optimize import PairProblem, ProgressCallback, stylize_batch
 from nst.params import StyleParams
-from nst.vgg import VGGFeatures, WeightsInfo, canonical_layer, load_vgg
+from nst.results import Status
+from nst.vgg import VGGFeatures, WeightsInfo, canonical_layer, load_vgg, resolve_device
 
 ReadBytes = Callable[[str], bytes]
 
@@ -35,7 +37,7 @@ class PairResult:
     """What came of one pair; `image` is None when it failed."""
 
     id: str
-    status: str  # succeeded | failed
+    status: Status  # succeeded | failed
     params: StyleParams
     image: Image.Image | None
     final_losses: dict[str, float] | None
@@ -46,16 +48,6 @@ class PairResult:
     weights: WeightsInfo | None
     error: dict[str, Any] | None = None
     intermediates: list[tuple[int, Image.Image]] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` → cuda when available, else cpu; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise NSTError(f"device: unknown torch device {device!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
 def canonical_params(params: StyleParams) -> StyleParams:
@@ -90,35 +82,38 @@ def prepare_problem(job: PairJob) -> tuple[PairProblem, torch.Tensor]:
 
 
 class Stylizer:
-    """Keeps loss networks loaded between calls and runs pairs in same-shape batches."""
+    """Keeps loss networks loaded between calls (thread-safe) and runs pairs in same-shape batches."""
 
     def __init__(self, read_bytes: ReadBytes | None = None) -> None:
         self.read_bytes = read_bytes
         self._networks: dict[tuple[Any, ...], tuple[VGGFeatures, WeightsInfo]] = {}
+        self._lock = threading.Lock()
 
     def network(self, params: StyleParams, device: torch.device) -> tuple[VGGFeatures, WeightsInfo]:
-        """The loss network for these parameters, loaded once per process."""
+        """The loss network for these parameters, loaded once per Stylizer."""
         layers = tuple(dict.fromkeys([*params.content_layers, *params.style_layers]))
-        key = (params.network, params.weights, params.pooling, params.post_relu, layers, str(device))
-        if key not in self._networks:
-            self._networks[key] = load_vgg(
-                params.network,
-                params.weights,
-                layers=layers,
-                pooling=params.pooling,
-                post_relu=params.post_relu,
-                device=device,
-                read_bytes=self.read_bytes,
-            )
-        return self._networks[key]
+        key = (params.network_key(), str(device))
+        with self._lock:  # batches on several device slots share one Stylizer
+            if key not in self._networks:
+                self._networks[key] = load_vgg(
+                    params.network,
+                    params.weights,
+                    layers=layers,
+                    pooling=params.pooling,
+                    post_relu=params.post_relu,
+                    device=device,
+                    read_bytes=self.read_bytes,
+                )
+            return self._networks[key]
 
-    def run_batch(self, jobs: Sequence[PairJob], *, callback: ProgressCallback | None = None) -> list[PairResult]:
-        """Stylize jobs that share shape and graph parameters in one batch (one forward/backward per step)."""
+    def run(self, jobs: Sequence[PairJob], *, callback: ProgressCallback | None = None) -> list[PairResult]:
+        """Stylize jobs that share shape and graph parameters in one batch (one forward/backward per step).
+
+        Layer names must be canonical (`canonical_params`): the pipeline and `stylize` resolve them once.
+        """
         start = time.perf_counter()
-        params = [canonical_params(j.params) for j in jobs]
-        jobs = [PairJob(j.id, j.content, j.styles, p) for j, p in zip(jobs, params, strict=True)]
-        device = resolve_device(params[0].device)
-        extractor, weights = self.network(params[0], device)
+        device = resolve_device(jobs[0].params.device)
+        extractor, weights = self.network(jobs[0].params, device)
         prepared = [prepare_problem(j) for j in jobs]
         problems = [p for p, _ in prepared]
         intermediates: list[list[tuple[int, Image.Image]]] = [[] for _ in jobs]
@@ -146,7 +141,7 @@ class Stylizer:
             results.append(
                 PairResult(
                     id=job.id,
-                    status=outcome.status,
+                    status="succeeded" if outcome.status == "succeeded" else "failed",
                     params=job.params,
                     image=image,
                     final_losses=outcome.final_losses,
@@ -171,11 +166,6 @@ def output_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * size / height)), size
 
 
-def batch_key(job: PairJob) -> tuple[Any, ...]:
-    """Jobs with equal keys can share a batch: same output shape and the same graph parameters."""
-    return (output_size(*job.content.size, job.params.size), job.params.graph_key())
-
-
 def stylize(
     content: Image.Image,
     styles: Sequence[Image.Image],
@@ -185,5 +175,5 @@ def stylize(
     stylizer: Stylizer | None = None,
 ) -> PairResult:
     """Stylize one pair (the library's simplest entry point)."""
-    job = PairJob("pair", content, list(styles), params)
-    return (stylizer or Stylizer()).run_batch([job], callback=callback)[0]
+    job = PairJob("pair", content, list(styles), canonical_params(params))
+    return (stylizer or Stylizer()).run([job], callback=callback)[0]
