@@ -6,12 +6,9 @@ neural artistic style transfer": luminance-only transfer (YIQ) and linear colour
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from nst.errors import ImageError, OutputError
+from nst.errors import ImageError
 
 # NTSC RGB -> YIQ (FCC 1987 coefficients); its exact inverse is computed in float64 below.
 _RGB_TO_YIQ = torch.tensor(
@@ -168,32 +165,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
-
-
-def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
-    """Write `img` to `path` atomically (temp file in its directory + os.replace); format from the suffix, else PNG."""
-    target = Path(path)
-    fmt = _FORMATS.get(target.suffix.lower(), "PNG")
-    tmp: str | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format=fmt)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise OutputError(f"cannot write image {target}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return target
-
-
 # ---------------------------------------------------------------------------------------------------- colour
 
 
@@ -274,7 +245,6 @@ __all__ = [
     "match_color",
     "resize_long_side",
     "rgb_to_yiq",
-    "save_image_atomic",
     "sha256_bytes",
     "tensor_to_image",
     "yiq_to_rgb",

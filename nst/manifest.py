@@ -13,8 +13,6 @@ import json
 import os
 import posixpath
 import re
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -572,8 +570,7 @@ def _same_uri(uri: str) -> str:
     """Comparable form of a URI (local paths normalised)."""
     if storage.is_s3(uri):
         return uri
-    path = urllib.request.url2pathname(urllib.parse.urlparse(uri).path) if uri.startswith("file:") else uri
-    return os.path.normpath(os.path.abspath(path))
+    return os.path.normpath(os.path.abspath(storage.local_path(uri)))
 
 
 def _resolve_output(raw: str, base_dir: str) -> tuple[str | None, str | None]:

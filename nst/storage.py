@@ -33,12 +33,11 @@ from nst.errors import StorageError
 __all__ = [
     "ObjectInfo",
     "StorageError",
-    "delete",
-    "exists",
     "glob",
     "is_s3",
     "join",
     "list_prefix",
+    "local_path",
     "parent",
     "presigned_url",
     "read_bytes",
@@ -96,7 +95,7 @@ def _s3_uri(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
-def _local_path(uri: str) -> str:
+def local_path(uri: str) -> str:
     """The filesystem path of a plain path or `file://` URI; any other scheme is a StorageError."""
     scheme = _scheme(uri)
     if not scheme:
@@ -140,7 +139,7 @@ def join(base_dir_uri: str, relative: str) -> str:
         if keep_slash and key:
             key += "/"
         return _s3_uri(bucket, key)
-    base = _local_path(base_dir_uri)
+    base = local_path(base_dir_uri)
     path = os.path.normpath(os.path.join(base, relative))
     if _is_file_uri(base_dir_uri):
         return _file_uri(path, trailing_slash=keep_slash)
@@ -153,7 +152,7 @@ def parent(uri: str) -> str:
         bucket, key = _split_s3(uri)
         head = key.rstrip("/").rpartition("/")[0]
         return _s3_uri(bucket, head + "/" if head else "")
-    path = _local_path(uri)
+    path = local_path(uri)
     stripped = path.rstrip(os.sep) or os.sep
     directory = os.path.dirname(stripped) or "."
     return _file_uri(directory) if _is_file_uri(uri) else directory
@@ -376,7 +375,7 @@ def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
             finally:
                 body.close()
     else:
-        path = _local_path(uri)
+        path = local_path(uri)
         try:
             with open(path, "rb") as fh:
                 if max_bytes is None:
@@ -413,7 +412,7 @@ def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> No
                     Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD),
                 )
         return
-    path = _local_path(uri)
+    path = local_path(uri)
     directory = os.path.dirname(path) or "."
     tmp: str | None = None
     try:
@@ -438,25 +437,6 @@ def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> No
                 os.unlink(tmp)
 
 
-def exists(uri: str) -> bool:
-    """Whether the file/directory (local) or object (S3) exists."""
-    if is_s3(uri):
-        import botocore.exceptions
-
-        bucket, key = _split_s3(uri)
-        if not key:
-            raise StorageError(f"{uri}: names a bucket, not an object")
-        with _s3_errors(uri, "check"):
-            try:
-                _s3_client().head_object(Bucket=bucket, Key=key)
-            except botocore.exceptions.ClientError as exc:
-                if str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND_CODES | {"NoSuchBucket"}:
-                    return False
-                raise
-        return True
-    return os.path.exists(_local_path(uri))
-
-
 def stat(uri: str) -> ObjectInfo:
     """Size and ETag (S3) or modification time (local) of one file or object."""
     if is_s3(uri):
@@ -472,7 +452,7 @@ def stat(uri: str) -> ObjectInfo:
                     raise _head_not_found(client, uri, bucket) from None
                 raise
         return ObjectInfo(uri=uri, size=int(head["ContentLength"]), etag_or_mtime=str(head["ETag"]).strip('"'))
-    path = _local_path(uri)
+    path = local_path(uri)
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -527,7 +507,7 @@ def list_prefix(prefix_uri: str) -> list[ObjectInfo]:
             for o in _s3_objects(prefix_uri, bucket, prefix)
         ]
         return sorted(infos, key=lambda i: i.uri)
-    root = _local_path(prefix_uri)
+    root = local_path(prefix_uri)
     if not os.path.isdir(root):
         return []
     as_uri = _is_file_uri(prefix_uri)
@@ -585,7 +565,7 @@ def glob(pattern_uri: str) -> list[str]:
             for o in _s3_objects(pattern_uri, bucket, listing_prefix)
             if _match(pat, o["Key"].split("/"))
         )
-    literal, wild = _split_pattern(_local_path(pattern_uri).replace(os.sep, "/"))
+    literal, wild = _split_pattern(local_path(pattern_uri).replace(os.sep, "/"))
     head = "/".join(literal)  # "" for a relative pattern starting with a wildcard or for the root "/"
     root = (head or "/") if literal else os.curdir
     if not os.path.isdir(root):
@@ -602,13 +582,13 @@ def glob(pattern_uri: str) -> list[str]:
     return sorted(out)
 
 
-# ------------------------------------------------------------------------------------------------- URLs, deletion
+# ----------------------------------------------------------------------------------------------------------- URLs
 
 
 def presigned_url(uri: str, expires_s: int = MAX_PRESIGN_S) -> str:
     """A URL to fetch `uri` without credentials: a presigned S3 GET, or a `file://` URI for local files."""
     if not is_s3(uri):
-        return _file_uri(_local_path(uri))
+        return _file_uri(local_path(uri))
     if not 0 < expires_s <= MAX_PRESIGN_S:
         raise StorageError(f"{uri}: presigned URL lifetime must be 1..{MAX_PRESIGN_S} s, not {expires_s}")
     bucket, key = _require_key(uri)
@@ -617,18 +597,3 @@ def presigned_url(uri: str, expires_s: int = MAX_PRESIGN_S) -> str:
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s
         )
     return url
-
-
-def delete(uri: str) -> None:
-    """Remove a file or object; one that is already gone is not an error."""
-    if is_s3(uri):
-        bucket, key = _require_key(uri)
-        with _s3_errors(uri, "delete"):
-            _s3_client().delete_object(Bucket=bucket, Key=key)
-        return
-    try:
-        os.remove(_local_path(uri))
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _os_error(exc, uri, "delete") from None

@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlparse
 
 import torch
 from torch import Tensor, nn
 
-from nst.errors import ParamsError, WeightsError
+from nst import storage
+from nst.errors import ParamsError, StorageError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,10 @@ def read_local_bytes(uri: str) -> bytes:
 
 def _local_path(uri: str) -> Path | None:
     """The local path a weights string names, or None for remote URIs (s3:// ...)."""
-    if uri.startswith("file:"):
-        parsed = urlparse(uri)
-        return Path(unquote(parsed.path)).expanduser().resolve()
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", uri):
+    try:
+        return Path(storage.local_path(uri)).expanduser().resolve()
+    except StorageError:
         return None
-    return Path(uri).expanduser().resolve()
 
 
 def torchvision_cache_path(network: str) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from nst.errors import ImageError, OutputError
+from nst.errors import ImageError
 from nst.images import (
     _to_rgb,
     encode_png,
@@ -25,7 +24,6 @@ from nst.images import (
     match_color,
     resize_long_side,
     rgb_to_yiq,
-    save_image_atomic,
     sha256_bytes,
     tensor_to_image,
 )
@@ -261,49 +259,6 @@ def test_encode_png_and_sha256() -> None:
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(img))
     assert sha256_bytes(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert sha256_bytes(data) == hashlib.sha256(data).hexdigest()
-
-
-def test_save_image_atomic(tmp_path: Path) -> None:
-    img = Image.fromarray(skdata.astronaut()).resize((32, 32))
-    target = tmp_path / "out" / "pair.png"
-    assert save_image_atomic(img, target) == target
-    assert np.array_equal(np.asarray(Image.open(target)), np.asarray(img))
-    save_image_atomic(Image.new("RGB", (8, 8), (1, 2, 3)), target)  # overwrite in place
-    assert Image.open(target).size == (8, 8)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["pair.png"]
-
-
-def test_save_into_unwritable_location_is_output_error(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("a file where a directory should be")
-    target = blocker / "pair.png"
-    with pytest.raises(OutputError) as err:
-        save_image_atomic(Image.new("RGB", (4, 4)), target)
-    assert str(target) in str(err.value) and "\n" not in str(err.value)
-
-
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
-def test_save_into_read_only_directory(tmp_path: Path) -> None:
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        with pytest.raises(OutputError, match=r"ro/pair\.png"):
-            save_image_atomic(Image.new("RGB", (4, 4)), ro / "pair.png")
-        assert list(ro.iterdir()) == []
-    finally:
-        ro.chmod(0o700)
-
-
-def test_failed_rename_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A rename refused by the file system (e.g. EACCES on a shared volume) cannot be produced as root: simulate it.
-    def refuse(src: str, dst: str) -> None:
-        raise PermissionError(13, "Permission denied", dst)
-
-    monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OutputError, match="Permission denied"):
-        save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "pair.png")
-    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ colour
