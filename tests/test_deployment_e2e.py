@@ -8,14 +8,13 @@ import re
 from typing import Any
 
 import pytest
-import yaml
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import AwaitingRetry
 
 from nst.params import StyleParams
 from nst.run_options import RunOptions
 from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, wait_for_flow_run
+from tests.fixtures.prefect import PrefectServer, WorkerFactory, deploy_all, wait_for_flow_run
 from tests.fixtures.s3 import S3Server
 
 pytestmark = pytest.mark.slow
@@ -43,10 +42,7 @@ pairs:
 
 def deploy(server: PrefectServer) -> None:
     """Create the work pools and deploy every deployment of prefect.yaml, from the repository root."""
-    pools = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["work_pools"]
-    for pool in pools.values():  # gpu-pool, and any other pool prefect.yaml names
-        server.cli("work-pool", "create", pool["name"], "--type", "process", "--overwrite")
-    out = server.cli("--no-prompt", "deploy", "--all", cwd=REPO).stdout
+    out = deploy_all(server, REPO)
     assert "stylize-manifest/on-demand" in out and "stylize-manifest/nightly" in out, out
 
 

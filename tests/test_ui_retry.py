@@ -1,8 +1,9 @@
-"""The Prefect UI's Retry button on a failed `stylize-manifest` run re-runs only the failed pair (Playwright).
+"""The Prefect UI as a user drives it (Playwright): Retry re-runs only the failed pair; the Custom run form shows
+every engine parameter and run option with its description, and a value typed there reaches the pairs' records.
 
 Chromium comes from Debian (`apt-get install -y chromium`); Playwright's own browser downloads are not used.
-Screenshot of the flow run page after the retry: docs/ui-retry.png when NST_UPDATE_DOCS=1 (to refresh the picture in
-the docs), else a temporary file, so that test runs leave the working tree clean.
+Screenshots (docs/ui-retry.png, docs/ui-run-form.png) are written into docs/ when NST_UPDATE_DOCS=1 (to refresh the
+pictures in the docs), else to temporary files, so that test runs leave the working tree clean.
 """
 
 import io
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, wait_for_flow_run
+from tests.fixtures.prefect import PrefectServer, WorkerFactory, deploy_all, wait_for_flow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -30,6 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 DOCS_SCREENSHOT = REPO / "docs" / "ui-retry.png"
+DOCS_FORM_SCREENSHOT = REPO / "docs" / "ui-run-form.png"
 
 
 def save_small_png(png: bytes, path: Path, width: int = 1000) -> None:
@@ -62,8 +64,7 @@ def test_ui_retry_button_reruns_only_the_failed_pair(
     def record(pair: str) -> dict[str, Any]:
         return json.loads((tmp_path / "out" / f"{pair}.json").read_text())
 
-    prefect_server.cli("work-pool", "create", "gpu-pool", "--type", "process", "--overwrite")
-    prefect_server.cli("--no-prompt", "deploy", "--all", cwd=REPO)
+    deploy_all(prefect_server, REPO)
     worker = process_worker("gpu-pool")
     out = prefect_server.cli("deployment", "run", "stylize-manifest/on-demand", "-p", f"manifest={manifest}").stdout
     flow_run_id = out.split("UUID: ", 1)[1].split()[0]
@@ -103,3 +104,34 @@ def test_ui_retry_button_reruns_only_the_failed_pair(
         "portrait": "succeeded",
     }
     assert 10_000 < screenshot.stat().st_size < 300_000
+
+
+def test_custom_run_form_shows_engine_parameters_and_run_options(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium not found at /usr/bin/chromium: run `apt-get update && apt-get install -y chromium`")
+    from playwright.sync_api import expect, sync_playwright
+
+    from nst.params import StyleParams
+    from nst.run_options import RunOptions
+
+    screenshot = DOCS_FORM_SCREENSHOT if os.environ.get("NST_UPDATE_DOCS") == "1" else tmp_path / "ui-run-form.png"
+    deploy_all(prefect_server, REPO)
+    with prefect_server.client() as client:
+        deployment = client.read_deployment_by_name("stylize-manifest/on-demand")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"{prefect_server.ui_url}/deployments/deployment/{deployment.id}/run")
+            for description in (
+                StyleParams.model_fields["style_weight"].description,
+                StyleParams.model_fields["size"].description,
+                RunOptions.model_fields["max_batch_pairs"].description,
+                RunOptions.model_fields["force"].description,
+            ):
+                expect(page.get_by_text(str(description), exact=False).first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1000)
+            save_small_png(page.screenshot(full_page=False), screenshot)
+        finally:
+            browser.close()
+    assert 10_000 < screenshot.stat().st_size < 400_000
