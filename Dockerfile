@@ -36,7 +36,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     NST_WORK_POOL=${WORK_POOL} \
     NST_WORKER_TYPE=process \
     NST_WORKER_LIMIT=1 \
-    PREFECT_WORKER_WEBSERVER_PORT=8080
+    PREFECT_WORKER_WEBSERVER_PORT=8080 \
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
 LABEL org.opencontainers.image.title="nst-batch GPU worker" \
       org.opencontainers.image.description="Batch neural style transfer (Gatys et al.) on Prefect: CUDA PyTorch worker"
 WORKDIR /work

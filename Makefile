@@ -48,8 +48,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: install
-	$(BIN)/ruff check nst flows tests bench
-	$(BIN)/ruff format --check nst flows tests bench
+	$(BIN)/ruff check nst flows tests bench deploy
+	$(BIN)/ruff format --check nst flows tests bench deploy
 
 typecheck: install
 	$(BIN)/mypy
