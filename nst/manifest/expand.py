@@ -1,0 +1,343 @@
+"""Pairs and grid expanded into `PairSpec`s: ids, input paths, parameters resolved once per entry, every problem."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from nst import storage
+from nst.errors import Loc, ParamsError, StorageError
+from nst.manifest.inputs import InputRef, storage_reason
+from nst.manifest.model import (
+    GRID_KEYS,
+    PAIR_KEYS,
+    TOP_KEYS,
+    GridEntry,
+    GridFields,
+    ModelT,
+    PairEntry,
+    PairFields,
+    PairSpec,
+    ParamOverrides,
+)
+from nst.manifest.source import Problems, fmt_loc, has_node, line_of
+from nst.params import StyleParams, resolve_params
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def pydantic_problems(problems: Problems, exc: ValidationError, prefix: Loc = ()) -> None:
+    """One problem per pydantic error, in nst.params.format_validation_error's style, with YAML lines."""
+    for err in exc.errors():
+        loc: Loc = prefix + tuple(err.get("loc", ()))
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid"))
+        for noise in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(noise)
+        last = loc[-1] if loc else ""
+        if kind == "extra_forbidden":
+            msg = _unknown_key_message(loc)
+        elif kind == "missing":
+            msg = "missing: add `version: 1` at the top" if loc == ("version",) else "missing (required)"
+        elif kind == "string_pattern_mismatch" and last == "id":
+            msg = f"{err.get('input')!r} is not a valid id: use 1-128 characters from A-Z a-z 0-9 . _ -"
+        elif kind in ("model_type", "dict_type", "model_attributes_type"):
+            msg = f"must be a mapping, got {_yaml_type(err.get('input'))}"
+        elif kind == "list_type":
+            msg = f"must be a list, got {_yaml_type(err.get('input'))}"
+        problems.add(loc, msg)
+
+
+def _unknown_key_message(loc: Loc) -> str:
+    key = str(loc[-1]) if loc else ""
+    if len(loc) == 1:
+        choices: Sequence[str] = TOP_KEYS
+        label = "unknown key"
+    else:
+        section = loc[0]
+        base = PAIR_KEYS if section == "pairs" else GRID_KEYS if section == "grid" else ()
+        choices = (*base, *StyleParams.model_fields)
+        label = "unknown parameter"
+    close = difflib.get_close_matches(key, choices, n=1)
+    if close:
+        return f"{label} (did you mean {close[0]!r}?)"
+    return f"{label} (expected {', '.join(choices)})" if len(loc) == 1 else label
+
+
+def _yaml_type(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _params_problems(problems: Problems, exc: ParamsError, where: Loc, lookups: Sequence[Loc]) -> None:
+    """resolve_params' problems under `where`, each with the line where its field was set (first of `lookups`)."""
+    for field_loc, text in exc.problems:
+        message = text.removeprefix("Value error, ")
+        top = field_loc[0] if field_loc else ""
+        named = message.split(" ", 1)[0]
+        if not top and named in StyleParams.model_fields:  # a cross-field error naming its field first
+            top = named
+        line = None
+        if problems.root is not None:
+            for base in lookups:
+                candidate = (*base, top) if top else base
+                if top and has_node(problems.root, candidate):
+                    line = line_of(problems.root, candidate)
+                    break
+            if line is None and lookups:
+                line = line_of(problems.root, lookups[0])
+        problems.add((*where, *field_loc), message, line=line)
+
+
+def _is_glob(path: str) -> bool:
+    return bool(_GLOB_CHARS.search(path))
+
+
+def _glob_base(pattern: str) -> str:
+    """The literal directory part of a glob pattern, up to the last '/' before the first wildcard."""
+    match = _GLOB_CHARS.search(pattern)
+    head = pattern[: match.start()] if match else pattern
+    return head[: head.rfind("/") + 1]
+
+
+def file_stem(uri: str, base: str = "") -> str:
+    """File name without its last extension; below a glob's base directory, sub-directories are kept, joined by '.'."""
+    rel = uri[len(base) :] if base and uri.startswith(base) else posixpath.basename(uri.rstrip("/"))
+    rel = rel.strip("/")
+    head, _, name = rel.rpartition("/")
+    name = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    return f"{head.replace('/', '.')}.{name}" if head else name
+
+
+def _make_id(content_stem: str, style_stems: Sequence[str]) -> str:
+    """`<content-stem>__<style-stem>` (several styles joined by '-'), made safe for file names and at most 128 long."""
+    raw = f"{content_stem}__{'-'.join(style_stems)}"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+    if len(safe) > 128:
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        safe = f"{safe[:119]}-{digest}"
+    return safe
+
+
+def resolve_output(raw: str, base_dir: str) -> tuple[str | None, str | None]:
+    """(output URI, None) or (None, reason). Relative output stays under the manifest's directory; s3:// is allowed."""
+    if "\x00" in raw or "\\" in raw:
+        return None, "must not contain backslashes or NUL characters"
+    if raw.startswith("file:"):
+        return None, "file:// URIs are not accepted; use a path relative to the manifest or an s3:// prefix"
+    if storage.is_s3(raw):
+        rest = raw[len("s3://") :]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            return None, f"{raw!r} names no bucket"
+        if any(part in ("..", ".") for part in key.split("/")):
+            return None, f"{raw!r}: '.' and '..' components are not allowed"
+        return raw.rstrip("/") if key.strip("/") else f"s3://{bucket}", None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", raw):
+        return None, f"{raw!r}: unsupported scheme (use a relative path or s3://)"
+    if raw.startswith(("/", "~")) or os.path.isabs(raw):
+        return None, f"{raw!r}: absolute local paths are not allowed; use a path relative to the manifest or s3://"
+    if ".." in raw.split("/"):
+        return None, f"{raw!r}: '..' is not allowed (outputs must stay under the manifest's directory)"
+    joined = storage.join(base_dir, raw)
+    return (joined.rstrip("/") or joined), None
+
+
+def _valid_part(model: type[ModelT], raw: dict[str, Any], *, whole: bool = False) -> ModelT | None:
+    """`raw` validated; unless `whole`, keys with errors are dropped (already reported) and the rest kept."""
+    data = dict(raw)
+    for _ in range(3):
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            if whole:
+                return None
+            bad = {err["loc"][0] for err in exc.errors() if err.get("loc")}
+            if not bad & data.keys():
+                return None
+            data = {k: v for k, v in data.items() if k not in bad}
+    return None
+
+
+class PairBuilder:
+    """Expands pairs and grid into PairSpecs, collecting problems."""
+
+    def __init__(self, problems: Problems, base_dir: str, data: dict[str, Any], overrides: dict[str, Any]) -> None:
+        self.problems = problems
+        self.overrides = overrides
+        self.base_dir = base_dir
+        self.data = data
+        self.specs: list[PairSpec] = []
+        self.ids: list[tuple[str, Loc, str]] = []  # (id, where to report a duplicate, description)
+        self.inputs: list[InputRef] = []
+        self.defaults_raw: dict[str, Any] = data["defaults"] if isinstance(data.get("defaults"), dict) else {}
+        self.defaults: dict[str, Any] = {}
+        self.defaults_ok = False
+
+    def build(self) -> None:
+        """Resolve `defaults:`, then every pair and the grid; invalid parts are skipped (already reported)."""
+        model = _valid_part(ParamOverrides, self.defaults_raw)
+        if model is not None:
+            self.defaults = {**self._explicit(model, (), ("defaults",)), **self.overrides}
+            try:
+                resolve_params(self.defaults, context="defaults")
+                self.defaults_ok = True
+            except ParamsError as exc:
+                _params_problems(self.problems, exc, ("defaults",), [("defaults",)])
+        pairs = self.data.get("pairs")
+        if isinstance(pairs, list):
+            for index, raw in enumerate(pairs):
+                if isinstance(raw, dict):
+                    self._pair(index, raw)
+        if isinstance(self.data.get("grid"), dict):
+            self._grid(self.data["grid"])
+
+    def _explicit(self, model: BaseModel, own: Iterable[str], loc: Loc) -> dict[str, Any]:
+        """Parameters the manifest set in this model, with a relative `weights` path resolved like other paths."""
+        values = model.model_dump(exclude_unset=True, exclude=set(own))
+        if isinstance(values.get("weights"), str) and values["weights"]:
+            values["weights"] = self._resolve(values["weights"], (*loc, "weights")) or values["weights"]
+        return values
+
+    def _resolve(self, path: str, loc: Loc) -> str | None:
+        """An input path resolved against the manifest's directory/prefix; None (problem recorded) if impossible."""
+        try:
+            uri = storage.join(self.base_dir, path)
+            storage.parent(uri)  # rejects schemes other than file:// and s3://
+        except StorageError as exc:
+            self.problems.add(loc, str(exc))
+            return None
+        return uri
+
+    def _params(self, overrides: dict[str, Any], loc: Loc, n_styles: int) -> StyleParams | None:
+        """preset + defaults + overrides, validated; None (problems recorded) if they do not resolve."""
+        if not self.defaults_ok and not overrides:
+            return None  # the defaults' problem is reported once, under defaults
+        context = fmt_loc(loc)
+        try:
+            params = resolve_params(self.defaults, overrides, context=context)
+        except ParamsError as exc:
+            _params_problems(self.problems, exc, loc, [loc, ("defaults",)])
+            return None
+        if params.style_blend is not None and len(params.style_blend) != n_styles:
+            where = loc if "style_blend" in overrides else ("defaults",)
+            line = line_of(self.problems.root, (*where, "style_blend")) if self.problems.root else None
+            plural = "style" if n_styles == 1 else "styles"
+            self.problems.add(
+                (*loc, "style_blend"),
+                f"has {len(params.style_blend)} values for {n_styles} {plural}"
+                + ("" if where == loc else " (set in defaults)"),
+                line=line,
+            )
+            return None
+        return params
+
+    def _pair(self, index: int, raw: dict[str, Any]) -> None:
+        loc: Loc = ("pairs", index)
+        core = _valid_part(PairFields, {k: raw[k] for k in PAIR_KEYS if k in raw}, whole=True)
+        if core is None:
+            return
+        style_list = [core.style] if isinstance(core.style, str) else list(core.style)
+        style_locs: list[Loc] = [(*loc, "style", i) for i in range(len(style_list))]
+        if isinstance(core.style, str):
+            style_locs = [(*loc, "style")]
+        content = self._resolve(core.content, (*loc, "content"))
+        styles = [self._resolve(s, where) for s, where in zip(style_list, style_locs, strict=True)]
+        if content is None or None in styles:
+            return
+        style_uris = [s for s in styles if s is not None]
+        pair_id = core.id or _make_id(file_stem(content), [file_stem(s) for s in style_uris])
+        self.ids.append((pair_id, (*loc, "id") if core.id else loc, fmt_loc(loc)))
+        self.inputs.append(InputRef(content, (*loc, "content"), pair_id))
+        self.inputs.extend(InputRef(s, where, pair_id) for s, where in zip(style_uris, style_locs, strict=True))
+        entry = _valid_part(PairEntry, raw, whole=True)
+        if entry is None:
+            return
+        overrides = self._explicit(entry, PAIR_KEYS, loc)
+        params = self._params(overrides, loc, len(style_uris))
+        if params is not None:
+            self._add_spec(pair_id, content, style_uris, params, overrides, loc)
+
+    def _expand(self, patterns: list[str], loc: Loc) -> list[tuple[str, str]]:
+        """(URI, stem) for each entry; globs are listed (a glob matching nothing is a problem)."""
+        found: dict[str, str] = {}
+        for i, pattern in enumerate(patterns):
+            target = self._resolve(pattern, (*loc, i))
+            if target is None:
+                continue
+            if not _is_glob(pattern):
+                found.setdefault(target, file_stem(target))
+                self.inputs.append(InputRef(target, (*loc, i), None))
+                continue
+            try:
+                matches = storage.glob(target)
+            except StorageError as exc:
+                self.problems.add((*loc, i), f"cannot expand {pattern!r}: {storage_reason(exc, target)}")
+                continue
+            if not matches:
+                self.problems.add((*loc, i), f"{pattern!r} matched no files")
+            base = _glob_base(target)
+            for match in sorted(matches):
+                found.setdefault(match, file_stem(match, base))
+        return list(found.items())
+
+    def _grid(self, raw: dict[str, Any]) -> None:
+        core = _valid_part(GridFields, {k: raw[k] for k in GRID_KEYS if k in raw}, whole=True)
+        if core is None:
+            return
+        contents = self._expand(core.contents, ("grid", "contents"))
+        styles = self._expand(core.styles, ("grid", "styles"))
+        combos = [(_make_id(cstem, [sstem]), c, s) for c, cstem in contents for s, sstem in styles]
+        self.ids.extend((pair_id, ("grid",), f"grid: {c} x {s}") for pair_id, c, s in combos)
+        entry = _valid_part(GridEntry, raw, whole=True)
+        if entry is None:
+            return
+        overrides = self._explicit(entry, GRID_KEYS, ("grid",))
+        params = self._params(overrides, ("grid",), 1)
+        if params is not None:
+            for pair_id, content, style in combos:
+                self._add_spec(pair_id, content, [style], params, overrides, ("grid",))
+
+    def _add_spec(
+        self, pair_id: str, content: str, styles: list[str], params: StyleParams, overrides: dict[str, Any], loc: Loc
+    ) -> None:
+        merged = {**self.defaults, **overrides}
+        if isinstance(merged.get("weights"), str):
+            where: Loc = loc if "weights" in overrides else ("defaults",)
+            self.inputs.append(InputRef(merged["weights"], (*where, "weights"), pair_id if where == loc else None))
+        spec = PairSpec(
+            id=pair_id, content=content, styles=styles, params=params, overrides=merged, origin=fmt_loc(loc)
+        )
+        self.specs.append(spec)
+
+    def check_ids(self) -> None:
+        """Every pair id (given or derived) is unique."""
+        first: dict[str, str] = {}
+        for pair_id, where, described in self.ids:
+            if pair_id in first:
+                message = f"duplicate id {pair_id!r}"
+                if where == ("grid",):
+                    message += (
+                        f" for {described.removeprefix('grid: ')} (also {first[pair_id]}); file stems must differ"
+                    )
+                elif where[-1] != "id":
+                    message += f" (also {first[pair_id]}), derived from the file names; set `id:` to tell them apart"
+                else:
+                    message += f" (also {first[pair_id]})"
+                self.problems.add(where, message)
+            else:
+                first[pair_id] = described
