@@ -41,15 +41,18 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import RUN_ID, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.client.schemas.objects import State
+from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
+from prefect.runtime import deployment as runtime_deployment
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 
 from flows import report
 from nst import pipeline, storage
 from nst.engine import Stylizer
 from nst.errors import NSTError, StorageError
-from nst.manifest import ParamOverrides, override_values
+from nst.manifest import ParamOverrides, load_manifest, override_values
 from nst.optimize import ProgressCallback, ProgressEvent
 from nst.pipeline import Batch, PairRecord, Plan, PlannedPair, RunHooks, RunSummary
 from nst.results import error_info
@@ -60,6 +63,7 @@ RETRY_DELAYS_S: list[float] = [10, 60]
 PROGRESS_UPDATE_S = 5.0
 LOG_EVERY_S = 30.0
 BATCHES_PER_SLOT = 2  # one batch optimising, one reading its inputs / writing its outputs
+GPU_SHARDS_LIMIT = "gpu-shards"  # global concurrency limit, slots = GPUs of the pool (deploy/setup.py)
 
 
 class PairsFailed(Exception):
@@ -76,8 +80,9 @@ class PairsFailed(Exception):
 class DeviceSlots:
     """One slot per device; a batch holds a slot while it optimises, so each GPU runs one batch at a time."""
 
-    def __init__(self, devices: Sequence[str]) -> None:
+    def __init__(self, devices: Sequence[str], limit: str | None = None) -> None:
         self.devices = list(devices)
+        self.limit = limit  # also hold a slot of this global concurrency limit while optimising
         self._free: queue.Queue[str] = queue.Queue()
         for device in self.devices:
             self._free.put(device)
@@ -87,7 +92,11 @@ class DeviceSlots:
         """Wait for a free device and hold it for the duration of the block."""
         device = self._free.get()
         try:
-            yield device
+            if self.limit is None:
+                yield device
+            else:  # not strict: without the limit Prefect logs a warning and the batch runs
+                with concurrency(self.limit, occupy=1):
+                    yield device
         finally:
             self._free.put(device)
 
@@ -357,7 +366,9 @@ def stylize_manifest(
         options: which pairs, force, dry run, failure limit, batch size, timeout and CPU slots
     """
     run_id = str(runtime_flow_run.id or pipeline.new_run_id())
-    _RUNS[run_id] = _RunParts(DeviceSlots(visible_devices(options.cpu_slots)))
+    # Runs from a deployment (a worker's, e.g. shards) share the pool's GPUs: each batch holds a gpu-shards slot.
+    limit = GPU_SHARDS_LIMIT if runtime_deployment.id else None
+    _RUNS[run_id] = _RunParts(DeviceSlots(visible_devices(options.cpu_slots), limit=limit))
     try:
         summary = pipeline.run(
             manifest,
@@ -383,7 +394,7 @@ def run_from_cli(manifest: str, options: RunOptions, overrides: dict[str, Any]) 
         temporary_settings,
     )
 
-    loaded = pipeline.load_manifest(manifest, overrides=overrides)  # a bad manifest fails here, before any server
+    loaded = load_manifest(manifest, overrides=overrides)  # a bad manifest fails here, before any server
     updates: dict[Any, Any] = {}
     if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
         updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = 120

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from nst import optimize
 from nst.errors import NSTError, OutOfMemory
 from nst.images import image_to_tensor, luminance_transfer, match_color, resize_long_side, tensor_to_image
-from nst.optimize import PairProblem, ProgressCallback, stylize_batch
+from nst.optimize import PairProblem, ProgressCallback
 from nst.params import StyleParams
 from nst.results import Status
 from nst.vgg import VGGFeatures, WeightsInfo, canonical_layer, load_vgg, resolve_device
@@ -126,7 +127,7 @@ class Stylizer:
                 callback(event)
 
         try:
-            outcomes = stylize_batch(problems, extractor, device=device, callback=on_event)
+            outcomes = optimize.stylize_batch(problems, extractor, device=device, callback=on_event)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(f"out of memory on {device} with a batch of {len(jobs)}: {exc}") from None
         seconds = (time.perf_counter() - start) / len(jobs)

@@ -214,7 +214,8 @@ def _sym_power(cov: Tensor, power: float, ridge: float) -> Tensor:
     """cov^power for symmetric PSD matrices via eigh, with `ridge` added to the eigenvalues."""
     vals, vecs = torch.linalg.eigh(cov)
     vals = vals.clamp_min(0.0) + ridge
-    return vecs @ torch.diag_embed(vals.pow(power)) @ vecs.transpose(-1, -2)
+    powered: Tensor = vecs @ torch.diag_embed(vals.pow(power)) @ vecs.transpose(-1, -2)
+    return powered
 
 
 def match_color(source: Tensor, target: Tensor, *, clamp: bool = True, ridge: float = 1e-8) -> Tensor:

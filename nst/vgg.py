@@ -526,7 +526,7 @@ class VGGFeatures(nn.Module):
         """Always stays in eval mode (the loss network is fixed)."""
         return super().train(False)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Features of `x` (already in model space, [B,3,H,W]) at every requested layer."""
         out: dict[str, Tensor] = {}
         for (_, capture), module in zip(self._plan, self.body, strict=True):

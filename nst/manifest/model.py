@@ -67,11 +67,11 @@ def _with_param_fields(name: str, base: type[ModelT], doc: str) -> type[ModelT]:
     for pname, info in StyleParams.model_fields.items():
         annotation: Any = info.annotation
         if info.metadata:
-            annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[valid-type]
+            annotation = Annotated[(annotation, *info.metadata)]
         fields[pname] = (annotation | None, Field(None, description=info.description))
     validators: dict[str, Any] = {}
     for vname, dec in StyleParams.__pydantic_decorators__.field_validators.items():
-        validators[vname] = field_validator(*dec.info.fields, mode=dec.info.mode, check_fields=False)(  # type: ignore[call-overload]
+        validators[vname] = field_validator(*dec.info.fields, mode=dec.info.mode, check_fields=False)(
             _skip_none(dec.func, dec.info.mode)
         )
     return create_model(name, __base__=base, __doc__=doc, __module__=__name__, __validators__=validators, **fields)
