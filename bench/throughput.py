@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -60,7 +61,6 @@ FLOP_FACTOR = 2  # forward + backward to the input (frozen weights: no weight-gr
 # Nominal dense bf16 tensor-core rates (TFLOP/s) by device name, for the "% of nominal peak" column.
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 ADAM_LR = 10.0  # Adam step on the Caffe 0-255 scale for the gatys losses (the preset itself uses L-BFGS)
-PRESET: dict[str, str | None] = {"name": "gatys"}  # --preset; None: the project's defaults
 
 GPU_CONFIGS = ("reference", "fp32-batched", "bf16", "bf16-compile", "bf16-cudagraphs")
 CPU_CONFIGS = ("reference", "fp32-batched", "bf16", "bf16-nhwc")
@@ -126,17 +126,21 @@ def _square(path: Path, size: int) -> torch.Tensor:
     return image_to_tensor(ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC))
 
 
-def bench_params(size: int, optimizer: str, precision: str, iterations: int, **extra: Any) -> StyleParams:
-    """The preset (default gatys: its layers, weights, normalisation, noise init) with the optimizer under test."""
+def bench_params(
+    args: argparse.Namespace, optimizer: str, precision: str, iterations: int, **extra: Any
+) -> StyleParams:
+    """--preset (default gatys: its layers, weights, normalisation, noise init; `none`: the project's defaults) at
+    --size, with the optimizer under test."""
+    preset = None if args.preset == "none" else args.preset
     values: dict[str, Any] = {
-        "preset": PRESET["name"],
-        "size": size,
+        "preset": preset,
+        "size": args.size,
         "iterations": iterations,
         "optimizer": optimizer,
         "precision": precision,
         "log_every": 100_000,
     }
-    if optimizer == "adam" and PRESET["name"] == "gatys":
+    if optimizer == "adam" and preset == "gatys":
         values["lr"] = ADAM_LR
     values.update(extra)
     return resolve_params(values, context="bench")
@@ -316,20 +320,31 @@ class Emitter:
             self.file.flush()
 
 
-def throughput_section(
-    args: argparse.Namespace,
-    configs: dict[str, Config],
-    extractor: VGGFeatures,
-    device: torch.device,
-    env: dict[str, Any],
-    emit: Emitter,
-) -> None:
+@dataclass
+class Bench:
+    """What every section measures with: the arguments, the configurations, the loss network, the device, the
+    environment record and where records go."""
+
+    args: argparse.Namespace
+    configs: dict[str, Config]
+    extractor: VGGFeatures
+    device: torch.device
+    env: dict[str, Any]
+    emit: Emitter
+
+    def parts(self) -> tuple[argparse.Namespace, dict[str, Config], VGGFeatures, torch.device, dict[str, Any], Emitter]:
+        """(args, configs, extractor, device, env, emit): the sections' locals."""
+        return self.args, self.configs, self.extractor, self.device, self.env, self.emit
+
+
+def throughput_section(bench: Bench) -> None:
     """Reference first, then each configuration, on the same pairs; parity per pair against the reference.
 
     Each configuration's full run (--iterations) gives the parity numbers and a first rate; --repeats short timing
     runs (--timing-iterations) follow in round-robin over the configurations, and the best rate counts (the CPU of a
     shared machine is busy in bursts; a GPU run shows its spread in `rates`).
     """
+    args, configs, extractor, device, env, emit = bench.parts()
     pairs = load_pairs(args.size, args.pairs)
     for optimizer in args.optimizers:
         ref_losses: list[float] | None = None
@@ -339,7 +354,7 @@ def throughput_section(
         batches: dict[str, int] = {}
         for name in args.configs:
             cfg = configs[name]
-            base = bench_params(args.size, optimizer, cfg.precision, args.iterations)
+            base = bench_params(args, optimizer, cfg.precision, args.iterations)
             batch = args.batch or min(len(pairs), auto_batch_pairs(args.size, args.size, base, device))
             batches[name] = batch
             record: dict[str, Any] = {
@@ -395,7 +410,7 @@ def throughput_section(
         for _ in range(args.repeats):
             for name in rates:
                 cfg = configs[name]
-                base = bench_params(args.size, optimizer, cfg.precision, args.warmup + args.timing_iterations)
+                base = bench_params(args, optimizer, cfg.precision, args.warmup + args.timing_iterations)
                 timing_pairs = pairs[: batches[name]] if cfg.batched else pairs[:1]
                 try:
                     res = run_config(
@@ -433,16 +448,9 @@ def _rates(rate: float, ref_rate: float | None, env: dict[str, Any]) -> dict[str
     return out
 
 
-def sweep_section(
-    args: argparse.Namespace,
-    configs: dict[str, Config],
-    extractor: VGGFeatures,
-    device: torch.device,
-    env: dict[str, Any],
-    emit: Emitter,
-    deadline: float,
-) -> None:
+def sweep_section(bench: Bench, deadline: float) -> None:
     """Throughput vs batch size per configuration (Adam, short runs), for the plot."""
+    args, configs, extractor, device, env, emit = bench.parts()
     for name in args.sweep_configs:
         cfg = configs[name]
         for batch in args.sweep_batches:
@@ -452,7 +460,7 @@ def sweep_section(
                 emit(record)
                 continue
             pairs = load_pairs(args.size, batch)
-            base = bench_params(args.size, "adam", cfg.precision, args.sweep_iterations + args.warmup)
+            base = bench_params(args, "adam", cfg.precision, args.sweep_iterations + args.warmup)
             try:
                 runs = [
                     run_config(cfg, pairs, extractor, device, batch=batch, params=base, warmup=args.warmup)
@@ -468,14 +476,9 @@ def sweep_section(
             emit(record)
 
 
-def ttq_section(
-    args: argparse.Namespace,
-    configs: dict[str, Config],
-    extractor: VGGFeatures,
-    device: torch.device,
-    emit: Emitter,
-) -> None:
+def ttq_section(bench: Bench) -> None:
     """Seconds per pair until the loss reaches the gatys L-BFGS fp32 reference's loss after --ttq-iterations."""
+    args, configs, extractor, device, _, emit = bench.parts()
     pairs = load_pairs(args.size, args.ttq_pairs)
     ref_its = args.ttq_iterations
     ref = run_config(
@@ -484,7 +487,7 @@ def ttq_section(
         extractor,
         device,
         batch=1,
-        params=bench_params(args.size, "lbfgs", "fp32", ref_its, log_every=10),
+        params=bench_params(args, "lbfgs", "fp32", ref_its, log_every=10),
         warmup=1,
     )
     targets = [o.history[-1]["total"] for o in ref.outcomes]
@@ -542,25 +545,10 @@ def ttq_section(
             try:
                 # Compile (and autotune) every scale's shapes first: time-to-quality is steady-state; cold start has
                 # its own section.
-                run_config(
-                    cfg,
-                    pairs,
-                    extractor,
-                    device,
-                    batch=len(pairs),
-                    params=bench_params(args.size, optimizer, cfg.precision, 2, scales=scales),
-                    warmup=1,
-                )
-                run_config(
-                    cfg,
-                    pairs,
-                    extractor,
-                    device,
-                    batch=len(pairs),
-                    params=bench_params(args.size, optimizer, cfg.precision, max_its, scales=scales, log_every=5),
-                    warmup=1,
-                    on_event=on_event,
-                )
+                run = functools.partial(run_config, cfg, pairs, extractor, device, batch=len(pairs), warmup=1)
+                run(params=bench_params(args, optimizer, cfg.precision, 2, scales=scales))
+                params = bench_params(args, optimizer, cfg.precision, max_its, scales=scales, log_every=5)
+                run(params=params, on_event=on_event)
             except Exception as exc:
                 record["error"] = f"{type(exc).__name__}: {exc}"[:500]
             if len(reached) == len(pairs):
@@ -578,19 +566,13 @@ def ttq_section(
             emit(record)
 
 
-def history_section(
-    args: argparse.Namespace,
-    configs: dict[str, Config],
-    extractor: VGGFeatures,
-    device: torch.device,
-    env: dict[str, Any],
-    emit: Emitter,
-) -> None:
+def history_section(bench: Bench) -> None:
     """L-BFGS history length vs throughput and final loss (memory traffic per step grows with it)."""
+    args, configs, extractor, device, env, emit = bench.parts()
     pairs = load_pairs(args.size, args.pairs)
     cfg = configs[args.history_config]
     for history in args.history_sizes:
-        base = bench_params(args.size, "lbfgs", cfg.precision, args.iterations, history_size=history, log_every=10)
+        base = bench_params(args, "lbfgs", cfg.precision, args.iterations, history_size=history, log_every=10)
         res = run_config(
             cfg,
             pairs,
@@ -667,7 +649,7 @@ def first_step_child(args: argparse.Namespace) -> None:
     device = torch.device("cpu" if args.cpu else "cuda")
     configs = make_configs(device)
     cfg = configs[args.first_step]
-    params = bench_params(args.size, "adam", cfg.precision, 1)
+    params = bench_params(args, "adam", cfg.precision, 1)
     extractor, _ = load_vgg("vgg19", None, layers=[*params.content_layers, *params.style_layers], device=device)
     sync(device)
     t_loaded = time.time()
@@ -808,7 +790,6 @@ def _quiet_compile_warnings() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    PRESET["name"] = None if args.preset == "none" else args.preset
     if args.first_step:
         first_step_child(args)
         return 0
@@ -834,22 +815,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.ttq_config = args.ttq_config or default or "bf16"
     args.history_config = args.history_config or default or "bf16"
     emit = Emitter(args.out)
-    params = bench_params(args.size, "adam", "fp32", 1)
+    params = bench_params(args, "adam", "fp32", 1)
     extractor, weights = load_vgg("vgg19", None, layers=[*params.content_layers, *params.style_layers], device=device)
     env = env_record(device, args.size, extractor, quick=False)
     env.update({"weights": weights.source, "default_config": default, "argv": sys.argv[1:]})
     emit(env)
+    bench = Bench(args, configs, extractor, device, env, emit)
     with _quiet_compile_warnings():
         if not args.skip_throughput:
-            throughput_section(args, configs, extractor, device, env, emit)
+            throughput_section(bench)
         if args.plot:
             deadline = started + args.budget_s if args.budget_s else math.inf
-            sweep_section(args, configs, extractor, device, env, emit, deadline)
+            sweep_section(bench, deadline)
             plot(emit.records, args.plot, env)
         if args.ttq:
-            ttq_section(args, configs, extractor, device, emit)
+            ttq_section(bench)
         if args.history_sweep:
-            history_section(args, configs, extractor, device, env, emit)
+            history_section(bench)
         if args.cold_start:
             cold_start_section(args, emit)
     summary(emit.records)
