@@ -173,3 +173,23 @@ def test_cli_run_and_validate_without_prefect(tmp_path: Path, capsys: pytest.Cap
     assert "3 succeeded" in out and str(tmp_path / "out") in out
     assert main(["run", uri, "--no-prefect"]) == 0
     assert "3 skipped" in capsys.readouterr().out
+
+
+def test_cli_run_takes_overrides_and_run_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = _put_inputs(str(tmp_path))
+    assert (
+        main(["run", uri, "--no-prefect", "--pair-ids", "coffee-blend", "--size", "24", "--max-batch-pairs", "1"]) == 0
+    )
+    assert "1 succeeded" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "coffee-blend.json").read_text())
+    assert record["params"]["size"] == 24 and record["params"]["iterations"] == 2  # override, manifest default
+    assert not (tmp_path / "out" / "chelsea__brick.json").exists()
+
+    assert main(["run", uri, "--no-prefect", "--cpu-slots", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cpu_slots" in err and "Prefect" in err and "\n" not in err
+    assert main(["run", uri, "--no-prefect", "--max-batch-pairs", "0"]) == 1
+    assert "max_batch_pairs" in capsys.readouterr().err
+    assert main(["run", uri, "--no-prefect", "--size", "-3"]) == 1
+    err = capsys.readouterr().err
+    assert "overrides.size" in err and "\n" not in err.strip()
