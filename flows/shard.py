@@ -1,42 +1,257 @@
-"""Flow `shard-manifest`: split a manifest's pending pairs across N runs of the `stylize-manifest` deployment.
+"""Flow `shard-manifest`: split a manifest's pending pairs into child runs of the `stylize-manifest` deployment.
 
-Past one machine: start one worker per GPU on the GPU work pool (`CUDA_VISIBLE_DEVICES=<i> prefect worker start
---pool gpu-pool --limit 1`), then run this flow; each shard is a `stylize-manifest` flow run with its own `pair_ids`,
-picked up by whichever worker is free. Pairs are planned first (done pairs skipped) and whole batches (same shape,
-same graph parameters) are dealt to shards, largest first, so that shards are balanced and batches stay full.
+Past one machine (docs/scaling.md): GPU workers poll `gpu-pool` at `--limit 1`, one per GPU; this parent runs on
+`parent-pool`. It plans (done pairs skipped), deals whole batches (same shape, same graph parameters) to shards
+balanced by pixels × iterations, starts one child flow run per shard with `run_deployment`, waits, and aggregates
+the children's run summaries and pair records into `_runs/<parent-id>.json` and one report.
+
+Retry of the parent (UI or `prefect flow-run retry`) plans again, so only pairs that are not done run; they go to new
+child runs, one per earlier shard that had such pairs (the idempotency key holds the parent's attempt, so a retry never
+returns an old finished child). Children of earlier attempts still running are waited for, not started twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Annotated, Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import Field
 
-from nst import pipeline
+from flows import report
+from nst import pipeline, storage
+from nst.engine import output_size
 from nst.errors import NSTError
-from nst.manifest import ParamOverrides, load_manifest, override_values
-from nst.pipeline import Batch
+from nst.manifest import Manifest, PairSpec, ParamOverrides, load_manifest, override_values
+from nst.pipeline import Batch, PairRecord, PlannedPair
+from nst.results import Status, error_info
 from nst.run_options import RunOptions
 
-POLL_S = 5.0
+POLL_S = 3.0
+READ_THREADS = 16
+SHARD_TAG = "shard"
+
+
+@dataclass
+class Shard:
+    """One child flow run: its name, pairs, and (once started or found) the flow run."""
+
+    name: str
+    pair_ids: list[str]
+    run: FlowRun | None = None
+
+
+def pair_cost(pair: PlannedPair) -> int:
+    """Work of one pair: output pixels × iterations (1 for an unreadable pair: it fails at once)."""
+    if pair.content_size is None or pair.input_error:
+        return 1
+    width, height = output_size(*pair.content_size, pair.spec.params.size)
+    return width * height * pair.spec.params.iterations
 
 
 def split_batches(batches: Sequence[Batch], shards: int) -> list[list[str]]:
-    """Deal batches (largest first) to the least-loaded of `shards` shards; pair ids per shard, empty shards dropped."""
-    loads: list[list[str]] = [[] for _ in range(max(1, shards))]
-    for batch in sorted(batches, key=lambda b: len(b.pairs), reverse=True):
-        target = min(loads, key=len)
-        target.extend(p.id for p in batch.pairs)
-    return [ids for ids in loads if ids]
+    """Deal whole batches, costliest first, to the shard with the least pixels × iterations; empty shards dropped."""
+    loads = [0] * max(1, shards)
+    groups: list[list[str]] = [[] for _ in loads]
+    costed = [(sum(pair_cost(p) for p in b.pairs), i, b) for i, b in enumerate(batches)]
+    for cost, _, batch in sorted(costed, key=lambda c: (-c[0], c[1])):
+        target = min(range(len(loads)), key=lambda i: (loads[i], len(groups[i])))
+        loads[target] += cost
+        groups[target].extend(p.id for p in batch.pairs)
+    return [ids for ids in groups if ids]
+
+
+def child_runs(client: SyncPrefectClient, parent_id: str) -> list[FlowRun]:
+    """Every child flow run of this parent (all attempts), oldest first."""
+    return client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(parent_id)])),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+    )
+
+
+def _run_pair_ids(run: FlowRun) -> list[str]:
+    return list((run.parameters.get("options") or {}).get("pair_ids") or [])
+
+
+def plan_shards(
+    pending: Sequence[PlannedPair], earlier: Sequence[FlowRun], shards: int, base: str, *, max_pairs: int, output: str
+) -> list[Shard]:
+    """One shard per earlier shard with pending pairs (those pairs only); other pairs' batches dealt to `shards`."""
+    origin: dict[str, FlowRun] = {}
+    for run in earlier:  # oldest first: a pair's origin is the first shard that had it
+        for pair_id in _run_pair_ids(run):
+            origin.setdefault(pair_id, run)
+    again: dict[UUID, Shard] = {}
+    for pair in pending:
+        if pair.id in origin:
+            run = origin[pair.id]
+            again.setdefault(run.id, Shard(re.sub(r"-attempt\d+$", "", run.name), [])).pair_ids.append(pair.id)
+    fresh = [p for p in pending if p.id not in origin]
+    groups = split_batches(pipeline.make_batches(fresh, max_pairs=max_pairs, output=output, run_id=""), shards)
+    return [*again.values(), *(Shard(f"{base}-shard-{i}of{len(groups)}", ids) for i, ids in enumerate(groups, 1))]
+
+
+def start_shard(
+    shard: Shard,
+    *,
+    deployment: str,
+    manifest: str,
+    overrides: dict[str, Any],
+    options: RunOptions,
+    parent: str,
+    attempt: int,
+) -> FlowRun:
+    """One child flow run of `deployment` for the shard's pairs; the idempotency key holds the parent's attempt."""
+    ids = ",".join(sorted(shard.pair_ids))
+    key = hashlib.sha256(f"{parent}:{attempt}:{deployment}:{ids}".encode()).hexdigest()
+    name = shard.name if attempt == 1 else f"{shard.name}-attempt{attempt}"
+    return cast(
+        FlowRun,
+        run_deployment(
+            deployment,
+            parameters={
+                "manifest": manifest,
+                "overrides": overrides,
+                "options": options.model_copy(update={"pair_ids": shard.pair_ids}).model_dump(mode="json"),
+            },
+            flow_run_name=name,
+            idempotency_key=key,
+            timeout=0,
+            tags=[SHARD_TAG],
+        ),
+    )
+
+
+def wait_for(client: SyncPrefectClient, runs: Sequence[FlowRun], timeout_s: float) -> list[FlowRun] | None:
+    """Poll (one API call per round) until every run is final; the runs as last read, or None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    ids = [r.id for r in runs]
+    while True:
+        found = {r.id: r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))}
+        latest = [found.get(i) for i in ids]
+        if all(r is not None and r.state is not None and r.state.is_final() for r in latest):
+            return cast(list[FlowRun], latest)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(POLL_S)
+
+
+def _state_name(run: FlowRun) -> str:
+    return (run.state.name if run.state else None) or run.state_name or "Unknown"
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(storage.read_bytes(uri))
+        return data
+    except (NSTError, ValueError):
+        return None
+
+
+def _from_record(spec: PairSpec, record: dict[str, Any], status: Status) -> PairRecord:
+    """A PairRecord of a pair's JSON record found in storage."""
+    output = record.get("output") or {}
+    return PairRecord(
+        id=spec.id,
+        status=status,
+        content_uri=spec.content,
+        style_uris=spec.styles,
+        image_uri=output.get("image"),
+        json_uri=output.get("json") or "",
+        final_losses=record.get("final_losses"),
+        seconds=0.0 if status == "skipped" else float(record.get("seconds") or 0.0),
+        error=record.get("error"),
+        history=record.get("history") or [],
+        record=record,
+    )
+
+
+def collect(manifest: Manifest, children: Sequence[FlowRun], specs: dict[str, PairSpec]) -> list[PairRecord]:
+    """Each child's pairs as it left them: its run summary's status, the pair's record; a dead child's pairs failed."""
+    output = manifest.output
+    summaries = {c.id: _read_json(storage.join(output.rstrip("/") + "/", f"_runs/{c.id}.json")) for c in children}
+    wanted = [(c, pair_id) for c in children for pair_id in _run_pair_ids(c)]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        found = list(pool.map(lambda cp: _read_json(pipeline.output_uris(output, cp[1])[1]), wanted))
+    records: list[PairRecord] = []
+    for (child, pair_id), record in zip(wanted, found, strict=True):
+        spec = specs[pair_id]
+        summary = summaries[child.id]
+        listed = {p["id"]: p for p in (summary or {}).get("pairs", [])}
+        entry = listed.get(pair_id)
+        if entry is not None and record is not None and entry["status"] in ("succeeded", "failed", "skipped"):
+            records.append(_from_record(spec, record, entry["status"]))
+            continue
+        if entry is not None and entry["status"] == "not_run":
+            records.append(
+                pipeline.not_run_record(
+                    PlannedPair(spec, {}), output, (entry.get("error") or {}).get("message", "not run")
+                )
+            )
+            continue
+        ours = record is not None and record.get("run_id") == str(child.id) and record.get("status") == "succeeded"
+        if ours and record is not None:
+            records.append(_from_record(spec, record, "succeeded"))
+            continue
+        state_name = _state_name(child)
+        message = child.state.message if child.state else None
+        error = error_info(
+            state_name,
+            f"shard {child.name} ({child.id}) ended {state_name}"
+            + (f": {message}" if message else "")
+            + "; the pair did not finish",
+        )
+        _, json_uri = pipeline.output_uris(output, pair_id)
+        records.append(
+            PairRecord(pair_id, "failed", spec.content, spec.styles, None, json_uri, error=error, record=record or {})
+        )
+    return records
+
+
+def publish_report(
+    manifest: Manifest, run_id: str, records: Sequence[PairRecord], summary_uri: str, shards: Sequence[dict[str, Any]]
+) -> None:
+    """The table and markdown report of the whole sharded run (flows/report.py), plus a table of its shards."""
+    slug = report.slugify(manifest.name)
+    try:
+        create_table_artifact(
+            key=f"{slug}-pairs",
+            table=report.table_rows(records),
+            description=f"{manifest.name}: pairs of sharded flow run {run_id} ({len(shards)} shards)",
+        )
+        curves_url = None
+        png = report.loss_curves_png(records, title=f"{manifest.name} · {run_id}")
+        if png is not None:
+            curves_uri = storage.join(manifest.output.rstrip("/") + "/", f"_runs/{run_id}-losses.png")
+            storage.write_bytes(curves_uri, png, content_type="image/png")
+            curves_url = report.display_url(curves_uri)
+        markdown = report.markdown_report(
+            name=manifest.name, run_id=run_id, records=records, summary_uri=summary_uri, curves_url=curves_url
+        )
+        lines = ["", "## Shards", "", "| shard | flow run | state | pairs |", "|---|---|---|---:|"]
+        lines += [f"| {s['name']} | `{s['flow_run_id']}` | {s['state']} | {len(s['pair_ids'])} |" for s in shards]
+        create_markdown_artifact(
+            key=f"{slug}-report",
+            markdown=markdown + "\n".join(lines) + "\n",
+            description=f"{manifest.name}: report of sharded flow run {run_id}",
+        )
+    except Exception as exc:  # the report is for people; the pairs' JSON and the run summary are the record
+        get_run_logger().warning("could not publish the report: %s: %s", type(exc).__name__, exc)
 
 
 @flow(name="shard-manifest")
@@ -49,19 +264,20 @@ def shard_manifest(
     wait: bool = True,
     timeout_s: Annotated[float, Field(gt=0)] = 24 * 3600,
 ) -> State[Any]:
-    """Run a manifest as `shards` parallel flow runs of the stylize deployment; fails if any shard fails.
+    """Run a manifest's pending pairs as `shards` child runs of the stylize deployment; fails naming failed pairs.
 
     Args:
         manifest: manifest URI (local path as the workers see it, or s3://)
-        shards: how many stylize-manifest runs to split the pending pairs into (e.g. the number of GPU workers)
-        deployment: the deployment each shard runs
+        shards: how many child runs to split the pending pairs into (e.g. 2-4 per GPU worker)
+        deployment: the deployment each shard runs (on the GPU pool)
         overrides: engine parameters for every pair, passed to each shard (see stylize-manifest)
         options: run options passed to each shard, with `pair_ids` narrowed to its pairs
-        wait: wait for the shards to finish (otherwise return once they are scheduled)
+        wait: wait for the shards and aggregate their results (otherwise return once they are scheduled)
         timeout_s: give up waiting after this many seconds
     """
     logger = get_run_logger()
     parent = str(runtime_flow_run.id or pipeline.new_run_id())
+    attempt = max(1, int(runtime_flow_run.run_count or 1))
     explicit = override_values(overrides)
     try:
         loaded = load_manifest(manifest, overrides=explicit)
@@ -69,49 +285,67 @@ def shard_manifest(
     except NSTError as exc:
         logger.error("%s", exc)
         return Failed(message=str(exc), data={"error": type(exc).__name__, "message": str(exc)})
-    batches = pipeline.make_batches(
-        planned.to_run, max_pairs=options.max_batch_pairs, output=loaded.output, run_id=parent
-    )
-    groups = split_batches(batches, shards)
-    logger.info(
-        "%d pairs to run (%d already done) in %d shards", len(planned.to_run), len(planned.skipped), len(groups)
-    )
-    runs = []
-    for i, ids in enumerate(groups, start=1):
-        key = hashlib.sha256(f"{parent}:{deployment}:{','.join(sorted(ids))}".encode()).hexdigest()
-        run = cast(
-            FlowRun,
-            run_deployment(
-                deployment,
-                parameters={
-                    "manifest": manifest,
-                    "overrides": explicit,
-                    "options": options.model_copy(update={"pair_ids": ids}).model_dump(mode="json"),
-                },
-                flow_run_name=f"{loaded.name}-shard-{i}of{len(groups)}",
-                idempotency_key=key,  # a restarted parent does not start the same shard twice
-                timeout=0,
-                tags=["shard"],
-            ),
+    if options.dry_run:
+        would_run, would_skip = [p.id for p in planned.to_run], [r.id for r in planned.skipped]
+        return Completed(
+            message=f"dry run: {len(would_run)} pairs would run, {len(would_skip)} would be skipped",
+            data={"would_run": would_run, "would_skip": would_skip},
         )
-        logger.info("shard %d/%d: flow run %s (%s) with %d pairs", i, len(groups), run.name, run.id, len(ids))
-        runs.append(run)
-    result = {"shards": [{"flow_run_id": str(r.id), "pair_ids": ids} for r, ids in zip(runs, groups, strict=True)]}
-    if not wait or not runs:
-        return Completed(message=f"{len(runs)} shards scheduled", data=result)
 
-    deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        while True:
-            states = [client.read_flow_run(r.id).state for r in runs]
-            if all(s is not None and s.is_final() for s in states):
-                break
-            if time.monotonic() > deadline:
-                return Failed(message=f"shards still running after {timeout_s:.0f} s", data=result)
-            time.sleep(POLL_S)
-    bad = [
-        (r.name, s.name if s else "?") for r, s in zip(runs, states, strict=True) if s is None or not s.is_completed()
+        earlier = child_runs(client, parent) if runtime_flow_run.id and attempt > 1 else []
+    running = [r for r in earlier if r.state is None or not r.state.is_final()]
+    busy = {i for r in running for i in _run_pair_ids(r)}  # an earlier attempt's child still runs them: wait for it
+    pending = [p for p in planned.to_run if p.id not in busy]
+    plan = plan_shards(pending, earlier, shards, loaded.name, max_pairs=options.max_batch_pairs, output=loaded.output)
+    logger.info(
+        "attempt %d: %d pairs to run (%d already done, %d still running in earlier shards) in %d new shards",
+        attempt,
+        len(pending),
+        len(planned.skipped),
+        len(busy),
+        len(plan),
+    )
+    for shard in plan:
+        shard.run = start_shard(
+            shard,
+            deployment=deployment,
+            manifest=manifest,
+            overrides=explicit,
+            options=options,
+            parent=parent,
+            attempt=attempt,
+        )
+        logger.info("shard %s: flow run %s with %d pairs", shard.name, shard.run.id, len(shard.pair_ids))
+    runs = [*running, *(cast(FlowRun, s.run) for s in plan)]
+    shard_list: list[dict[str, Any]] = [
+        {"flow_run_id": str(r.id), "name": r.name, "pair_ids": _run_pair_ids(r)} for r in runs
     ]
-    if bad:
-        return Failed(message=f"{len(bad)} of {len(runs)} shards did not complete: {bad}", data=result)
-    return Completed(message=f"{len(runs)} shards completed", data=result)
+    if not wait:
+        return Completed(message=f"{len(runs)} shards scheduled", data={"shards": shard_list})
+
+    with get_client(sync_client=True) as client:
+        finished = wait_for(client, runs, timeout_s) if runs else []
+    if finished is None:
+        return Failed(message=f"shards still running after {timeout_s:.0f} s", data={"shards": shard_list})
+    for entry, run in zip(shard_list, finished, strict=True):
+        entry["state"] = _state_name(run)
+    specs = {p.id: p.spec for p in planned.to_run}
+    records = [*collect(loaded, finished, specs), *planned.skipped]
+    order = {p.id: i for i, p in enumerate(loaded.pairs)}
+    records.sort(key=lambda r: order.get(r.id, len(order)))
+    summary_uri = pipeline.write_run_summary(
+        loaded.output, parent, records, manifest=loaded.source, attempt=attempt, shards=shard_list
+    )
+    publish_report(loaded, parent, records, summary_uri, shard_list)
+    counts = {s: n for s, n in report.counts(records).items() if n}
+    failed = [r.id for r in records if r.status in ("failed", "not_run")]
+    data = {"run_id": parent, "summary": summary_uri, "counts": counts, "failed": failed, "shards": shard_list}
+    text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no pairs"
+    if failed:
+        bad = [s["name"] for s in shard_list if s["state"] != "Completed"]
+        message = f"{len(failed)} of {len(records)} pairs failed: {', '.join(failed)}"
+        logger.error("%s (shards not completed: %s). Summary: %s", message, ", ".join(bad) or "none", summary_uri)
+        return Failed(message=f"{message}. Retry runs only these again. ({text})", data=data)
+    logger.info("%s in %d shards. Summary: %s", text, len(runs), summary_uri)
+    return Completed(message=f"{text} in {len(runs)} shards", data=data)

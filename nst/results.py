@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import os
 import platform
+import socket
 from typing import Any, Literal
 
 import nst
@@ -24,6 +26,11 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
+
+
+def runner() -> dict[str, str | None]:
+    """Where a record is produced: the host, and the Prefect worker whose flow run this process is (if any)."""
+    return {"host": socket.gethostname(), "worker": os.environ.get("PREFECT__WORKER_NAME")}
 
 
 def error_info(kind: str, message: str, iteration: int | None = None) -> dict[str, Any]:
@@ -79,6 +86,7 @@ def build_record(
         "iterations": iterations,
         "seconds": round(seconds, 3),
         "device": device,
+        **runner(),
         "versions": versions(),
         "output": {"image": image_uri, "json": json_uri},
         "error": error,

@@ -1,0 +1,149 @@
+"""The shard parent's parts without workers: the split, the retry's shards, the aggregation, the GPU slot.
+
+Real manifests, plans and storage (local files); FlowRun objects stand for children where only their id, name, state
+and parameters matter. The whole story with real workers is tests/test_shard_e2e.py.
+"""
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Completed, Crashed
+
+from flows.shard import collect, pair_cost, plan_shards, split_batches
+from flows.stylize import DeviceSlots
+from nst import pipeline
+from nst.manifest import load_manifest
+from nst.results import build_record
+from nst.run_options import RunOptions
+from tests.conftest import SAMPLES
+
+CHELSEA = SAMPLES / "content" / "chelsea.jpg"  # landscape: 32x21 at size 32
+ASTRONAUT = SAMPLES / "content" / "astronaut.jpg"  # square
+BRICK = SAMPLES / "styles" / "brick.jpg"
+
+
+def planned(tmp_path: Path, pairs: list[dict[str, Any]], max_pairs: int = 4) -> tuple[Any, Any, list[pipeline.Batch]]:
+    """(manifest, plan, batches) of a local manifest with these pairs (32 px, 2 iterations by default)."""
+    doc = {"version": 1, "name": "t", "output": "out/", "defaults": {"size": 32, "iterations": 2}, "pairs": pairs}
+    path = tmp_path / "manifest.yaml"
+    path.write_text(json.dumps(doc, default=str))
+    manifest = load_manifest(str(path))
+    plan = pipeline.plan(manifest, RunOptions())
+    batches = pipeline.make_batches(plan.to_run, max_pairs=max_pairs, output=manifest.output, run_id="parent")
+    return manifest, plan, batches
+
+
+def child(name: str, pair_ids: list[str], state: Any = None) -> FlowRun:
+    return FlowRun(
+        id=uuid.uuid4(),
+        name=name,
+        flow_id=uuid.uuid4(),
+        parameters={"options": {"pair_ids": pair_ids}},
+        state=state,
+    )
+
+
+def test_split_balances_pixels_times_iterations_and_keeps_batches_whole(tmp_path: Path) -> None:
+    big = [{"id": "big", "content": CHELSEA, "style": BRICK, "size": 64, "iterations": 8}]
+    small = [{"id": f"s{i}", "content": CHELSEA, "style": BRICK} for i in range(4)]
+    square = [{"id": f"q{i}", "content": ASTRONAUT, "style": BRICK} for i in range(4)]
+    _, plan, batches = planned(tmp_path, big + small + square)
+    costs = {p.id: pair_cost(p) for p in plan.to_run}
+    assert costs["big"] == 64 * 42 * 8 and costs["s0"] == 32 * 21 * 2 and costs["q0"] == 32 * 32 * 2
+    shards = split_batches(batches, 2)
+    # By pair count the 4+4 pairs would go to two shards and `big` (the most work) on top of one of them.
+    assert sorted(map(sorted, shards)) == [["big"], sorted(["q0", "q1", "q2", "q3", "s0", "s1", "s2", "s3"])]
+    assert split_batches(batches, 10) == [["big"], ["q0", "q1", "q2", "q3"], ["s0", "s1", "s2", "s3"]]
+
+
+def test_retry_reruns_only_shards_with_pending_pairs_and_only_those_pairs(tmp_path: Path) -> None:
+    pairs = [{"id": f"s{i}", "content": CHELSEA, "style": BRICK} for i in range(6)]
+    pairs.append({"id": "new", "content": ASTRONAUT, "style": BRICK})
+    _, plan, _ = planned(tmp_path, pairs)
+    first = [
+        child("t-shard-1of3", ["s0", "s1"]),
+        child("t-shard-2of3", ["s2", "s3"]),
+        child("t-shard-3of3", ["s4", "s5"]),
+    ]
+    pending = [p for p in plan.to_run if p.id in {"s1", "s4", "s5", "new"}]
+    shards = plan_shards(pending, first, 3, "t", max_pairs=4, output="out/")
+    assert [(s.name, s.pair_ids) for s in shards] == [
+        ("t-shard-1of3", ["s1"]),
+        ("t-shard-3of3", ["s4", "s5"]),
+        ("t-shard-1of1", ["new"]),  # in no earlier shard (the manifest grew): a shard of its own
+    ]
+    assert plan_shards([], first, 3, "t", max_pairs=4, output="out/") == []  # nothing pending: nothing runs
+
+
+def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(tmp_path: Path) -> None:
+    pairs = [{"id": i, "content": CHELSEA, "style": BRICK} for i in ("a", "b", "c", "d")]
+    manifest, plan, _ = planned(tmp_path, pairs)
+    specs = {p.id: p for p in plan.to_run}
+    ok = child("t-shard-1of2", ["a", "b"], Completed())
+    dead = child("t-shard-2of2", ["c", "d"], Crashed(message="No heartbeat for 90 s"))
+    out = tmp_path / "out"
+
+    def write(pair_id: str, run_id: str, status: Any = "succeeded") -> dict[str, Any]:
+        spec = specs[pair_id].spec
+        record = build_record(
+            pair_id=pair_id,
+            status=status,
+            params=spec.params,
+            inputs={},
+            image_uri=str(out / f"{pair_id}.png") if status == "succeeded" else None,
+            json_uri=str(out / f"{pair_id}.json"),
+            history=[{"iteration": 1, "content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}],
+            run_id=run_id,
+        )
+        (out / f"{pair_id}.json").write_text(json.dumps(record))
+        return record
+
+    out.mkdir()
+    write("a", str(ok.id))
+    write("b", str(ok.id), "failed")
+    pipeline.write_run_summary(
+        str(out),
+        str(ok.id),
+        [pipeline.PairRecord("a", "succeeded", "", [], None, ""), pipeline.PairRecord("b", "failed", "", [], None, "")],
+    )
+    write("c", str(dead.id))  # written before the shard died
+    write("d", "an-earlier-run", "failed")  # an old record: not this shard's
+    records = {r.id: r for r in collect(manifest, [ok, dead], {i: p.spec for i, p in specs.items()})}
+    assert {i: r.status for i, r in records.items()} == {
+        "a": "succeeded",
+        "b": "failed",
+        "c": "succeeded",
+        "d": "failed",
+    }
+    assert records["a"].history and records["a"].image_uri == str(out / "a.png")
+    assert records["d"].error is not None and records["d"].error["type"] == "Crashed"
+    assert str(dead.id) in records["d"].error["message"]
+
+
+def test_record_names_host_and_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, plan, _ = planned(tmp_path, [{"id": "a", "content": CHELSEA, "style": BRICK}])
+    monkeypatch.setenv("PREFECT__WORKER_NAME", "gpu-box-7-gpu0")  # set by every Prefect worker for its flow runs
+    spec = plan.to_run[0].spec
+    record = build_record(pair_id="a", status="failed", params=spec.params, inputs={}, image_uri=None, json_uri="x")
+    assert record["worker"] == "gpu-box-7-gpu0" and record["host"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_device_slot_holds_a_gpu_shards_slot_and_runs_without_the_limit() -> None:
+    from prefect.client.orchestration import get_client
+
+    name = f"gpu-shards-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
+        slots = DeviceSlots(["cpu"], limit=name)
+        with slots.take() as device:
+            assert device == "cpu"
+            assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+    with DeviceSlots(["cpu"], limit=f"missing-{name}").take() as device:  # no such limit: a warning, and it runs
+        assert device == "cpu"

@@ -1,0 +1,190 @@
+"""Sharded runs on several real workers (issue 13): `prefect server start`, deploy/setup.py, `prefect deploy --all`,
+three process workers on gpu-pool at `--limit 1`, one on parent-pool, 24 tiny pairs on S3 (SeaweedFS) in 6 shards.
+
+One story, as an operator lives it: `prefect deployment run 'shard-manifest/on-demand' -p manifest=s3://...`; a GPU
+worker dies mid-shard (SIGKILL of its process group and its flow run's); the parent ends Failed naming that shard's
+pairs; Retry of the parent runs only those pairs; a second Retry, with everything done, runs nothing.
+
+The dead shard is set Crashed through the API, as the heartbeat automation would ~90 s later (tests/test_zombie.py
+proves the automation does it; waiting for it here would double this test's time).
+"""
+
+import json
+import os
+import re
+import time
+from typing import Any
+
+import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.states import AwaitingRetry, Crashed
+
+from tests.conftest import REPO, SAMPLES
+from tests.fixtures.prefect import (
+    PrefectServer,
+    Worker,
+    WorkerFactory,
+    deploy_all,
+    kill_process_groups,
+    process_tree,
+    wait_for_flow_run,
+)
+from tests.fixtures.s3 import S3Server
+from tests.test_zombie import run_setup
+
+pytestmark = pytest.mark.slow
+
+AWS_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+CONTENTS = ("chelsea", "coffee", "astronaut")  # chelsea and coffee share a shape (32x21); astronaut is square
+STYLES = ("brick", "hubble", "ihc")
+# 8 pairs per content: 16 landscape + 8 square pairs; batches of 4 -> 4 + 2 batches -> 6 shards of one batch each.
+PAIRS = [f"{c}-{STYLES[k % 3]}-{k}" for c in CONTENTS for k in range(8)]
+SHARDS = 6
+
+
+def manifest_yaml() -> str:
+    lines = ["version: 1", "name: shard-e2e", "output: out/", "defaults: {size: 32, iterations: 3}", "pairs:"]
+    for pair_id in PAIRS:
+        content, style, _ = pair_id.split("-")
+        lines.append(f"  - {{id: {pair_id}, content: content/{content}.jpg, style: styles/{style}.jpg}}")
+    return "\n".join(lines) + "\n"
+
+
+def worker_name(worker: Worker) -> str:
+    """The name tests.fixtures.prefect.start_process_worker gives a worker (`test-<its home>`)."""
+    return f"test-{worker.log.parent.name}"
+
+
+def children(server: PrefectServer, parent_id: str) -> list[Any]:
+    with server.client() as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+        )
+
+
+def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
+    isolated_prefect_server: PrefectServer,
+    isolated_process_worker: WorkerFactory,
+    s3_env: S3Server,
+    s3_bucket: str,
+) -> None:
+    server = isolated_prefect_server
+    s3 = s3_env.client()
+    for content in CONTENTS:
+        s3.put_object(
+            Bucket=s3_bucket, Key=f"content/{content}.jpg", Body=(SAMPLES / "content" / f"{content}.jpg").read_bytes()
+        )
+    for style in STYLES:
+        s3.put_object(
+            Bucket=s3_bucket, Key=f"styles/{style}.jpg", Body=(SAMPLES / "styles" / f"{style}.jpg").read_bytes()
+        )
+    s3.put_object(Bucket=s3_bucket, Key="manifest.yaml", Body=manifest_yaml().encode())
+    manifest_uri = f"s3://{s3_bucket}/manifest.yaml"
+
+    def get_json(key: str) -> dict[str, Any]:
+        return json.loads(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+
+    def outputs() -> dict[str, tuple[str, Any]]:
+        """Every object under out/ except run summaries: key -> (ETag, LastModified)."""
+        found = {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="out/"):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].startswith("out/_runs/"):
+                    found[obj["Key"]] = (obj["ETag"], obj["LastModified"])
+        return found
+
+    run_setup(server, "--gpu-shards", "3")  # pools, the gpu-shards limit, the zombie automation
+    out = deploy_all(server, REPO)
+    assert "shard-manifest/on-demand" in out, out
+    env = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
+    gpu_workers = [isolated_process_worker("gpu-pool", env=env, limit=1) for _ in range(3)]
+    parent_worker = isolated_process_worker("parent-pool", env=env)
+
+    # 1. The documented command, on a manifest in S3.
+    result = server.cli(
+        "deployment",
+        "run",
+        "shard-manifest/on-demand",
+        "-p",
+        f"manifest={manifest_uri}",
+        "-p",
+        f"shards={SHARDS}",
+        "-p",
+        'options={"max_batch_pairs": 4}',
+    )
+    match = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
+    assert match, result.stdout
+    parent_id = match.group(1)
+
+    # 2. A GPU worker dies mid-shard: the first shard seen Running loses its worker and its own process group.
+    deadline = time.monotonic() + 300
+    victim_run = None
+    while victim_run is None:
+        running = [c for c in children(server, parent_id) if c.state and c.state.is_running() and c.infrastructure_pid]
+        if running:
+            victim_run = running[0]
+        else:
+            assert time.monotonic() < deadline, f"no shard running\n{parent_worker.log_tail()}"
+            time.sleep(0.2)
+    pid = int(str(victim_run.infrastructure_pid).rsplit(":", 1)[-1])
+    victim = next(w for w in gpu_workers if pid in process_tree(w.proc.pid))
+    kill_process_groups(process_tree(victim.proc.pid))
+    victim.proc.wait(timeout=10)
+    victim_pairs = sorted(victim_run.parameters["options"]["pair_ids"])
+    with server.client() as client:
+        client.set_flow_run_state(victim_run.id, Crashed(message="worker killed (test)"), force=True)
+
+    run = wait_for_flow_run(server, parent_id, timeout=600, worker=parent_worker)
+    first = children(server, parent_id)
+    assert len(first) == SHARDS
+    assert all({"nst", "shard"} <= set(c.tags) for c in first)  # the zombie automation watches `nst` runs
+    assert sorted(len(c.parameters["options"]["pair_ids"]) for c in first) == [4] * SHARDS
+    assert run.state.is_failed(), run.state.message
+    assert all(p in (run.state.message or "") for p in victim_pairs), run.state.message
+    summary = get_json(f"out/_runs/{parent_id}.json")
+    statuses = {p["id"]: p["status"] for p in summary["pairs"]}
+    assert sorted(statuses) == sorted(PAIRS)
+    assert sorted(p for p, s in statuses.items() if s != "succeeded") == victim_pairs
+    before = outputs()
+    done_keys = {k for k in before if k.rsplit("/", 1)[1].rsplit(".", 1)[0] not in victim_pairs}
+    assert len(done_keys) == 2 * (len(PAIRS) - len(victim_pairs))
+
+    # 3. Retry of the parent (what the UI's Retry sends): one new shard, with only the dead shard's pairs.
+    with server.client() as client:
+        assert client.set_flow_run_state(parent_id, AwaitingRetry()).status.value == "ACCEPT"
+    run = wait_for_flow_run(server, parent_id, timeout=600, after_run_count=run.run_count, worker=parent_worker)
+    assert run.state.is_completed(), run.state.message
+    second = [c for c in children(server, parent_id) if c.id not in {f.id for f in first}]
+    assert [sorted(c.parameters["options"]["pair_ids"]) for c in second] == [victim_pairs]
+    assert second[0].state.is_completed()
+    after = outputs()
+    assert {k: after[k] for k in done_keys} == {k: before[k] for k in done_keys}  # not one done pair redone
+    assert sorted(after) == sorted(f"out/{p}.{ext}" for p in PAIRS for ext in ("json", "png"))  # each exactly once
+    summary = get_json(f"out/_runs/{parent_id}.json")
+    statuses = {p["id"]: p["status"] for p in summary["pairs"]}
+    assert sorted(statuses) == sorted(PAIRS)
+    assert sorted(p for p, s in statuses.items() if s == "succeeded") == victim_pairs
+    records = {p: get_json(f"out/{p}.json") for p in PAIRS}
+    assert all(r["status"] == "succeeded" and r["host"] for r in records.values())
+    assert {records[p]["run_id"] for p in victim_pairs} == {str(second[0].id)}
+    names = {worker_name(w) for w in gpu_workers}
+    used = {r["worker"] for r in records.values()}
+    assert used <= names and len(used) >= 2, used
+
+    # 4. Retry of a parent whose shards all succeeded: no child run, nothing written.
+    with server.client() as client:
+        assert client.set_flow_run_state(parent_id, AwaitingRetry(), force=True).status.value == "ACCEPT"
+    run = wait_for_flow_run(server, parent_id, timeout=300, after_run_count=run.run_count, worker=parent_worker)
+    assert run.state.is_completed(), run.state.message
+    assert len(children(server, parent_id)) == SHARDS + 1
+    assert outputs() == after
+    summary = get_json(f"out/_runs/{parent_id}.json")
+    assert summary["counts"] == {"skipped": len(PAIRS)}
