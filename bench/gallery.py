@@ -11,6 +11,7 @@ the page says so where it matters. Losses in the curves are each run's own objec
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -172,7 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--multiscale-size", type=int, default=256, help="the multi-scale claim's size (1024 scaled)")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    parser.add_argument(
+        "--demo-sheet", action="store_true", help="only rebuild docs/demo-results.jpg from `make demo`'s outputs"
+    )
     args = parser.parse_args(argv)
+    if args.demo_sheet:
+        demo_sheet(REPO / "manifests" / "out" / "demo", args.docs / "demo-results.jpg")
+        return 0
     if args.quick:
         args.size, args.iterations, args.multiscale_size = 48, 6, 64
         args.docs = Path(tempfile.mkdtemp(prefix="nst-gallery-"))
@@ -402,6 +409,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.docs / "gallery.md").write_text("\n".join(header + md) + "\n")
     print(f"wrote {args.docs / 'gallery.md'} in {minutes:.1f} min")
     return 0
+
+
+def demo_sheet(out_dir: Path, path: Path, height: int = 128) -> None:
+    """docs/demo-results.jpg from `make demo`'s outputs: one row per pair, content | style(s) | result."""
+    rows = []
+    for record in sorted(out_dir.glob("*.json")):
+        data = json.loads(record.read_text())
+        if data.get("status") != "succeeded":
+            continue
+        uris = [data["inputs"]["content"]["uri"], *[s["uri"] for s in data["inputs"]["styles"]]]
+        cells = [Image.open(u).convert("RGB") for u in uris] + [Image.open(record.with_suffix(".png")).convert("RGB")]
+        rows.append([c.resize((max(1, round(c.width * height / c.height)), height)) for c in cells])
+    width = max(sum(c.width + 4 for c in row) for row in rows)
+    sheet = Image.new("RGB", (width, len(rows) * (height + 4)), "white")
+    for r, row in enumerate(rows):
+        x = 0
+        for cell in row:
+            sheet.paste(cell, (x, r * (height + 4)))
+            x += cell.width + 4
+    sheet.save(path, quality=85)
 
 
 def runs_images(runs: Sequence[Run]) -> list[Image.Image]:
