@@ -97,6 +97,7 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(tmp_pat
             inputs={},
             image_uri=str(out / f"{pair_id}.png") if status == "succeeded" else None,
             json_uri=str(out / f"{pair_id}.json"),
+            final_losses={"content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0},
             history=[{"iteration": 1, "content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}],
             run_id=run_id,
         )
