@@ -189,7 +189,13 @@ def judge_run(
         targets_cache[key] = judge.targets(content, style)
     targets = targets_cache[key]
     final = judge.score(image_to_tensor(output), targets)
-    points = [Checkpoint(it, sec, judge.score(image_to_tensor(img), targets)["total"]) for it, sec, img in curve]
+    # A coarse scale's intermediate (multi-scale) is judged upsampled to the output size, as the next scale starts.
+    points = [
+        Checkpoint(
+            it, sec, judge.score(image_to_tensor(img.resize(output.size, Image.Resampling.BICUBIC)), targets)["total"]
+        )
+        for it, sec, img in curve
+    ]
     return final, points
 
 
