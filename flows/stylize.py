@@ -355,7 +355,7 @@ def flow_hooks(run_id: str, options: RunOptions) -> RunHooks:
 @flow(name="stylize-manifest")
 def stylize_manifest(
     manifest: str,
-    overrides: ParamOverrides = ParamOverrides(),  # type: ignore[valid-type]  # noqa: B008
+    overrides: ParamOverrides = {},  # type: ignore[valid-type]  # noqa: B006  # Prefect validates it
     options: RunOptions = RunOptions(),  # noqa: B008
 ) -> State[Any]:
     """Stylize the pairs of a manifest: only new or changed pairs run; the run fails if any pair failed.

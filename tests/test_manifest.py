@@ -124,8 +124,32 @@ def test_schema_describes_every_parameter() -> None:
     pair = schema["$defs"]["PairEntry"]
     assert pair["additionalProperties"] is False
     assert set(StyleParams.model_fields) <= set(pair["properties"])
-    assert pair["properties"]["size"]["anyOf"][0] == {"exclusiveMinimum": 0, "maximum": 16384, "type": "integer"}
+    # A parameter is its plain type (no null, no default): leaving the key out is what leaves it unset. That way the
+    # flow's Custom run form (the same model) shows plain inputs; a switch (bool) keeps null as "not given".
+    size = pair["properties"]["size"]
+    assert {k: size[k] for k in ("exclusiveMinimum", "maximum", "type")} == {
+        "exclusiveMinimum": 0,
+        "maximum": 16384,
+        "type": "integer",
+    }
+    assert "default" not in size and "anyOf" not in size
+    assert pair["properties"]["keep_best"]["anyOf"] == [{"type": "boolean"}, {"type": "null"}]
     assert pair["properties"]["preset"]["anyOf"][0]["enum"] == list(PRESETS)
+
+
+def test_null_leaves_a_parameter_unset(tree: Path) -> None:
+    path = write(
+        tree,
+        """
+        version: 1
+        output: out/
+        defaults: {size: 48, iterations: null}
+        pairs:
+          - {id: a, content: images/content/chelsea.jpg, style: images/styles/brick.jpg, size: null}
+        """,
+    )
+    (pair,) = load_manifest(path).pairs
+    assert (pair.params.size, pair.params.iterations) == (48, StyleParams().iterations)
 
 
 @pytest.mark.parametrize("name", ["demo", "grid", "s3-example", "nightly"])

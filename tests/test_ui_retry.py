@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +107,31 @@ def test_ui_retry_button_reruns_only_the_failed_pair(
     assert 10_000 < screenshot.stat().st_size < 300_000
 
 
-def test_custom_run_form_shows_engine_parameters_and_run_options(prefect_server: PrefectServer, tmp_path: Path) -> None:
+def submitted_runs(server: PrefectServer, deployment_id: Any, manifest: str, timeout_s: float = 30.0) -> list[Any]:
+    """Flow runs of a deployment with this manifest parameter, once at least one exists (or after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with server.client() as client:
+            runs = [r for r in client.read_flow_runs() if r.deployment_id == deployment_id]
+        found = [r for r in runs if r.parameters.get("manifest") == manifest]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_custom_run_form_shows_engine_parameters_and_submits_them(
+    prefect_server: PrefectServer, tmp_path: Path
+) -> None:
     if not CHROMIUM.exists():
         pytest.fail("Chromium not found at /usr/bin/chromium: run `apt-get update && apt-get install -y chromium`")
     from playwright.sync_api import expect, sync_playwright
 
+    from nst.manifest import ParamOverrides, override_values
     from nst.params import StyleParams
     from nst.run_options import RunOptions
 
     screenshot = DOCS_FORM_SCREENSHOT if os.environ.get("NST_UPDATE_DOCS") == "1" else tmp_path / "ui-run-form.png"
+    manifest = str(tmp_path / "from-the-form.yaml")
     deploy_all(prefect_server, REPO)
     with prefect_server.client() as client:
         deployment = client.read_deployment_by_name("stylize-manifest/on-demand")
@@ -132,6 +149,17 @@ def test_custom_run_form_shows_engine_parameters_and_run_options(prefect_server:
                 expect(page.get_by_text(str(description), exact=False).first).to_be_visible(timeout=30_000)
             page.wait_for_timeout(1000)
             save_small_png(page.screenshot(full_page=False), screenshot)
+            # A user fills in the manifest and one engine parameter, then submits the form.
+            page.locator("textarea").first.fill(manifest)
+            size_help = json.dumps(StyleParams.model_fields["size"].description)
+            page.locator(f"xpath=//*[text()={size_help}]/following::input[1]").fill("24")
+            page.get_by_role("button", name="Submit").click()
+            runs = submitted_runs(prefect_server, deployment.id, manifest)
         finally:
             browser.close()
     assert 10_000 < screenshot.stat().st_size < 400_000
+    assert len(runs) == 1, runs
+    parameters = runs[0].parameters
+    # What the flow applies: the fields given; switches left at "None" and empty fields are not given.
+    assert override_values(ParamOverrides.model_validate(parameters["overrides"])) == {"size": 24}, parameters
+    assert RunOptions.model_validate(parameters["options"]) == RunOptions(), parameters

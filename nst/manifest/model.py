@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import typing
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator, model_validator
 
 from nst.params import PRESETS, StyleParams
 
@@ -58,6 +59,22 @@ def _skip_none(func: Callable[..., Any], mode: str) -> Callable[..., Any]:
     return check
 
 
+_NOT_NULLABLE = frozenset(
+    name for name, info in StyleParams.model_fields.items() if type(None) not in typing.get_args(info.annotation)
+)
+
+
+def _null_is_unset(cls: Any, data: Any) -> Any:
+    """`size: null` leaves `size` unset (a parameter whose own type has no null)."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if not (v is None and k in _NOT_NULLABLE)}
+    return data
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
 def _with_param_fields(name: str, base: type[ModelT], doc: str) -> type[ModelT]:
     """`base` plus every StyleParams field made optional (same types, constraints, field validators, descriptions)."""
     clash = set(base.model_fields) & set(StyleParams.model_fields)
@@ -68,8 +85,12 @@ def _with_param_fields(name: str, base: type[ModelT], doc: str) -> type[ModelT]:
         annotation: Any = info.annotation
         if info.metadata:
             annotation = Annotated[(annotation, *info.metadata)]
-        fields[pname] = (annotation | None, Field(None, description=info.description))
-    validators: dict[str, Any] = {}
+        if info.annotation is bool:  # a form's switch is always on or off: null is its third state, "not given"
+            fields[pname] = (annotation | None, Field(None, description=info.description))
+            continue
+        # Unset is "not given", not null: the schema (and the flow's form) shows the plain type, no null default.
+        fields[pname] = (annotation, Field(None, description=info.description, json_schema_extra=_no_default))
+    validators: dict[str, Any] = {"_null_is_unset": model_validator(mode="before")(_null_is_unset)}
     for vname, dec in StyleParams.__pydantic_decorators__.field_validators.items():
         validators[vname] = field_validator(*dec.info.fields, mode=dec.info.mode, check_fields=False)(
             _skip_none(dec.func, dec.info.mode)
@@ -144,9 +165,10 @@ ManifestFile: type[StrictModel] = create_model(
 )
 
 
-def override_values(overrides: BaseModel) -> dict[str, Any]:
-    """The parameters a ParamOverrides sets (unset and null fields left out)."""
-    return overrides.model_dump(exclude_unset=True, exclude_none=True)
+def override_values(overrides: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    """The parameters a ParamOverrides (or its dict, e.g. a flow's default `{}`) sets; unset and null left out."""
+    model = overrides if isinstance(overrides, BaseModel) else ParamOverrides.model_validate(overrides)
+    return model.model_dump(exclude_unset=True, exclude_none=True)
 
 
 TOP_KEYS = tuple(ManifestFile.model_fields)
@@ -192,7 +214,9 @@ def manifest_json_schema() -> dict[str, Any]:
         if "preset" in props:
             props["preset"]["anyOf"] = [{"enum": list(PRESETS), "type": "string"}, {"type": "null"}]
         if "preserve_colors" in props:
-            props["preserve_colors"]["anyOf"].insert(-1, {"type": "boolean"})
+            colors = props["preserve_colors"]
+            choices = {k: colors.pop(k) for k in ("enum", "type") if k in colors}
+            colors["anyOf"] = [choices, {"type": "boolean"}]
     return {"$schema": _SCHEMA_URL, "title": "nst manifest", **{k: v for k, v in schema.items() if k != "title"}}
 
 
