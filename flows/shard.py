@@ -259,7 +259,7 @@ def shard_manifest(
     manifest: str,
     shards: Annotated[int, Field(ge=1, le=1024)] = 2,
     deployment: str = "stylize-manifest/on-demand",
-    overrides: ParamOverrides = ParamOverrides(),  # type: ignore[valid-type]  # noqa: B008
+    overrides: ParamOverrides = {},  # type: ignore[valid-type]  # noqa: B006  # Prefect validates it
     options: RunOptions = RunOptions(),  # noqa: B008
     wait: bool = True,
     timeout_s: Annotated[float, Field(gt=0)] = 24 * 3600,
