@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import html
 import io
 import math
 import re
@@ -14,6 +17,9 @@ from nst import storage
 STATUSES = ("succeeded", "failed", "skipped", "not_run")
 MAX_SHEET_ROWS = 50
 MAX_LEGEND = 12
+THUMB_PX = 128  # contact-sheet thumbnails: long side, embedded as JPEG data: URIs
+PLOT_PX = 900  # the loss-curve plot's width, embedded as a PNG data: URI
+MAX_IMAGE_BYTES = 64 * 2**20  # an image larger than this is not read for a thumbnail
 
 
 def slugify(name: str) -> str:
@@ -53,28 +59,69 @@ def table_rows(records: Sequence[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def display_url(uri: str | None, presign: Callable[[str], str] = storage.presigned_url) -> str:
-    """Where a browser can open this image: a presigned URL for s3://, the plain path for local files."""
+def display_url(uri: str | None, read: Callable[[str], bytes] | None = None, *, width: int = PLOT_PX) -> str:
+    """The image at `uri` as a small embedded `data:` URI (PNG, at most `width` px wide); "" if it cannot be read.
+
+    Embedded, a picture shows in the Prefect UI for local and S3 outputs alike, with no link that could expire or leak.
+    """
     if not uri:
         return ""
-    if storage.is_s3(uri):
-        try:
-            return presign(uri)
-        except Exception:  # a report must not fail the run; show the URI instead
-            return uri
-    return uri.removeprefix("file://")
+    return _data_uri(uri, read or _read_image, width, "PNG")
+
+
+def thumbnail_url(uri: str | None, read: Callable[[str], bytes] | None = None) -> str:
+    """A THUMB_PX JPEG thumbnail of the image at `uri` as a `data:` URI; "" if it cannot be read or decoded."""
+    if not uri:
+        return ""
+    return _data_uri(uri, read or _read_image, THUMB_PX, "JPEG")
+
+
+def _read_image(uri: str) -> bytes:
+    return storage.read_bytes(uri, max_bytes=MAX_IMAGE_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(uri: str, read: Callable[[str], bytes], px: int, fmt: str) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(read(uri)), formats=("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")) as img:
+        if img.width * img.height > 80_000_000:
+            return ""
+        img.draft("RGB", (px, px))  # JPEG: decode at reduced scale
+        small = img.convert("RGB")
+        small.thumbnail((px, px) if fmt == "JPEG" else (px, px * 4))
+        buf = io.BytesIO()
+        small.save(buf, format=fmt, **({"quality": 70} if fmt == "JPEG" else {"optimize": True}))
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _data_uri(uri: str, read: Callable[[str], bytes], px: int, fmt: str) -> str:
+    try:
+        return _cached(uri, read, px, fmt)
+    except Exception:  # a report must not fail the run: the cell stays empty
+        return ""
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+
+
+def md_text(text: str) -> str:
+    """Text shown literally in markdown: HTML escaped, markdown punctuation backslashed, one line."""
+    one_line = " ".join(str(text).split())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=True))
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return md_text(text)
 
 
 def _img(label: str, url: str) -> str:
-    return f"![{label}]({url.replace(' ', '%20')})" if url else ""
+    return f"![{label}]({url})" if url.startswith("data:image/") else ""
 
 
 def markdown_report(
@@ -85,12 +132,17 @@ def markdown_report(
     summary_uri: str | None,
     curves_url: str | None,
     dry_run: bool = False,
-    presign: Callable[[str], str] = storage.presigned_url,
+    read: Callable[[str], bytes] | None = None,
 ) -> str:
-    """The run report: counts, failures, a contact sheet (content | style | result) and the loss curves."""
+    """The run report: counts, failures, a contact sheet (content | style | result) and the loss curves.
+
+    Pictures are embedded as `data:` URIs (thumbnails read with `read`, default storage.read_bytes); `curves_url`
+    is one too (see `display_url`). No worker path or link appears in the report.
+    """
+    _cached.cache_clear()  # thumbnails are shared within one report only: a rerun may have replaced an image
     c = counts(records)
-    title = f"# {'Dry run' if dry_run else 'Stylize report'}: {name}"
     verb = "would" if dry_run else ""
+    title = f"# {'Dry run' if dry_run else 'Stylize report'}: {md_text(name)}"
     lines = [
         title,
         "",
@@ -99,14 +151,15 @@ def markdown_report(
     if dry_run:
         lines.append(f"\nNothing was written. {c['not_run']} pairs {verb} run, {c['skipped']} {verb} be skipped.")
     if summary_uri:
-        lines.append(f"\nRun summary: `{summary_uri}`")
+        lines.append(f"\nRun summary: {md_text(summary_uri)}")
     failed = [r for r in records if r.status == "failed"]
     if failed:
         lines += ["", "## Failed pairs", ""]
         for r in failed:
             err = r.error or {}
             at = f" (iteration {err['iteration']})" if err.get("iteration") is not None else ""
-            lines.append(f"- **{r.id}**: {err.get('type', 'Error')}: {_md_cell(str(err.get('message', '')))}{at}")
+            kind = md_text(str(err.get("type", "Error")))
+            lines.append(f"- **{md_text(r.id)}**: {kind}: {md_text(str(err.get('message', '')))}{at}")
     shown = [r for r in records if r.status in ("succeeded", "skipped", "failed")][:MAX_SHEET_ROWS]
     if shown and not dry_run:
         lines += [
@@ -118,15 +171,15 @@ def markdown_report(
         ]
         for r in shown:
             style = (r.style_uris or [""])[0]
-            result = display_url(r.image_uri, presign) if r.status != "failed" else ""
+            result = thumbnail_url(r.image_uri, read) if r.status != "failed" else ""
             lines.append(
                 "| "
                 + " | ".join(
                     [
                         _md_cell(r.id),
-                        r.status,
-                        _img("content", display_url(r.content_uri, presign)),
-                        _img("style", display_url(style, presign)),
+                        md_text(r.status),
+                        _img("content", thumbnail_url(r.content_uri, read)),
+                        _img("style", thumbnail_url(style, read)),
                         _img("result", result),
                         _fmt(_loss(r, "content")),
                         _fmt(_loss(r, "style")),
