@@ -29,6 +29,11 @@ _RGB_TO_YIQ = torch.tensor(
 )
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
+# The only decoders Pillow may use on input bytes (JPEG includes the multi-picture MPO files phones write).
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+# VGG pools four times: an image more than 32 times wider than high (or the reverse) has no deep features.
+MAX_ASPECT = 32
+
 
 # ---------------------------------------------------------------------------------------------------- loading
 
@@ -53,10 +58,12 @@ def load_image(source: bytes | str | Path, *, label: str, max_pixels: int) -> Im
             raise fail("is a directory, not an image")
     try:
         # Image.open reads only the header: the size is checked before any pixel is decoded.
-        with Image.open(stream) as img:
+        with Image.open(stream, formats=ALLOWED_FORMATS) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise fail(f"{width}x{height} = {width * height} pixels is more than max_pixels {max_pixels}")
+            if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                raise fail(f"{width}x{height} has an aspect ratio over {MAX_ASPECT}:1 (too thin for VGG's pooling)")
             img.load()
             return _to_rgb(_exif_upright(img))
     except ImageError:
@@ -64,7 +71,7 @@ def load_image(source: bytes | str | Path, *, label: str, max_pixels: int) -> Im
     except Image.DecompressionBombError as exc:
         raise fail(f"too many pixels (Pillow's decompression-bomb guard): {exc}") from None
     except UnidentifiedImageError:
-        raise fail("not an image (or an unsupported format)") from None
+        raise fail(f"not an image, or not one of the accepted formats ({', '.join(ALLOWED_FORMATS)})") from None
     except EOFError:
         raise fail("truncated image") from None
     except PermissionError as exc:

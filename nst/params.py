@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nst.errors import Loc, ParamsError
+from nst.layers import canonical_layer
 
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "style"]
@@ -21,6 +22,10 @@ ColorMode = Literal["none", "luminance", "histogram"]
 Normalization = Literal["gatys", "mean"]
 Network = Literal["vgg19", "vgg16"]
 CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune"]
+
+MIN_SIZE = 16  # VGG pools four times before block5: a side under 16 px has no block5 features
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit value
+MAX_SAVED_IMAGES = 20  # intermediate images a pair keeps in memory (iterations / save_every)
 
 GATYS_STYLE_LAYERS = ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1"]
 DEEP_STYLE_LAYERS = ["block1_conv2", "block2_conv2", "block3_conv4", "block4_conv4", "block5_conv4"]
@@ -61,10 +66,10 @@ class StyleParams(BaseModel):
         "vgg19", description="loss network: vgg19 or vgg16 (vgg16 needs a weights file)"
     )
     size: Annotated[int, Role.GRAPH] = Field(
-        512, gt=0, le=16384, description="output long side in pixels (content image is resized to it)"
+        512, ge=MIN_SIZE, le=16384, description="output long side in pixels (content image is resized to it)"
     )
     style_size: int | None = Field(
-        None, gt=0, le=16384, description="style image long side in pixels; default: same as size"
+        None, ge=MIN_SIZE, le=16384, description="style image long side in pixels; default: same as size"
     )
     iterations: Annotated[int, Role.GRAPH] = Field(
         500, gt=0, le=100_000, description="optimisation steps at the final scale"
@@ -121,7 +126,7 @@ class StyleParams(BaseModel):
     history_size: Annotated[int, Role.GRAPH] = Field(
         20, ge=1, le=1000, description="L-BFGS history length (pairs of vectors kept per image)"
     )
-    seed: int = Field(0, ge=0, description="random seed for noise init and anything random")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="random seed for noise init and anything random")
     precision: Annotated[Precision, Role.GRAPH] = Field(
         "auto", description="fp32, bf16 (autocast, fp32 Gram and losses) or auto (bf16 on CUDA, fp32 elsewhere)"
     )
@@ -137,7 +142,9 @@ class StyleParams(BaseModel):
         "auto", description="torch device: auto, cpu, cuda, cuda:N"
     )
     save_every: Annotated[int, Role.GRAPH | Role.NOT_RESULT] = Field(
-        0, ge=0, description="write an intermediate image every N iterations (0: never)"
+        0,
+        ge=0,
+        description=f"write an intermediate image every N iterations (0: never); at most {MAX_SAVED_IMAGES} per pair",
     )
     log_every: Annotated[int, Role.GRAPH | Role.NOT_RESULT] = Field(
         10, ge=1, description="record the losses in the history every N iterations"
@@ -185,6 +192,27 @@ class StyleParams(BaseModel):
         if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
             n_weights, n_layers = len(self.style_layer_weights), len(self.style_layers)
             raise ValueError(f"style_layer_weights has {n_weights} values for {n_layers} style_layers")
+        return self
+
+    @model_validator(mode="after")
+    def _known_layers(self) -> StyleParams:
+        for name in ("content_layers", "style_layers"):
+            for layer in getattr(self, name):
+                try:
+                    canonical_layer(layer, self.network)
+                except ParamsError as exc:
+                    raise ValueError(f"{name} has an {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _few_saved_images(self) -> StyleParams:
+        # Intermediate images stay in memory until the pair is written: bound how many.
+        if self.save_every and self.iterations // self.save_every > MAX_SAVED_IMAGES:
+            least = -(-self.iterations // MAX_SAVED_IMAGES)
+            raise ValueError(
+                f"save_every {self.save_every} keeps {self.iterations // self.save_every} intermediate images per pair "
+                f"in memory; at most {MAX_SAVED_IMAGES}: use save_every >= {least} for {self.iterations} iterations"
+            )
         return self
 
     def graph_key(self) -> tuple[Any, ...]:
@@ -291,6 +319,7 @@ def validation_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
     problems: list[tuple[Loc, str]] = []
     for err in exc.errors():
         msg = "unknown parameter" if err.get("type") == "extra_forbidden" else str(err.get("msg", "invalid"))
+        msg = msg.removeprefix("Value error, ")
         problems.append((tuple(err.get("loc", ())), msg))
     return problems
 

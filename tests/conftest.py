@@ -11,6 +11,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "manifests" / "images"
+# Tests name the sample images by absolute path from manifests in temporary directories: allow them as inputs.
+os.environ.setdefault("NST_INPUT_ROOTS", str(SAMPLES))
 
 # Fixture modules, one per concern (each file owns its fixtures).
 pytest_plugins: list[str] = ["tests.fixtures.s3", "tests.fixtures.prefect"]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from nst import storage
 from nst.errors import Loc, ParamsError, StorageError
-from nst.manifest.inputs import InputRef, storage_reason
+from nst.manifest.inputs import InputRef, is_allowed, storage_reason
 from nst.manifest.model import (
     GRID_KEYS,
     PAIR_KEYS,
@@ -31,6 +31,9 @@ from nst.manifest.source import Problems, fmt_loc, has_node, line_of
 from nst.params import StyleParams, resolve_params
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# Image extensions a grid glob matches in any letter case (`*.jpg` matches PHOTO.JPG).
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif"})
+_LITERAL_EXTENSION = re.compile(r"\.([A-Za-z]+)$")
 
 
 def pydantic_problems(problems: Problems, exc: ValidationError, prefix: Loc = ()) -> None:
@@ -114,6 +117,20 @@ def _glob_base(pattern: str) -> str:
     return head[: head.rfind("/") + 1]
 
 
+def case_insensitive_extension(pattern: str) -> str:
+    """A glob whose literal image extension matches in any case: `*.jpg` -> `*.[jJ][pP][gG]`."""
+    match = _LITERAL_EXTENSION.search(pattern)
+    if not match or match.group(1).lower() not in IMAGE_EXTENSIONS or not _is_glob(pattern[: match.start()]):
+        return pattern
+    either = "".join(f"[{c.lower()}{c.upper()}]" for c in match.group(1))
+    return f"{pattern[: match.start()]}.{either}"
+
+
+def unique_suffix(*uris: str) -> str:
+    """A short, stable tag of a pair's inputs, appended to an id that collides."""
+    return hashlib.sha256("\n".join(uris).encode()).hexdigest()[:8]
+
+
 def file_stem(uri: str, base: str = "") -> str:
     """File name without its last extension; below a glob's base directory, sub-directories are kept, joined by '.'."""
     rel = uri[len(base) :] if base and uri.startswith(base) else posixpath.basename(uri.rstrip("/"))
@@ -123,14 +140,18 @@ def file_stem(uri: str, base: str = "") -> str:
     return f"{head.replace('/', '.')}.{name}" if head else name
 
 
-def _make_id(content_stem: str, style_stems: Sequence[str]) -> str:
-    """`<content-stem>__<style-stem>` (several styles joined by '-'), made safe for file names and at most 128 long."""
+def _make_id(content_stem: str, style_stems: Sequence[str], suffix: str = "") -> str:
+    """`<content-stem>__<style-stem>` (several styles joined by '-'), made safe for file names and at most 128 long.
+
+    A `suffix` (see `unique_suffix`) is appended as `-<suffix>`, keeping the id within 128 characters.
+    """
     raw = f"{content_stem}__{'-'.join(style_stems)}"
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
-    if len(safe) > 128:
+    limit = 128 - (len(suffix) + 1 if suffix else 0)
+    if len(safe) > limit:
         digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-        safe = f"{safe[:119]}-{digest}"
-    return safe
+        safe = f"{safe[: limit - 9]}-{digest}"
+    return f"{safe}-{suffix}" if suffix else safe
 
 
 def resolve_output(raw: str, base_dir: str) -> tuple[str | None, str | None]:
@@ -176,8 +197,17 @@ def _valid_part(model: type[ModelT], raw: dict[str, Any], *, whole: bool = False
 class PairBuilder:
     """Expands pairs and grid into PairSpecs, collecting problems."""
 
-    def __init__(self, problems: Problems, base_dir: str, data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        problems: Problems,
+        base_dir: str,
+        data: dict[str, Any],
+        overrides: dict[str, Any],
+        roots: Sequence[str] = (),
+    ) -> None:
         self.problems = problems
+        self.roots = list(roots)  # allowed input roots (inputs.allowed_roots); empty: no confinement
+        self.warnings: list[str] = []
         self.overrides = overrides
         self.base_dir = base_dir
         self.data = data
@@ -210,10 +240,11 @@ class PairBuilder:
         """Parameters the manifest set in this model, with a relative `weights` path resolved like other paths."""
         values = model.model_dump(exclude_unset=True, exclude=set(own))
         if isinstance(values.get("weights"), str) and values["weights"]:
-            values["weights"] = self._resolve(values["weights"], (*loc, "weights")) or values["weights"]
+            # Confined in _add_spec, with the pair it belongs to.
+            values["weights"] = self._resolve(values["weights"], (*loc, "weights"), confine=False) or values["weights"]
         return values
 
-    def _resolve(self, path: str, loc: Loc) -> str | None:
+    def _resolve(self, path: str, loc: Loc, *, confine: bool = True) -> str | None:
         """An input path resolved against the manifest's directory/prefix; None (problem recorded) if impossible."""
         try:
             uri = storage.join(self.base_dir, path)
@@ -221,7 +252,21 @@ class PairBuilder:
         except StorageError as exc:
             self.problems.add(loc, str(exc))
             return None
+        if confine and not self._allowed(uri, loc):
+            return None
         return uri
+
+    def _allowed(self, uri: str, loc: Loc, pair_id: str | None = None) -> bool:
+        """Whether `uri` is under an allowed input root; if not, a problem naming the field (the file is not read)."""
+        if not self.roots or is_allowed(uri, self.roots):
+            return True
+        pair = f" (pair {pair_id})" if pair_id else ""
+        self.problems.add(
+            loc,
+            f"{uri} is outside the allowed input roots{pair}: inputs must lie under the manifest's directory "
+            "or a root in the worker's NST_INPUT_ROOTS",
+        )
+        return False
 
     def _params(self, overrides: dict[str, Any], loc: Loc, n_styles: int) -> StyleParams | None:
         """preset + defaults + overrides, validated; None (problems recorded) if they do not resolve."""
@@ -255,12 +300,15 @@ class PairBuilder:
         style_locs: list[Loc] = [(*loc, "style", i) for i in range(len(style_list))]
         if isinstance(core.style, str):
             style_locs = [(*loc, "style")]
-        content = self._resolve(core.content, (*loc, "content"))
-        styles = [self._resolve(s, where) for s, where in zip(style_list, style_locs, strict=True)]
+        content = self._resolve(core.content, (*loc, "content"), confine=False)
+        styles = [self._resolve(s, where, confine=False) for s, where in zip(style_list, style_locs, strict=True)]
         if content is None or None in styles:
             return
         style_uris = [s for s in styles if s is not None]
         pair_id = core.id or _make_id(file_stem(content), [file_stem(s) for s in style_uris])
+        where_each = [(content, (*loc, "content")), *zip(style_uris, style_locs, strict=True)]
+        if not all([self._allowed(uri, where, pair_id) for uri, where in where_each]):  # every refusal reported
+            return
         self.ids.append((pair_id, (*loc, "id") if core.id else loc, fmt_loc(loc)))
         self.inputs.append(InputRef(content, (*loc, "content"), pair_id))
         self.inputs.extend(InputRef(s, where, pair_id) for s, where in zip(style_uris, style_locs, strict=True))
@@ -284,14 +332,20 @@ class PairBuilder:
                 self.inputs.append(InputRef(target, (*loc, i), None))
                 continue
             try:
-                matches = storage.glob(target)
+                matches = storage.glob(case_insensitive_extension(target))
             except StorageError as exc:
                 self.problems.add((*loc, i), f"cannot expand {pattern!r}: {storage_reason(exc, target)}")
                 continue
-            if not matches:
-                self.problems.add((*loc, i), f"{pattern!r} matched no files")
+            if not matches:  # tonight's folder may simply be empty: the rest of the grid still runs
+                line = line_of(self.problems.root, (*loc, i)) if self.problems.root else None
+                self.warnings.append(
+                    f"{fmt_loc((*loc, i))}: {pattern!r} matched no files" + (f" (line {line})" if line else "")
+                )
             base = _glob_base(target)
             for match in sorted(matches):
+                if self.roots and not is_allowed(match, self.roots):  # a symlink out of the roots
+                    self._allowed(match, (*loc, i))
+                    continue
                 found.setdefault(match, file_stem(match, base))
         return list(found.items())
 
@@ -301,7 +355,7 @@ class PairBuilder:
             return
         contents = self._expand(core.contents, ("grid", "contents"))
         styles = self._expand(core.styles, ("grid", "styles"))
-        combos = [(_make_id(cstem, [sstem]), c, s) for c, cstem in contents for s, sstem in styles]
+        combos = self._unique_grid_ids(contents, styles)
         self.ids.extend((pair_id, ("grid",), f"grid: {c} x {s}") for pair_id, c, s in combos)
         entry = _valid_part(GridEntry, raw, whole=True)
         if entry is None:
@@ -312,13 +366,41 @@ class PairBuilder:
             for pair_id, content, style in combos:
                 self._add_spec(pair_id, content, [style], params, overrides, ("grid",))
 
+    def _unique_grid_ids(
+        self, contents: list[tuple[str, str]], styles: list[tuple[str, str]]
+    ) -> list[tuple[str, str, str]]:
+        """(id, content, style) per grid combination; ids that collide (`IMG 1.jpg`, `IMG_1.jpg`) made unique.
+
+        An id taken by `pairs:`, or by a combination whose file names needed no cleaning, stays; every other member
+        of a collision gets `-<8 hex of sha256 of its input URIs>`: stable across nights whatever else arrives.
+        """
+        taken = {pair_id for pair_id, _, _ in self.ids}
+        combos = [(_make_id(cstem, [sstem]), c, s, f"{cstem}__{sstem}") for c, cstem in contents for s, sstem in styles]
+        groups: dict[str, list[int]] = {}
+        for index, (pair_id, *_rest) in enumerate(combos):
+            groups.setdefault(pair_id, []).append(index)
+        out = []
+        for pair_id, content, style, raw in combos:
+            members = groups[pair_id]
+            clean = [i for i in members if combos[i][3] == combos[i][0]]
+            keeps = pair_id not in taken and (len(members) == 1 or (len(clean) == 1 and raw == pair_id))
+            if not keeps:
+                cstem, _, sstem = raw.partition("__")
+                pair_id = _make_id(cstem, [sstem], unique_suffix(content, style))
+            out.append((pair_id, content, style))
+        return out
+
     def _add_spec(
         self, pair_id: str, content: str, styles: list[str], params: StyleParams, overrides: dict[str, Any], loc: Loc
     ) -> None:
         merged = {**self.defaults, **overrides}
         if isinstance(merged.get("weights"), str):
             where: Loc = loc if "weights" in overrides else ("defaults",)
-            self.inputs.append(InputRef(merged["weights"], (*where, "weights"), pair_id if where == loc else None))
+            owner = pair_id if where == loc else None
+            if self._allowed(merged["weights"], (*where, "weights"), owner):
+                self.inputs.append(InputRef(merged["weights"], (*where, "weights"), owner, kind="weights"))
+            else:
+                return
         spec = PairSpec(
             id=pair_id, content=content, styles=styles, params=params, overrides=merged, origin=fmt_loc(loc)
         )

@@ -1,22 +1,82 @@
-"""Input checks: every explicitly named input (and weights file) exists, one listing per parent prefix."""
+"""Input checks: every input lies under an allowed root, and each one exists within its byte limit (one stat each).
+
+The allowed roots are the manifest's own directory (or S3 prefix) plus the worker's setting `NST_INPUT_ROOTS`;
+nothing outside them is opened, stat'ed or hashed, so no size or hash of such a file can reach an output.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
 
 from nst import storage
-from nst.errors import Loc, StorageError
+from nst.errors import Loc, ManifestError, StorageError
 from nst.manifest.source import Problems
+
+STAT_THREADS = 16
+
+
+class InputSettings(BaseModel):
+    """The worker's input limits, read from the environment (`NST_INPUT_ROOTS`, `NST_MAX_INPUT_BYTES`, ...)."""
+
+    input_roots: list[str] = Field(
+        default_factory=list, description="directories and s3:// prefixes inputs may come from, besides the manifest's"
+    )
+    max_input_bytes: int = Field(64 * 2**20, gt=0, description="largest content or style file, in bytes")
+    max_weights_bytes: int = Field(2 * 2**30, gt=0, description="largest weights file, in bytes")
+
+    @classmethod
+    def from_env(cls) -> InputSettings:
+        """The settings from `NST_INPUT_ROOTS` (comma-separated), `NST_MAX_INPUT_BYTES`, `NST_MAX_WEIGHTS_BYTES`."""
+        raw: dict[str, object] = {}
+        if roots := os.environ.get("NST_INPUT_ROOTS", "").strip():
+            raw["input_roots"] = [r.strip() for r in roots.split(",") if r.strip()]
+        for name in ("max_input_bytes", "max_weights_bytes"):
+            if value := os.environ.get(f"NST_{name.upper()}", "").strip():
+                raw[name] = value
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            bad = ", ".join(f"NST_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors() if e.get("loc"))
+            raise ManifestError(f"bad worker setting {bad}") from None
 
 
 def same_uri(uri: str) -> str:
-    """Comparable form of a URI (local paths normalised)."""
+    """Comparable form of a URI (local paths normalised, symlinks resolved)."""
     if storage.is_s3(uri):
         return uri
-    return os.path.normpath(os.path.abspath(storage.local_path(uri)))
+    return os.path.realpath(os.path.abspath(os.path.expanduser(storage.local_path(uri))))
+
+
+def allowed_roots(manifest_dir: str, extra: Sequence[str]) -> list[str]:
+    """The manifest's directory plus `extra`, each in comparable form with a trailing separator."""
+    roots = []
+    for root in (manifest_dir, *extra):
+        if storage.is_s3(root):
+            roots.append(root if root.endswith("/") else root + "/")
+        else:
+            path = same_uri(root)
+            roots.append(path if path.endswith(os.sep) else path + os.sep)
+    return roots
+
+
+def is_allowed(uri: str, roots: Sequence[str]) -> bool:
+    """Whether `uri` lies under one of `roots` (no '.' or '..' key parts on S3, symlinks resolved locally)."""
+    if storage.is_s3(uri):
+        if any(part in (".", "..") for part in uri[len("s3://") :].split("/")):
+            return False
+        return any(storage.is_s3(r) and (uri.startswith(r) or r == "s3://") for r in roots)
+    try:
+        path = same_uri(uri)
+    except StorageError:
+        return False
+    return any(not storage.is_s3(r) and (path + os.sep).startswith(r) for r in roots)
 
 
 @dataclass
@@ -24,6 +84,7 @@ class InputRef:
     uri: str
     loc: Loc
     pair_id: str | None
+    kind: Literal["image", "weights"] = "image"
 
 
 def storage_reason(exc: StorageError, uri: str) -> str:
@@ -31,20 +92,27 @@ def storage_reason(exc: StorageError, uri: str) -> str:
     return re.sub(r"^cannot \w+: ", "", str(exc).removeprefix(f"{uri}: "))
 
 
-def check_inputs(problems: Problems, refs: Sequence[InputRef]) -> None:
-    """Every explicitly named input (and weights file) exists: one listing per parent prefix, not one per file."""
-    by_parent: dict[str, list[InputRef]] = {}
-    for ref in refs:
-        by_parent.setdefault(storage.parent(ref.uri), []).append(ref)  # checked when the path was resolved
-    reported: set[tuple[str, Loc]] = set()
-    for parent, group in by_parent.items():
+def check_inputs(problems: Problems, refs: Sequence[InputRef], settings: InputSettings) -> None:
+    """Every named input exists and is within its byte limit: one stat (HEAD on S3) per distinct input, no listing."""
+    uris = sorted({ref.uri for ref in refs})
+
+    def stat(uri: str) -> storage.ObjectInfo | StorageError:
         try:
-            listed = {same_uri(info.uri) for info in storage.list_prefix(parent)}
+            return storage.stat(uri)
         except StorageError as exc:
-            problems.add((), f"cannot list the inputs under {parent}: {storage_reason(exc, parent)}")
+            return exc
+
+    with ThreadPoolExecutor(min(STAT_THREADS, max(1, len(uris)))) as pool:
+        found = dict(zip(uris, pool.map(stat, uris), strict=True))
+    for ref in refs:
+        pair = f" (pair {ref.pair_id})" if ref.pair_id else ""
+        info = found[ref.uri]
+        if isinstance(info, StorageError):
+            reason = storage_reason(info, ref.uri)
+            text = f"not found: {ref.uri}" if reason.startswith("not found") else f"cannot read {ref.uri}: {reason}"
+            problems.add(ref.loc, text + pair)
             continue
-        for ref in group:
-            if same_uri(ref.uri) not in listed and (ref.uri, ref.loc) not in reported:
-                reported.add((ref.uri, ref.loc))
-                pair = f" (pair {ref.pair_id})" if ref.pair_id else ""
-                problems.add(ref.loc, f"not found: {ref.uri}{pair}")
+        limit = settings.max_weights_bytes if ref.kind == "weights" else settings.max_input_bytes
+        if info.size > limit:
+            setting = "NST_MAX_WEIGHTS_BYTES" if ref.kind == "weights" else "NST_MAX_INPUT_BYTES"
+            problems.add(ref.loc, f"{ref.uri} is {info.size} bytes, more than {setting}={limit}{pair}")

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from nst import storage
 from nst.errors import ManifestError, StorageError
 from nst.manifest.expand import PairBuilder, file_stem, pydantic_problems, resolve_output
+from nst.manifest.inputs import InputSettings, allowed_roots, storage_reason
 from nst.manifest.inputs import check_inputs as check_input_refs
-from nst.manifest.inputs import storage_reason
 from nst.manifest.model import Manifest, ManifestFile, ParamOverrides
 from nst.manifest.source import InvalidManifestError, parse_yaml
 from nst.params import StyleParams, format_validation_error
@@ -33,13 +33,20 @@ def _read(uri: str, max_bytes: int) -> bytes:
 
 
 def load_manifest(
-    uri: str, *, overrides: dict[str, Any] | None = None, check_inputs: bool = True, max_bytes: int = 1_000_000
+    uri: str,
+    *,
+    overrides: dict[str, Any] | None = None,
+    check_inputs: bool = True,
+    max_bytes: int = 1_000_000,
+    settings: InputSettings | None = None,
 ) -> Manifest:
     """Read, validate and resolve a manifest (local path, file:// or s3://); one ManifestError lists every problem.
 
-    `overrides` (any parameters) rank above the manifest's `defaults:` and below its per-pair values. With
-    `check_inputs`, every explicitly named input is checked to exist, with one listing per parent prefix.
+    `overrides` (any parameters) rank above the manifest's `defaults:` and below its per-pair values. Every input
+    must lie under the manifest's directory or a root of `settings` (default: `InputSettings.from_env()`); with
+    `check_inputs`, each one is stat'ed once to exist and to be within the byte limits.
     """
+    settings = settings if settings is not None else InputSettings.from_env()
     source = _absolute(uri)
     if overrides:
         try:
@@ -71,15 +78,23 @@ def load_manifest(
         else:
             output = resolved or ""
 
-    builder = PairBuilder(problems, base_dir, data, overrides or {})
+    roots = allowed_roots(base_dir, settings.input_roots)
+    builder = PairBuilder(problems, base_dir, data, overrides or {}, roots)
     builder.build()
     if not data.get("pairs") and "grid" not in data:
         problems.add((), "manifest has no pairs: add `pairs:` entries or a `grid:`", line=None)
     builder.check_ids()
     if check_inputs:
-        check_input_refs(problems, builder.inputs)
+        check_input_refs(problems, builder.inputs, settings)
     problems.raise_if_any(source)
-    return Manifest(name=name, source=source, output=output, pairs=builder.specs, defaults=builder.defaults_raw)
+    return Manifest(
+        name=name,
+        source=source,
+        output=output,
+        pairs=builder.specs,
+        defaults=builder.defaults_raw,
+        warnings=builder.warnings,
+    )
 
 
 def _short(uri: str, base: str) -> str:
@@ -93,6 +108,7 @@ def format_pairs(manifest: Manifest, *, verbose: bool = False) -> str:
     lines = [
         f"manifest {manifest.name!r}: {manifest.source}",
         f"output: {manifest.output}",
+        *(f"warning: {w}" for w in manifest.warnings),
         f"{len(manifest.pairs)} pair{'s' if len(manifest.pairs) != 1 else ''}:",
     ]
     width = max((len(p.id) for p in manifest.pairs), default=0)

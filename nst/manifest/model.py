@@ -203,6 +203,7 @@ class Manifest(BaseModel):
     output: str = Field(description="output directory URI (absolute path or s3://bucket/prefix), no trailing slash")
     pairs: list[PairSpec]
     defaults: dict[str, Any] = Field(default_factory=dict, description="the manifest's `defaults:` as written")
+    warnings: list[str] = Field(default_factory=list, description="what did not stop the run (an empty grid glob)")
 
 
 def manifest_json_schema() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from yaml.resolver import Resolver
 from nst.errors import Loc, ManifestError
 
 MAX_LISTED_PROBLEMS = 200
+MAX_INT_DIGITS = 4000  # below Python's int-parsing limit (4,300 digits), which would escape as a bare ValueError
 
 
 class InvalidManifestError(ManifestError):
@@ -170,10 +171,14 @@ def parse_yaml(uri: str, raw: bytes, node_budget: int) -> tuple[Problems, Any]:
         _check_expansion(uri, root, node_budget)
         problems = Problems(root)
         _duplicate_keys(root, problems)  # before construction, which merges `<<` keys into the nodes
+        _huge_numbers(root, problems)
+        problems.raise_if_any(uri)
         try:
             data = loader.construct_document(root)
         except yaml.MarkedYAMLError as exc:
             raise InvalidManifestError(uri, [f"invalid YAML: {_yaml_error(exc)}"]) from None
+        except ValueError as exc:  # anything else a constructor refuses: still one line, never a traceback
+            raise InvalidManifestError(uri, [f"invalid YAML value: {str(exc)[:200]}"]) from None
         except RecursionError:
             raise InvalidManifestError(uri, ["invalid YAML: nested too deeply"]) from None
         return problems, data
@@ -232,6 +237,28 @@ def _check_expansion(uri: str, root: yaml.Node, budget: int) -> None:
                 )
             if id(child) not in size:
                 stack.append((child, False))
+
+
+def _huge_numbers(root: yaml.Node, problems: Problems) -> None:
+    """Report integers too long to be a parameter, before constructing them (at its line, with its location)."""
+    stack: list[tuple[yaml.Node, Loc]] = [(root, ())]
+    seen: set[int] = set()
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            digits = sum(c.isdigit() for c in node.value)
+            if node.tag == "tag:yaml.org,2002:int" and digits > MAX_INT_DIGITS:
+                problems.add(loc, f"a {digits}-digit integer is too long", line=node.start_mark.line + 1)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                stack.append((key, loc))
+                stack.append((value, (*loc, name)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
 
 
 def _duplicate_keys(root: yaml.Node, problems: Problems) -> None:
