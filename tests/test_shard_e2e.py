@@ -16,7 +16,12 @@ import time
 from typing import Any
 
 import pytest
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
 from prefect.states import AwaitingRetry, Crashed
 
 from tests.conftest import REPO, SAMPLES
@@ -68,6 +73,16 @@ def children(server: PrefectServer, parent_id: str) -> list[Any]:
         return client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
         )
+
+
+def parent_artifacts(server: PrefectServer, parent_id: str) -> dict[str, Any]:
+    """The parent's own artifacts by key: table rows (a list) or markdown (a string)."""
+    with server.client() as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id]))
+        )
+    data = {a.key: a.data for a in found if a.key}
+    return {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in data.items()}
 
 
 def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
@@ -153,6 +168,15 @@ def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
     statuses = {p["id"]: p["status"] for p in summary["pairs"]}
     assert sorted(statuses) == sorted(PAIRS)
     assert sorted(p for p, s in statuses.items() if s != "succeeded") == victim_pairs
+    assert {s["state"] for s in summary["shards"]} == {"Completed", "Crashed"} and len(summary["shards"]) == SHARDS
+    # One report for the whole run: every pair in the table; the markdown names the dead shard's pairs and all shards.
+    reports = parent_artifacts(server, parent_id)
+    assert sorted(row["id"] for row in reports["shard-e2e-pairs"]) == sorted(PAIRS)
+    markdown = str(reports["shard-e2e-report"]).replace("\\", "")  # ids as text, markdown escapes removed
+    failed_section = markdown.split("## Failed pairs", 1)[1].split("##", 1)[0]
+    assert all(p in failed_section for p in victim_pairs), failed_section
+    assert markdown.count("| shard-e2e-shard-") == SHARDS
+    assert s3.head_object(Bucket=s3_bucket, Key=f"out/_runs/{parent_id}-losses.png")["ContentLength"] > 0
     before = outputs()
     done_keys = {k for k in before if k.rsplit("/", 1)[1].rsplit(".", 1)[0] not in victim_pairs}
     assert len(done_keys) == 2 * (len(PAIRS) - len(victim_pairs))
