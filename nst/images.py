@@ -33,13 +33,38 @@ _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 # VGG pools four times: an image more than 32 times wider than high (or the reverse) has no deep features.
 MAX_ASPECT = 32
+MIN_SIDE = 16  # VGG pools four times before block5: a shorter side leaves no deep features
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after `resize_long_side(img, size)`."""
+    long_side = max(width, height)
+    if long_side == size:
+        return width, height
+    if width >= height:
+        return size, max(1, round(height * size / long_side))
+    return max(1, round(width * size / long_side)), size
+
+
+def check_resized(width: int, height: int, size: int) -> str | None:
+    """Why an image of this size cannot be resized to long side `size` for VGG, or None if it can."""
+    new_w, new_h = resized_size(width, height, size)
+    if min(new_w, new_h) < MIN_SIDE:
+        return (
+            f"{width}x{height} resized to long side {size} is {new_w}x{new_h}: VGG needs at least {MIN_SIDE} px "
+            f"on the short side (raise size to {-(-MIN_SIDE * max(width, height) // min(width, height))} or crop)"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_image(source: bytes | str | Path, *, label: str, max_pixels: int) -> Image.Image:
-    """Decode an image (bytes or local path) to 8-bit RGB, EXIF orientation applied; problems -> one-line ImageError."""
+def load_image(source: bytes | str | Path, *, label: str, max_pixels: int, size: int | None = None) -> Image.Image:
+    """Decode an image (bytes or local path) to 8-bit RGB, EXIF orientation applied; problems -> one-line ImageError.
+
+    With `size` (the long side it will be resized to), an image too thin for VGG at that size is refused too.
+    """
     name = None if isinstance(source, bytes | bytearray) else str(source)
 
     def fail(problem: str) -> ImageError:
@@ -65,7 +90,10 @@ def load_image(source: bytes | str | Path, *, label: str, max_pixels: int) -> Im
             if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
                 raise fail(f"{width}x{height} has an aspect ratio over {MAX_ASPECT}:1 (too thin for VGG's pooling)")
             img.load()
-            return _to_rgb(_exif_upright(img))
+            upright = _to_rgb(_exif_upright(img))
+        if size is not None and (why := check_resized(*upright.size, size)):
+            raise fail(why)
+        return upright
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:

@@ -240,7 +240,7 @@ def _ppm() -> bytes:
 JPEG = (SAMPLES / "content" / "chelsea.jpg").read_bytes()
 
 # (case id, which input is bad, its bytes, what the pair's error message holds)
-RUN_CASES: list[tuple[str, str, bytes, str]] = [
+RUN_CASES: list[Any] = [
     ("content-not-an-image", "content", b"half an upload", "not an image"),
     ("content-truncated", "content", JPEG[: len(JPEG) // 3], "truncated"),
     ("content-empty", "content", b"", "empty"),
@@ -248,10 +248,21 @@ RUN_CASES: list[tuple[str, str, bytes, str]] = [
     ("content-aspect-40-to-1", "content", _png((1200, 30)), "aspect ratio"),
     ("style-not-an-image", "style", b"<html>not found</html>", "not an image"),
     ("style-aspect-1-to-40", "style", _png((30, 1200)), "aspect ratio"),
+    pytest.param(
+        "content-too-thin-at-size",  # 10:1 at size 32 is 32x3 px: VGG's pooling raises from deep inside torch
+        "content",
+        _png((400, 40)),
+        "VGG needs at least 16 px",
+        marks=pytest.mark.xfail(
+            strict=True, reason="nst.pipeline._load_job must pass size= to load_image (run-path owner's file)"
+        ),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "role", "data", "reason"), RUN_CASES, ids=[c[0] for c in RUN_CASES])
+@pytest.mark.parametrize(
+    ("case", "role", "data", "reason"), RUN_CASES, ids=[(c.values if hasattr(c, "values") else c)[0] for c in RUN_CASES]
+)
 def test_bad_image_fails_its_pair_with_a_record(
     ws: Workspace,
     case: str,

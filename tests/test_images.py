@@ -324,3 +324,13 @@ def test_match_color_batched_with_broadcast_target_and_flat_source() -> None:
     got = match_color(flat, target, clamp=False)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[0, :, 0, 0].double(), _stats(target)[0], rtol=0, atol=1e-5)
+
+
+def test_too_thin_for_vgg_at_its_size_is_refused() -> None:
+    """A 10:1 photo resized to long side 32 would be 3 px high: refused by name, not by VGG's pooling."""
+    data = _encode(Image.new("RGB", (400, 40)), "PNG")
+    with pytest.raises(ImageError) as info:
+        load_image(data, label="pair p: content 'c.png'", max_pixels=BIG, size=32)
+    assert str(info.value).startswith("pair p: content 'c.png': 400x40 resized to long side 32 is 32x3: ")
+    assert "raise size to 160" in str(info.value)
+    assert load_image(data, label="ok", max_pixels=BIG, size=160).size == (400, 40)
