@@ -222,6 +222,32 @@ def test_an_absolute_input_is_one_stat_not_a_walk(ws: Workspace, monkeypatch: py
     assert str(info.value).endswith("pairs[0].content: not found: /a-file-that-is-not-there.jpg (pair p1) (line 7)")
 
 
+def test_symlink_out_of_the_roots_is_refused(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    """A link inside the manifest's directory to a file outside it is judged by where it points."""
+    (ws.manifest_dir / "link.jpg").symlink_to(ws.secret)
+    manifest = ws.manifest_dir / "m.yaml"
+    manifest.write_text(HEAD + PAIR.replace("c.jpg", "link.jpg"))
+    with pytest.raises(ManifestError) as info:
+        run(str(manifest), RunOptions())
+    assert str(info.value).startswith(f"{manifest}: pairs[0].content: {ws.manifest_dir / 'link.jpg'} is outside")
+    assert str(info.value).endswith("(line 7)") and "\n" not in str(info.value)
+    assert_no_secret(ws, str(info.value), caplog.text)
+
+
+def test_weights_override_outside_the_roots_is_refused(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--weights` (or the flow form's overrides) is an input too: confined like the manifest's own."""
+    manifest = ws.manifest_dir / "m.yaml"
+    manifest.write_text(HEAD + PAIR)
+    with pytest.raises(ManifestError) as info:
+        run(str(manifest), RunOptions(), overrides={"weights": str(ws.secret)})
+    assert f"defaults.weights: {ws.secret} is outside the allowed input roots" in str(info.value)
+    code = main(["run", "--no-prefect", str(manifest), "--weights", str(ws.secret)])
+    out, err = capsys.readouterr()
+    assert code != 0 and "is outside the allowed input roots" in err and "Traceback" not in err
+    assert not (ws.manifest_dir / "out").exists()
+    assert_no_secret(ws, str(info.value), out, err)
+
+
 # --------------------------------------------------------------------------------- refused per pair, at run time
 
 
