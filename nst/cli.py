@@ -173,6 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if name in model_values(args, RunOptions):
             raise ParamsError(f"run options.{name}: needs Prefect; drop --no-prefect")
     summary = run(args.manifest, options, overrides=overrides)
+    for warning in summary.manifest.warnings:  # e.g. a grid glob that matched nothing tonight
+        print(f"warning: {warning}", file=sys.stderr)
     if summary.dry_run:
         for pair_id in summary.ids("not_run"):
             print(f"run   {pair_id}")

@@ -359,6 +359,8 @@ def test_grid_glob_matching_nothing_is_a_warning(ws: Workspace, capsys: pytest.C
     assert loaded.warnings == ["grid.contents[0]: 'empty/*.jpg' matched no files (line 5)"]
     assert main(["validate", str(manifest)]) == 0
     assert "warning: grid.contents[0]: 'empty/*.jpg' matched no files (line 5)" in capsys.readouterr().out
+    assert main(["run", "--no-prefect", "--dry-run", str(manifest)]) == 0  # the run goes on, and says it
+    assert "warning: grid.contents[0]: 'empty/*.jpg' matched no files (line 5)" in capsys.readouterr().err
 
 
 def test_grid_image_extensions_match_in_any_case(ws: Workspace) -> None:
