@@ -44,6 +44,7 @@ from nst.run_options import RunOptions
 
 POLL_S = 3.0
 READ_THREADS = 16
+HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
 SHARD_TAG = "shard"
 
 
@@ -163,8 +164,8 @@ def _read_json(uri: str) -> dict[str, Any] | None:
         return None
 
 
-def _from_record(spec: PairSpec, record: dict[str, Any], status: Status) -> PairRecord:
-    """A PairRecord of a pair's JSON record found in storage."""
+def _from_record(spec: PairSpec, record: dict[str, Any], status: Status, *, history: bool) -> PairRecord:
+    """A PairRecord of a pair's JSON record found in storage (its loss history only if `history`)."""
     output = record.get("output") or {}
     return PairRecord(
         id=spec.id,
@@ -176,51 +177,52 @@ def _from_record(spec: PairSpec, record: dict[str, Any], status: Status) -> Pair
         final_losses=record.get("final_losses"),
         seconds=0.0 if status == "skipped" else float(record.get("seconds") or 0.0),
         error=record.get("error"),
-        history=record.get("history") or [],
-        record=record,
+        history=(record.get("history") or []) if history else [],
     )
 
 
+def _child_pair(
+    output: str, child: FlowRun, spec: PairSpec, entry: dict[str, Any] | None, *, history: bool
+) -> PairRecord:
+    """One pair of a child: the status its run summary gives (`entry`), else what its record says it wrote."""
+    _, json_uri = pipeline.output_uris(output, spec.id)
+    if entry is not None and entry["status"] == "not_run":
+        reason = (entry.get("error") or {}).get("message", "not run")
+        return pipeline.not_run_record(PlannedPair(spec, {}), output, reason)
+    record = _read_json(json_uri)
+    if record is not None and entry is not None and entry["status"] in ("succeeded", "failed", "skipped"):
+        return _from_record(spec, record, entry["status"], history=history)
+    if record is not None and record.get("run_id") == str(child.id) and record.get("status") == "succeeded":
+        return _from_record(spec, record, "succeeded", history=history)  # written before the child died
+    state_name = _state_name(child)
+    message = child.state.message if child.state else None
+    detail = f": {message}" if message else ""
+    error = error_info(
+        state_name, f"shard {child.name} ({child.id}) ended {state_name}{detail}; the pair did not finish"
+    )
+    return PairRecord(spec.id, "failed", spec.content, spec.styles, None, json_uri, error=error)
+
+
 def collect(manifest: Manifest, children: Sequence[FlowRun], specs: dict[str, PairSpec]) -> list[PairRecord]:
-    """Each child's pairs as it left them: its run summary's status, the pair's record; a dead child's pairs failed."""
+    """Each child's pairs as it left them: its run summary's status, the pair's record; a dead child's pairs failed.
+
+    Loss histories are kept for the first HISTORY_PAIRS pairs only (the report's curves): at ~50 KB a record, a
+    100,000-pair run would otherwise hold gigabytes.
+    """
     output = manifest.output
-    summaries = {c.id: _read_json(storage.join(output.rstrip("/") + "/", f"_runs/{c.id}.json")) for c in children}
+    listed: dict[UUID, dict[str, dict[str, Any]]] = {}
+    for c in children:
+        summary = _read_json(storage.join(output.rstrip("/") + "/", f"_runs/{c.id}.json")) or {}
+        listed[c.id] = {p["id"]: p for p in summary.get("pairs", [])}
     wanted = [(c, pair_id) for c in children for pair_id in _run_pair_ids(c)]
+
+    def one(item: tuple[int, tuple[FlowRun, str]]) -> PairRecord:
+        i, (child, pair_id) = item
+        entry = listed[child.id].get(pair_id)
+        return _child_pair(output, child, specs[pair_id], entry, history=i < HISTORY_PAIRS)
+
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        found = list(pool.map(lambda cp: _read_json(pipeline.output_uris(output, cp[1])[1]), wanted))
-    records: list[PairRecord] = []
-    for (child, pair_id), record in zip(wanted, found, strict=True):
-        spec = specs[pair_id]
-        summary = summaries[child.id]
-        listed = {p["id"]: p for p in (summary or {}).get("pairs", [])}
-        entry = listed.get(pair_id)
-        if entry is not None and record is not None and entry["status"] in ("succeeded", "failed", "skipped"):
-            records.append(_from_record(spec, record, entry["status"]))
-            continue
-        if entry is not None and entry["status"] == "not_run":
-            records.append(
-                pipeline.not_run_record(
-                    PlannedPair(spec, {}), output, (entry.get("error") or {}).get("message", "not run")
-                )
-            )
-            continue
-        ours = record is not None and record.get("run_id") == str(child.id) and record.get("status") == "succeeded"
-        if ours and record is not None:
-            records.append(_from_record(spec, record, "succeeded"))
-            continue
-        state_name = _state_name(child)
-        message = child.state.message if child.state else None
-        error = error_info(
-            state_name,
-            f"shard {child.name} ({child.id}) ended {state_name}"
-            + (f": {message}" if message else "")
-            + "; the pair did not finish",
-        )
-        _, json_uri = pipeline.output_uris(output, pair_id)
-        records.append(
-            PairRecord(pair_id, "failed", spec.content, spec.styles, None, json_uri, error=error, record=record or {})
-        )
-    return records
+        return list(pool.map(one, enumerate(wanted)))
 
 
 def publish_report(
@@ -244,7 +246,10 @@ def publish_report(
             name=manifest.name, run_id=run_id, records=records, summary_uri=summary_uri, curves_url=curves_url
         )
         lines = ["", "## Shards", "", "| shard | flow run | state | pairs |", "|---|---|---|---:|"]
-        lines += [f"| {s['name']} | `{s['flow_run_id']}` | {s['state']} | {len(s['pair_ids'])} |" for s in shards]
+        lines += [
+            f"| {report.md_text(s['name'])} | `{s['flow_run_id']}` | {s['state']} | {len(s['pair_ids'])} |"
+            for s in shards
+        ]
         create_markdown_artifact(
             key=f"{slug}-report",
             markdown=markdown + "\n".join(lines) + "\n",

@@ -14,6 +14,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed, Crashed
 
+import flows.shard
 from flows.shard import collect, pair_cost, plan_shards, split_batches
 from flows.stylize import DeviceSlots
 from nst import pipeline
@@ -80,7 +81,9 @@ def test_retry_reruns_only_shards_with_pending_pairs_and_only_those_pairs(tmp_pa
     assert plan_shards([], first, 3, "t", max_pairs=4, output="out/") == []  # nothing pending: nothing runs
 
 
-def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(tmp_path: Path) -> None:
+def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pairs = [{"id": i, "content": CHELSEA, "style": BRICK} for i in ("a", "b", "c", "d")]
     manifest, plan, _ = planned(tmp_path, pairs)
     specs = {p.id: p for p in plan.to_run}
@@ -124,6 +127,9 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(tmp_pat
     assert records["a"].history and records["a"].image_uri == str(out / "a.png")
     assert records["d"].error is not None and records["d"].error["type"] == "Crashed"
     assert str(dead.id) in records["d"].error["message"]
+    monkeypatch.setattr(flows.shard, "HISTORY_PAIRS", 1)  # histories kept for the report's curves only
+    again = {r.id: r for r in collect(manifest, [ok, dead], {i: p.spec for i, p in specs.items()})}
+    assert again["a"].history and not again["c"].history and again["c"].final_losses
 
 
 def test_record_names_host_and_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
