@@ -151,7 +151,8 @@ def markdown_report(
     if dry_run:
         lines.append(f"\nNothing was written. {c['not_run']} pairs {verb} run, {c['skipped']} {verb} be skipped.")
     if summary_uri:
-        lines.append(f"\nRun summary: {md_text(summary_uri)}")
+        where = "/".join(summary_uri.rstrip("/").split("/")[-2:])  # no worker path or bucket in the report
+        lines.append(f"\nRun summary: {md_text(where)} under the output")
     failed = [r for r in records if r.status == "failed"]
     if failed:
         lines += ["", "## Failed pairs", ""]

@@ -59,9 +59,11 @@ def test_report_embeds_thumbnails_and_the_plot_as_data_uris(storage_root: str) -
     assert png is not None
     curves_uri = storage.join(storage_root, "out/_runs/r-losses.png")
     storage.write_bytes(curves_uri, png)
+    summary = storage.join(storage_root, "out/_runs/r.json")
     markdown = report.markdown_report(
-        name="night", run_id="r", records=records, summary_uri=None, curves_url=report.display_url(curves_uri)
+        name="night", run_id="r", records=records, summary_uri=summary, curves_url=report.display_url(curves_uri)
     )
+    assert "Run summary: \\_runs/r\\.json under the output" in markdown
     images = DATA_URI.findall(markdown)
     # ok: content, style, result; bad: content, style; and the loss curves.
     assert len(images) == 6 and markdown.count("](") == 6
