@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from nst.run_options import RunOptions
 POLL_S = 3.0
 READ_THREADS = 16
 HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
+INPUT_ROOTS_ENV = "NST_INPUT_ROOTS"  # nst.manifest.inputs.InputSettings reads it
 SHARD_TAG = "shard"
 
 
@@ -134,8 +136,15 @@ def start_shard(
             idempotency_key=key,
             timeout=0,
             tags=[SHARD_TAG],
+            job_variables=child_job_variables(),
         ),
     )
+
+
+def child_job_variables() -> dict[str, Any]:
+    """The parent's input roots (NST_INPUT_ROOTS), passed on so that children may read what the parent planned."""
+    roots = os.environ.get(INPUT_ROOTS_ENV)
+    return {"env": {INPUT_ROOTS_ENV: roots}} if roots else {}
 
 
 def wait_for(client: SyncPrefectClient, runs: Sequence[FlowRun], timeout_s: float) -> list[FlowRun] | None:

@@ -154,3 +154,11 @@ def test_device_slot_holds_a_gpu_shards_slot_and_runs_without_the_limit() -> Non
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
     with DeviceSlots(["cpu"], limit=f"missing-{name}").take() as device:  # no such limit: a warning, and it runs
         assert device == "cpu"
+
+
+def test_children_get_the_parents_input_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child refuses inputs outside the manifest's location unless its worker has the roots the parent planned with.
+    monkeypatch.delenv("NST_INPUT_ROOTS", raising=False)
+    assert flows.shard.child_job_variables() == {}
+    monkeypatch.setenv("NST_INPUT_ROOTS", "s3://photos/incoming/,s3://styles/")
+    assert flows.shard.child_job_variables() == {"env": {"NST_INPUT_ROOTS": "s3://photos/incoming/,s3://styles/"}}
