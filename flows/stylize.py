@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +40,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import RUN_ID, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
@@ -83,22 +83,41 @@ class DeviceSlots:
     def __init__(self, devices: Sequence[str], limit: str | None = None) -> None:
         self.devices = list(devices)
         self.limit = limit  # also hold a slot of this global concurrency limit while optimising
-        self._free: queue.Queue[str] = queue.Queue()
-        for device in self.devices:
-            self._free.put(device)
+        self._holders: list[object | None] = [None] * len(self.devices)  # who holds each device
+        self._changed = threading.Condition()
+
+    def _acquire(self, holder: object) -> str:
+        """Wait for a free device; mark it held by `holder` in one assignment (an exception lands before or after)."""
+        with self._changed:
+            while True:
+                for i, current in enumerate(self._holders):
+                    if current is None:
+                        self._holders[i] = holder
+                        return self.devices[i]
+                self._changed.wait()
+
+    def _release(self, holder: object) -> None:
+        with self._changed:
+            self._holders = [None if h is holder else h for h in self._holders]
+            self._changed.notify_all()
 
     @contextlib.contextmanager
     def take(self) -> Iterator[str]:
-        """Wait for a free device and hold it for the duration of the block."""
-        device = self._free.get()
+        """Wait for a free device and hold it for the duration of the block.
+
+        The device is taken inside `try`, by holder: a task timeout (an exception injected into this thread) that
+        lands anywhere, even just after the device was taken, still gives it back.
+        """
+        holder = object()
         try:
+            device = self._acquire(holder)
             if self.limit is None:
                 yield device
             else:  # not strict: without the limit Prefect logs a warning and the batch runs
                 with concurrency(self.limit, occupy=1):
                     yield device
         finally:
-            self._free.put(device)
+            self._release(holder)
 
     def __repr__(self) -> str:
         return f"DeviceSlots({self.devices})"
@@ -192,7 +211,7 @@ def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 def retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
     """Retry a batch task only for transient errors (storage, network); never for failed pairs or a timeout."""
     exc = state.data if isinstance(state.data, BaseException) else None
-    return isinstance(exc, StorageError | ConnectionError)
+    return (isinstance(exc, StorageError) and exc.transient) or isinstance(exc, ConnectionError)
 
 
 def _progress_callback(progress: Progress, batch: Batch) -> ProgressCallback:
@@ -236,6 +255,7 @@ def batch_task(batch: Batch) -> list[PairRecord]:
         stylizer=parts.stylizer,
         hold_device=parts.slots.take,
         on_progress=_progress_callback(parts.progress, batch),
+        run_is_live=flow_run_is_live,
     )
     for r in records:
         if r.status == "failed":
@@ -246,6 +266,18 @@ def batch_task(batch: Batch) -> list[PairRecord]:
     if failed:
         raise PairsFailed(f"{len(failed)} of {len(records)} pairs failed: {', '.join(failed)}", records)
     return records
+
+
+def flow_run_is_live(run_id: str) -> bool:
+    """Whether the flow run that holds a pair's claim may still write it (not in a final state; unknown: yes)."""
+    import uuid
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(uuid.UUID(run_id)).state
+    except Exception:  # not a flow run id (a local run), or the API is unreachable: the claim's expiry decides
+        return True
+    return state is None or not state.is_final()
 
 
 def batch_records(state: State[Any], batch: Batch) -> list[PairRecord]:
@@ -310,7 +342,9 @@ def final_state(summary: RunSummary, options: RunOptions) -> State[Any]:
         return Completed(message=text, data=result)
     message = f"{len(failed)} of {len(summary.records)} pairs failed: {', '.join(failed)}"
     if not_run:
-        message += f"; {len(not_run)} not run (max_failures={options.max_failures})"
+        reasons = sorted({str((r.error or {}).get("message", "")) for r in summary.records if r.status == "not_run"})
+        why = f"max_failures={options.max_failures}" if options.max_failures is not None else "; ".join(reasons)
+        message += f"; {len(not_run)} not run ({why})"
     get_run_logger().error("%s. Summary: %s", message, summary.summary_uri)
     return Failed(message=f"{message}. Retry runs only these again. ({text})", data=result)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import math
 import platform
 import threading
 import time
@@ -49,6 +51,7 @@ class PairResult:
     weights: WeightsInfo | None
     error: dict[str, Any] | None = None
     intermediates: list[tuple[int, Image.Image]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def canonical_params(params: StyleParams) -> StyleParams:
@@ -126,14 +129,33 @@ class Stylizer:
             if callback is not None:
                 callback(event)
 
+        oom = None
         try:
             outcomes = optimize.stylize_batch(problems, extractor, device=device, callback=on_event)
         except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(f"out of memory on {device} with a batch of {len(jobs)}: {exc}") from None
+            oom = f"out of memory on {device} with a batch of {len(jobs)}: {exc}"
+        if oom is not None:  # raised outside the except block: no __context__ holding the batch's tensors
+            del problems, prepared
+            free_memory(device)
+            raise OutOfMemory(oom)
         seconds = (time.perf_counter() - start) / len(jobs)
         results = []
         for job, (_, content), outcome, inter in zip(jobs, prepared, outcomes, intermediates, strict=True):
             image = None
+            if outcome.status == "succeeded" and not _finite(outcome.final_losses):
+                # Never a success with a non-finite loss (e.g. the last step's image evaluates to NaN).
+                outcome = optimize.PairOutcome(
+                    status="failed",
+                    image=None,
+                    final_losses=None,
+                    history=outcome.history,
+                    iterations=outcome.iterations,
+                    error={
+                        "type": "NonFiniteLoss",
+                        "message": "the final image's loss is NaN/inf",
+                        "iteration": outcome.iterations,
+                    },
+                )
             if outcome.image is not None:
                 out = outcome.image
                 if job.params.preserve_colors == "luminance":
@@ -153,9 +175,21 @@ class Stylizer:
                     weights=weights,
                     error=outcome.error,
                     intermediates=inter,
+                    warnings=outcome.warnings,
                 )
             )
         return results
+
+
+def _finite(losses: dict[str, float] | None) -> bool:
+    return losses is not None and all(math.isfinite(v) for v in losses.values())
+
+
+def free_memory(device: torch.device | str | None = None) -> None:
+    """Collect unreachable tensors now and return cached CUDA blocks (after an out-of-memory error)."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()
 
 
 def output_size(width: int, height: int, size: int) -> tuple[int, int]:

@@ -29,7 +29,11 @@ class ManifestError(NSTError):
 
 
 class StorageError(NSTError):
-    """A storage URI could not be read or written."""
+    """A storage URI could not be read or written; `transient` if trying again later may succeed (outage, 5xx)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class OutputError(NSTError):

@@ -66,6 +66,7 @@ class PairOutcome:
     history: list[dict[str, float]]
     iterations: int
     error: dict[str, Any] | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # e.g. a later step went NaN; best iterate kept
 
 
 @dataclass
@@ -586,6 +587,9 @@ def _stylize_batch(
             )
         current = torch.zeros(batch, len(LOSS_TERMS), device=device)  # the losses of each pair's current iterate
         active = torch.ones(batch, dtype=torch.bool, device=device)
+        # Pairs whose kept iterate (Adam's best, L-BFGS's accepted) had a finite loss at this scale.
+        kept_finite = torch.zeros(batch, dtype=torch.bool, device=device)
+        scale_start = iteration
         for step in range(params.iterations):
             iteration += 1
             x.grad = None
@@ -600,6 +604,7 @@ def _stylize_batch(
                 improved = alive & (total.detach() < best_loss)
                 best_loss = torch.where(improved, total.detach(), best_loss)
                 best_x = torch.where(improved.view(-1, 1, 1, 1), x.detach(), best_x)
+                kept_finite = kept_finite | improved
             with torch.no_grad():
                 if adam is not None:
                     x.grad = grad
@@ -608,6 +613,7 @@ def _stylize_batch(
                 elif lbfgs is not None:
                     active = active & alive
                     lbfgs.step(x.view(batch, -1), grad.reshape(batch, -1), active, loss=total.detach())
+                    kept_finite = kept_finite | lbfgs.accepted_now
             # L-BFGS logs its accepted iterate (a rejected line-search trial is not an iterate); Adam its last one.
             stacked = _stack_losses(losses)
             current = stacked if lbfgs is None else torch.where(lbfgs.accepted_now[:, None], stacked, current)
@@ -643,6 +649,11 @@ def _stylize_batch(
         # Every iterate is inside the valid range, so this clamp only removes float rounding at the bounds.
         # A pair whose loss was never finite keeps its start image; it is reported failed below.
         x01 = extractor.from_model(final).clamp(0, 1)
+        # A pair that went non-finite at this (last so far) scale but whose kept iterate is finite is not lost.
+        if params.keep_best or lbfgs is not None:
+            rescued = kept_finite & (failed_at > scale_start)
+        else:
+            rescued = torch.zeros(batch, dtype=torch.bool, device=device)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         final_model = extractor.to_model(x01)
@@ -650,9 +661,11 @@ def _stylize_batch(
             _stack_losses(total_losses(extractor(final_model), final_model, targets, params.normalization))
         )
     failed_list = failed_at.cpu().tolist()
+    rescued_list = rescued.cpu().tolist()
     outcomes = []
     for i in range(batch):
-        if failed_list[i] >= 0:
+        rescue = failed_list[i] >= 0 and rescued_list[i] and all(math.isfinite(v) for v in final_losses[i].values())
+        if failed_list[i] >= 0 and not rescue:
             outcomes.append(
                 PairOutcome(
                     status="failed",
@@ -675,6 +688,15 @@ def _stylize_batch(
                     final_losses=final_losses[i],
                     history=histories[i],
                     iterations=total_iterations,
+                    warnings=[
+                        {
+                            "type": "NonFiniteLoss",
+                            "message": f"loss became NaN/inf at iteration {failed_list[i]}; kept the best iterate",
+                            "iteration": failed_list[i],
+                        }
+                    ]
+                    if rescue
+                    else [],
                 )
             )
     return outcomes

@@ -2,8 +2,9 @@
 
 `run()` is the one path behind `nst run --no-prefect`, the `stylize-manifest` flow and the shard flow's planning.
 Callers plug in how a batch runs (`RunHooks.run_batch`: in this thread, or as a Prefect task) and hear when one
-finished (`RunHooks.batch_done`). Per-pair failures (bad image, NaN) become failed records, never exceptions;
-output-write errors raise, so that a caller such as a Prefect task can retry them.
+finished (`RunHooks.batch_done`). Per-pair failures (bad image, NaN, an output that cannot be written) become failed
+records, never exceptions: a write is retried on its own (transient errors only), never the optimisation, and a pair
+whose success was written is never downgraded to failed afterwards.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 from PIL import Image
 
 from nst import storage
-from nst.engine import PairJob, PairResult, Stylizer, canonical_params, output_size
-from nst.errors import ManifestError, NSTError, OutOfMemory
+from nst.engine import PairJob, PairResult, Stylizer, canonical_params, free_memory, output_size
+from nst.errors import ManifestError, NSTError, OutOfMemory, StorageError
 from nst.images import encode_png, load_image, sha256_bytes
 from nst.manifest import Manifest, PairSpec, load_manifest
 from nst.optimize import ProgressCallback
@@ -34,6 +35,11 @@ from nst.results import STATUSES, Status, build_record, error_info, exception_in
 from nst.run_options import RunOptions
 
 READ_THREADS = 16
+# Waits between attempts of one output write, on transient storage errors (on top of botocore's own retries):
+# together they ride out an S3 endpoint that is down for about a minute.
+WRITE_RETRY_DELAYS_S: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
+# A pair's claim (`<id>.claim` beside its outputs) lapses after this long, so a dead run's claims do not block others.
+CLAIM_TTL_S = 6 * 3600.0
 
 
 @dataclass
@@ -161,20 +167,28 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
     with ThreadPoolExecutor(READ_THREADS) as pool:
         read = dict(zip(uris, pool.map(lambda u: _read_input(u, spool), uris), strict=True))
     existing = {} if options.force else _existing_records(manifest.output, [p.id for p in specs])
-    to_run, skipped = [], []
+    planned: list[tuple[PlannedPair, dict[str, Any] | None]] = []
     for spec in specs:
         spec = spec.model_copy(update={"params": canonical_params(spec.params)})
         hashes = {u: read[u][0] for u in (spec.content, *spec.styles)}
         errors = [read[u][2] for u in (spec.content, *spec.styles) if read[u][2]]
         old = existing.get(spec.id)
-        if (
+        done = (
             old is not None
             and not errors
             and is_done(old, spec.params, inputs_section(spec.content, spec.styles, hashes))
-        ):
-            skipped.append(_pair_record(spec, old, status="skipped"))
-            continue
-        to_run.append(PlannedPair(spec, hashes, read[spec.content][1], errors[0] if errors else None))
+        )
+        pair = PlannedPair(spec, hashes, read[spec.content][1], errors[0] if errors else None)
+        planned.append((pair, old if done else None))
+    # "Done" also means the image beside the record is the one it describes (another run may have replaced it).
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        intact = list(pool.map(lambda item: item[1] is not None and _image_matches(item[1]), planned))
+    to_run, skipped = [], []
+    for (pair, old), ok in zip(planned, intact, strict=True):
+        if ok and old is not None:
+            skipped.append(_pair_record(pair.spec, old, status="skipped"))
+        else:
+            to_run.append(pair)
     return Plan(manifest=manifest, to_run=to_run, skipped=skipped)
 
 
@@ -227,6 +241,51 @@ def _load_job(pair: PlannedPair, spool: str | None) -> PairJob:
 
 FaultHook = Callable[[Sequence[PairJob]], None]
 HoldDevice = Callable[[], AbstractContextManager[str]]
+RunIsLive = Callable[[str], bool]  # whether the run of this id may still be writing (False: its claims are stale)
+
+
+def claim_uri(output: str, pair_id: str) -> str:
+    """`<output>/<id>.claim`: who is producing this pair right now."""
+    return storage.join(output.rstrip("/") + "/", f"{pair_id}.claim")
+
+
+def claim_pair(
+    output: str, pair_id: str, run_id: str, *, ttl_s: float = CLAIM_TTL_S, run_is_live: RunIsLive | None = None
+) -> str | None:
+    """Take the pair's claim (create-if-absent); None when this run holds it, else why it cannot.
+
+    A claim of this same run (a retry) is ours; one past its expiry, or of a run `run_is_live` says is over, is taken
+    over. Local claims use O_EXCL, S3 claims a conditional PUT (`If-None-Match: *`).
+    """
+    uri = claim_uri(output, pair_id)
+    body = json.dumps({"run_id": run_id, "expires_at": time.time() + ttl_s, "claimed_at": now_iso()}).encode()
+    held: dict[str, Any] = {}
+    for _ in range(3):
+        if with_retries(lambda: storage.create_new(uri, body)):
+            return None
+        try:
+            held = json.loads(with_retries(lambda: storage.read_bytes(uri)))
+        except StorageError as exc:
+            if exc.transient:
+                raise
+            continue  # released meanwhile: try again
+        except ValueError:
+            held = {}  # being written by its owner this very moment
+        holder = str(held.get("run_id", ""))
+        if holder == run_id:
+            return None
+        expired = float(held.get("expires_at") or 0) < time.time()
+        if held and (expired or (run_is_live is not None and not run_is_live(holder))):
+            with_retries(lambda: storage.delete(uri))
+            continue
+        break
+    return f"claimed by run {held.get('run_id', '?')} (since {held.get('claimed_at', '?')})"
+
+
+def release_pair(output: str, pair_id: str) -> None:
+    """Drop this pair's claim (best effort: an unreleased claim lapses at its expiry)."""
+    with contextlib.suppress(NSTError):
+        storage.delete(claim_uri(output, pair_id))
 
 
 def run_batch(
@@ -236,19 +295,47 @@ def run_batch(
     hold_device: HoldDevice | None = None,
     on_progress: ProgressCallback | None = None,
     fault_hook: FaultHook | None = None,
+    run_is_live: RunIsLive | None = None,
+    claim_ttl_s: float = CLAIM_TTL_S,
 ) -> list[PairRecord]:
     """Stylize one batch and write its outputs; a batch that runs out of memory is split in halves and retried.
 
-    With `hold_device`, the optimisation (not the reading and writing) runs while holding a device, and pairs set to
-    `device: auto` run on that device.
+    Each pair is claimed first (`claim_pair`): a pair another live run is producing is left `not_run`, so two runs
+    never interleave one pair's image and JSON. With `hold_device`, the optimisation (not the reading and writing)
+    runs while holding a device, and pairs set to `device: auto` run on that device.
     """
     records: list[PairRecord] = []
-    jobs: list[tuple[PlannedPair, PairJob]] = []
+    claimed: list[PlannedPair] = []
     for pair in batch.pairs:
+        busy = claim_pair(batch.output, pair.id, batch.run_id, ttl_s=claim_ttl_s, run_is_live=run_is_live)
+        if busy is None:
+            claimed.append(pair)
+        else:
+            records.append(not_run_record(pair, batch.output, f"pair {pair.id}: {busy}; not run, retry later"))
+    try:
+        records += _claimed_batch(batch, claimed, stylizer, hold_device, on_progress, fault_hook)
+    finally:
+        for pair in claimed:
+            release_pair(batch.output, pair.id)
+    order = {p.id: i for i, p in enumerate(batch.pairs)}
+    return sorted(records, key=lambda r: order[r.id])
+
+
+def _claimed_batch(
+    batch: Batch,
+    pairs: list[PlannedPair],
+    stylizer: Stylizer,
+    hold_device: HoldDevice | None,
+    on_progress: ProgressCallback | None,
+    fault_hook: FaultHook | None,
+) -> list[PairRecord]:
+    records: list[PairRecord] = []
+    jobs: list[tuple[PlannedPair, PairJob]] = []
+    for pair in pairs:
         try:
             jobs.append((pair, _load_job(pair, batch.spool)))
         except NSTError as exc:
-            records.append(record_failure(pair, batch, exception_info(exc)))
+            records.append(record_failure(pair, batch, exception_info(exc), best_effort=True))
 
     def optimise(subset: list[PairJob]) -> list[PairResult]:
         if fault_hook is not None:
@@ -259,9 +346,7 @@ def run_batch(
             pinned = [_pinned(j, device) for j in subset]
             return stylizer.run(pinned, callback=on_progress)
 
-    records += _run_jobs(jobs, batch, optimise)
-    order = {p.id: i for i, p in enumerate(batch.pairs)}
-    return sorted(records, key=lambda r: order[r.id])
+    return records + _run_jobs(jobs, batch, optimise)
 
 
 def _pinned(job: PairJob, device: str) -> PairJob:
@@ -275,19 +360,40 @@ def _run_jobs(
 ) -> list[PairRecord]:
     if not jobs:
         return []
+    oom: dict[str, Any] | None = None
     try:
         results = optimise([j for _, j in jobs])
     except OutOfMemory as exc:
+        oom = exception_info(exc)
+    except NSTError as exc:  # a problem of the whole batch's parameters (unknown layer, missing weights...)
+        return [record_failure(p, batch, exception_info(exc), best_effort=True) for p, _ in jobs]
+    if oom is not None:  # out of the except block: the failed batch's tensors are unreachable now
+        free_memory()
         if len(jobs) == 1:
-            return [record_failure(jobs[0][0], batch, exception_info(exc))]
+            return [record_failure(jobs[0][0], batch, oom, best_effort=True)]
         half = len(jobs) // 2
         return _run_jobs(jobs[:half], batch, optimise) + _run_jobs(jobs[half:], batch, optimise)
-    except NSTError as exc:  # a problem of the whole batch's parameters (unknown layer, missing weights...)
-        return [record_failure(p, batch, exception_info(exc)) for p, _ in jobs]
-    return [
-        write_pair_result(pair, result, *output_uris(batch.output, pair.id), batch.run_id)
-        for (pair, _), result in zip(jobs, results, strict=True)
-    ]
+    return [_write_or_fail(pair, result, batch) for (pair, _), result in zip(jobs, results, strict=True)]
+
+
+def _write_or_fail(pair: PlannedPair, result: PairResult, batch: Batch) -> PairRecord:
+    """Write a pair's outputs (retrying transient errors); if they cannot be written, record the pair failed."""
+    try:
+        return write_pair_result(pair, result, *output_uris(batch.output, pair.id), batch.run_id)
+    except StorageError as exc:
+        return record_failure(pair, batch, exception_info(exc), best_effort=True)
+
+
+def with_retries(action: Callable[[], Any], delays: Sequence[float] = WRITE_RETRY_DELAYS_S) -> Any:
+    """Run a storage action, again after each delay while it fails with a transient StorageError."""
+    for delay in (*delays, None):
+        try:
+            return action()
+        except StorageError as exc:
+            if not exc.transient or delay is None:
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------------------------------------------ records
@@ -300,17 +406,21 @@ def write_pair_result(
 
     Intermediate images (`save_every`) go to `<image stem>.iter<N>.png` beside the image.
     """
+    image_sha256 = None
     if result.image is not None:
-        storage.write_bytes(image_uri, encode_png(result.image), content_type="image/png")
+        png = encode_png(result.image)
+        image_sha256 = sha256_bytes(png)
+        _write(image_uri, png, "image/png")
         stem = image_uri[: -len(".png")] if image_uri.endswith(".png") else image_uri
         for iteration, img in result.intermediates:
-            storage.write_bytes(f"{stem}.iter{iteration:06d}.png", encode_png(img), content_type="image/png")
+            _write(f"{stem}.iter{iteration:06d}.png", encode_png(img), "image/png")
     record = build_record(
         pair_id=pair.id,
         status=result.status,
         params=result.params,
         inputs=inputs_section(pair.spec.content, pair.spec.styles, pair.input_hashes),
         image_uri=image_uri if result.image is not None else None,
+        image_sha256=image_sha256,
         json_uri=json_uri,
         weights=result.weights.to_dict() if result.weights else None,
         final_losses=result.final_losses,
@@ -319,14 +429,25 @@ def write_pair_result(
         seconds=result.seconds,
         device=result.device,
         error=result.error,
+        warnings=result.warnings,
         run_id=run_id,
     )
     return _store_record(pair.spec, record)
 
 
+def _write(uri: str, data: bytes, content_type: str) -> None:
+    with_retries(lambda: storage.write_bytes(uri, data, content_type=content_type))
+
+
 def record_failure(pair: PlannedPair, batch: Batch, error: dict[str, Any], *, best_effort: bool = False) -> PairRecord:
-    """Write a failed JSON record for a pair; `best_effort` swallows write errors (storage may be what failed)."""
+    """Write a failed JSON record for a pair; `best_effort` swallows write errors (storage may be what failed).
+
+    A pair whose success is already in storage (written by this batch before it failed) keeps it: never downgraded.
+    """
     _, json_uri = output_uris(batch.output, pair.id)
+    written = _written_success(pair, json_uri)
+    if written is not None:
+        return _pair_record(pair.spec, written)
     record = build_record(
         pair_id=pair.id,
         status="failed",
@@ -359,9 +480,33 @@ def not_run_record(pair: PlannedPair, output: str, reason: str) -> PairRecord:
     )
 
 
+def _written_success(pair: PlannedPair, json_uri: str) -> dict[str, Any] | None:
+    """The success record of this pair (same inputs, parameters, image intact) already in storage, if any."""
+    try:
+        record = json.loads(storage.read_bytes(json_uri))
+    except (NSTError, ValueError):
+        return None
+    inputs = inputs_section(pair.spec.content, pair.spec.styles, pair.input_hashes)
+    if not isinstance(record, dict) or not is_done(record, pair.spec.params, inputs):
+        return None
+    return record if _image_matches(record) else None
+
+
+def _image_matches(record: dict[str, Any]) -> bool:
+    """Whether the image beside a record is the one it describes (its sha256)."""
+    output = record.get("output") or {}
+    expected, image_uri = output.get("image_sha256"), output.get("image")
+    if not expected or not image_uri:
+        return False
+    try:
+        return bool(sha256_bytes(storage.read_bytes(image_uri)) == expected)
+    except NSTError:
+        return False
+
+
 def _store_record(spec: PairSpec, record: dict[str, Any]) -> PairRecord:
-    body = json.dumps(record, indent=2).encode()
-    storage.write_bytes(record["output"]["json"], body, content_type="application/json")
+    body = json.dumps(record, indent=2, allow_nan=False).encode()  # a NaN would not be JSON: fail loudly instead
+    _write(record["output"]["json"], body, "application/json")
     return _pair_record(spec, record)
 
 
@@ -380,6 +525,13 @@ def _pair_record(spec: PairSpec, record: dict[str, Any], status: Status | None =
         history=record.get("history") or [],
         record=record,
     )
+
+
+def probe_output(output: str, run_id: str) -> None:
+    """Write `_runs/<run_id>.json` (status running) before any work: no write access fails the run now, not later."""
+    uri = storage.join(output.rstrip("/") + "/", f"_runs/{run_id}.json")
+    body = {"run_id": run_id, "status": "running", "started_at": now_iso()}
+    _write(uri, json.dumps(body, indent=2).encode(), "application/json")
 
 
 def write_run_summary(output: str, run_id: str, records: Sequence[PairRecord], **extra: Any) -> str:
@@ -406,7 +558,7 @@ def write_run_summary(output: str, run_id: str, records: Sequence[PairRecord], *
         ],
         **extra,
     }
-    storage.write_bytes(uri, json.dumps(body, indent=2).encode(), content_type="application/json")
+    _write(uri, json.dumps(body, indent=2, allow_nan=False).encode(), "application/json")
     return uri
 
 
@@ -458,6 +610,7 @@ def run(
         if options.dry_run:
             records = [not_run_record(p, output, "dry run") for p in the_plan.to_run]
             return RunSummary(run_id, loaded, _in_manifest_order(loaded, [*records, *the_plan.skipped]), dry_run=True)
+        probe_output(output, run_id)
         records, left = _run_batches(batches, hooks, options.max_failures)
     reason = f"not started: max_failures={options.max_failures} reached"
     records += [not_run_record(p, output, reason) for batch in left for p in batch.pairs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import math
 import os
 import platform
 import socket
@@ -64,6 +65,7 @@ def build_record(
     inputs: dict[str, Any],
     image_uri: str | None,
     json_uri: str,
+    image_sha256: str | None = None,
     weights: dict[str, Any] | None = None,
     final_losses: dict[str, float] | None = None,
     history: list[dict[str, float]] | None = None,
@@ -71,9 +73,16 @@ def build_record(
     seconds: float = 0.0,
     device: str | None = None,
     error: dict[str, Any] | None = None,
+    warnings: list[dict[str, Any]] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """One pair's JSON record: what ran, on what, with which inputs and weights, and how it ended."""
+    """One pair's JSON record: what ran, on what, with which inputs and weights, and how it ended.
+
+    Non-finite numbers never reach a record: a success needs finite final losses, and history keeps finite rows only.
+    """
+    if status == "succeeded" and not _all_finite(final_losses):
+        raise ValueError(f"pair {pair_id}: a succeeded record needs finite final losses, not {final_losses}")
+    rows = [row for row in history or [] if _all_finite(row)]
     return {
         "schema": RECORD_SCHEMA,
         "id": pair_id,
@@ -82,22 +91,32 @@ def build_record(
         "inputs": inputs,
         "weights": weights,
         "final_losses": final_losses,
-        "history": history or [],
+        "history": rows,
         "iterations": iterations,
         "seconds": round(seconds, 3),
         "device": device,
         **runner(),
         "versions": versions(),
-        "output": {"image": image_uri, "json": json_uri},
+        "output": {"image": image_uri, "json": json_uri, "image_sha256": image_sha256},
         "error": error,
+        "warnings": warnings or [],
         "run_id": run_id,
         "finished_at": now_iso(),
     }
 
 
+def _all_finite(values: dict[str, Any] | None) -> bool:
+    return values is not None and all(
+        math.isfinite(v) for v in values.values() if isinstance(v, float | int) and not isinstance(v, bool)
+    )
+
+
 def is_done(record: dict[str, Any], params: StyleParams, inputs: dict[str, Any]) -> bool:
-    """Whether an existing record already holds this pair's result: succeeded, same inputs, params and engine."""
-    if record.get("status") != "succeeded":
+    """Whether an existing record already holds this pair's result: succeeded, same inputs, params and engine.
+
+    The caller also checks that the image beside the record is the one it describes (`output.image_sha256`).
+    """
+    if record.get("status") != "succeeded" or not (record.get("output") or {}).get("image_sha256"):
         return False
     if record.get("inputs") != inputs or any(i.get("sha256") is None for i in [inputs["content"], *inputs["styles"]]):
         return False

@@ -33,6 +33,8 @@ from nst.errors import StorageError
 __all__ = [
     "ObjectInfo",
     "StorageError",
+    "create_new",
+    "delete",
     "glob",
     "is_s3",
     "join",
@@ -242,9 +244,9 @@ def _s3_error(exc: BaseException, uri: str, action: str) -> StorageError:
         )
     if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError | bce.ProxyConnectionError):
         where = getattr(exc, "kwargs", {}).get("endpoint_url") or endpoint
-        return StorageError(f"{uri}: cannot {action}: S3 endpoint {where} is unreachable")
-    if isinstance(exc, bce.ReadTimeoutError | bce.ConnectionClosedError):
-        return StorageError(f"{uri}: cannot {action}: the S3 endpoint {endpoint} stopped answering")
+        return StorageError(f"{uri}: cannot {action}: S3 endpoint {where} is unreachable", transient=True)
+    if isinstance(exc, bce.ReadTimeoutError | bce.ConnectionClosedError | bce.ResponseStreamingError):
+        return StorageError(f"{uri}: cannot {action}: the S3 endpoint {endpoint} stopped answering", transient=True)
     if isinstance(exc, bce.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -266,9 +268,13 @@ def _s3_error(exc: BaseException, uri: str, action: str) -> StorageError:
             return StorageError(f"{uri}: invalid bucket name {bucket!r}")
         if (isinstance(status, int) and status >= 500) or code in {"SlowDown", "Throttling", "ServiceUnavailable"}:
             tries = f"{attempts + 1} attempt" + ("s" if attempts else "")
-            return StorageError(f"{uri}: cannot {action}: S3 service error {code or status} (gave up after {tries})")
+            return StorageError(
+                f"{uri}: cannot {action}: S3 service error {code or status} (gave up after {tries})", transient=True
+            )
         message = str(err.get("Message", "")).splitlines()[0] if err.get("Message") else ""
         return StorageError(f"{uri}: cannot {action}: S3 error {code or status}" + (f": {message}" if message else ""))
+    if isinstance(exc, bce.HTTPClientError):  # the connection broke mid-request
+        return StorageError(f"{uri}: cannot {action}: {str(exc).splitlines()[0]}", transient=True)
     if isinstance(exc, bce.BotoCoreError):
         return StorageError(f"{uri}: cannot {action}: {str(exc).splitlines()[0]}")
     return StorageError(f"{uri}: cannot {action}: {type(exc).__name__}: {exc}")
@@ -435,6 +441,49 @@ def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> No
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def create_new(uri: str, data: bytes, *, content_type: str = "application/json") -> bool:
+    """Create `uri` only if nothing is there yet (S3 `If-None-Match: *`, local `O_EXCL`); False if it exists."""
+    if is_s3(uri):
+        import botocore.exceptions
+
+        bucket, key = _require_key(uri)
+        with _s3_errors(uri, "create"):
+            try:
+                _s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
+            except botocore.exceptions.ClientError as exc:
+                # 412: it exists; 409: a concurrent conditional write to the same key is in flight.
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                    return False
+                raise
+        return True
+    path = local_path(uri)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise _os_error(exc, uri, "create") from None
+    with os.fdopen(fd, "wb") as fh:  # a reader may see it empty for a moment: claims treat that as "taken"
+        fh.write(data)
+    return True
+
+
+def delete(uri: str) -> None:
+    """Remove a file or object; one that is not there is not an error."""
+    if is_s3(uri):
+        bucket, key = _require_key(uri)
+        with _s3_errors(uri, "delete"):
+            _s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    try:
+        os.unlink(local_path(uri))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _os_error(exc, uri, "delete") from None
 
 
 def stat(uri: str) -> ObjectInfo:

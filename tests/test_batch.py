@@ -1,20 +1,26 @@
 """The run path (nst.pipeline.run) end to end on local disk and on a real S3 server: outputs, records, reruns."""
 
 import json
+import math
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import torch
 
 import nst.engine
+import nst.images
 import nst.pipeline
 from nst import storage
 from nst.cli import main
-from nst.errors import ManifestError
+from nst.errors import ManifestError, StorageError
 from nst.manifest import load_manifest
 from nst.pipeline import RunSummary, run
+from nst.results import error_info
 from nst.run_options import RunOptions
 from tests.conftest import SAMPLES
+from tests.tiny_extractor import TinyExtractor
 
 MANIFEST = """\
 version: 1
@@ -193,3 +199,208 @@ def test_cli_run_takes_overrides_and_run_options(tmp_path: Path, capsys: pytest.
     assert main(["run", uri, "--no-prefect", "--size", "-3"]) == 1
     err = capsys.readouterr().err
     assert "overrides.size" in err and "\n" not in err.strip()
+
+
+# ------------------------------------------------------------------------ faults the real parts cannot make on demand
+
+TINY_LAYERS = "content_layers: [block3_conv1], style_layers: [block1_conv1, block2_conv1, block3_conv1]"
+SAME_SHAPE = f"""\
+version: 1
+name: faults
+output: out/
+defaults: {{size: 32, iterations: 4, optimizer: adam, lr: 5, {TINY_LAYERS}}}
+grid: {{contents: [content/chelsea.jpg, content/coffee.jpg], styles: [styles/brick.jpg]}}
+"""
+
+
+def _one_batch(tmp_path: Path, manifest: str = SAME_SHAPE, **params: Any) -> nst.pipeline.Batch:
+    text = manifest.replace("defaults: {", "defaults: {" + "".join(f"{k}: {v}, " for k, v in params.items()))
+    loaded = load_manifest(_put_inputs(str(tmp_path), text))
+    batches = nst.pipeline.make_batches(
+        nst.pipeline.plan(loaded, RunOptions()).to_run, max_pairs=8, output=loaded.output, run_id="test"
+    )
+    assert len(batches) == 1
+    return batches[0]
+
+
+def _stylizer_with(extractor: Any) -> nst.engine.Stylizer:
+    """A real Stylizer whose loss network is `extractor` (no weights file)."""
+    stylizer = nst.engine.Stylizer()
+    stylizer.network = lambda params, device: (extractor, None)  # type: ignore[method-assign,assignment,return-value]
+    return stylizer
+
+
+def _strict_json(uri: str) -> dict[str, Any]:
+    def no_constants(name: str) -> Any:
+        raise AssertionError(f"{uri}: bare {name} in a record")
+
+    return cast(dict[str, Any], json.loads(storage.read_bytes(uri), parse_constant=no_constants))
+
+
+class Poisoned(TinyExtractor):
+    """TinyExtractor whose features turn NaN once `poison` is set."""
+
+    poison = False
+
+    def forward(self, x: Any) -> dict[str, Any]:
+        feats = super().forward(x)
+        return {k: v * float("nan") for k, v in feats.items()} if self.poison else feats
+
+
+def test_nan_after_the_last_step_is_never_a_success(tmp_path: Path) -> None:
+    """keep_best: false, the last step lands on NaN: failed (no PNG), the JSON is strict JSON."""
+    batch = _one_batch(tmp_path, keep_best="false")
+    net = Poisoned()
+
+    def on_progress(event: Any) -> None:
+        net.poison = event.iteration == event.total_iterations  # only the final image's evaluation sees NaN
+
+    records = nst.pipeline.run_batch(batch, stylizer=_stylizer_with(net), on_progress=on_progress)
+    assert [r.status for r in records] == ["failed", "failed"]
+    for r in records:
+        rec = _strict_json(r.json_uri)
+        assert rec["status"] == "failed" and rec["error"]["type"] == "NonFiniteLoss"
+        assert not (tmp_path / "out" / f"{r.id}.png").exists()
+
+
+def test_a_later_nan_keeps_the_finite_best_iterate_and_records_the_step(tmp_path: Path) -> None:
+    batch = _one_batch(tmp_path, keep_best="true")
+    net = Poisoned()
+
+    def on_progress(event: Any) -> None:
+        net.poison = 2 <= event.iteration < event.total_iterations  # steps 3 and 4 go non-finite
+
+    records = nst.pipeline.run_batch(batch, stylizer=_stylizer_with(net), on_progress=on_progress)
+    for r in records:
+        rec = _strict_json(r.json_uri)
+        assert rec["status"] == "succeeded", rec["error"]
+        assert all(math.isfinite(v) for v in rec["final_losses"].values())
+        assert [w["type"] for w in rec["warnings"]] == ["NonFiniteLoss"] and rec["warnings"][0]["iteration"] == 3
+        assert (tmp_path / "out" / f"{r.id}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_write_error_fails_only_its_pair_and_never_reruns_the_optimisation(
+    tmp_path: Path, engine_calls: list[list[str]]
+) -> None:
+    batch = _one_batch(tmp_path)
+    first, second = (p.id for p in batch.pairs)
+    (tmp_path / "out" / f"{second}.png").mkdir(parents=True)  # a real, permanent write error on one pair
+    records = nst.pipeline.run_batch(batch, stylizer=nst.engine.Stylizer())
+    assert {r.id: r.status for r in records} == {first: "succeeded", second: "failed"}
+    assert len(engine_calls) == 1
+    assert _strict_json(str(tmp_path / "out" / f"{first}.json"))["status"] == "succeeded"
+    failed = _strict_json(str(tmp_path / "out" / f"{second}.json"))
+    assert failed["status"] == "failed" and failed["error"]["type"] == "StorageError"
+
+
+def test_a_failure_after_the_write_never_downgrades_a_written_pair(tmp_path: Path) -> None:
+    """What a timeout or crash of the batch task does: record_failure keeps a success this run already wrote."""
+    batch = _one_batch(tmp_path)
+    written = nst.pipeline.run_batch(batch, stylizer=nst.engine.Stylizer())
+    assert {r.status for r in written} == {"succeeded"}
+    late = [nst.pipeline.record_failure(p, batch, error_info("Timeout", "late"), best_effort=True) for p in batch.pairs]
+    assert {r.status for r in late} == {"succeeded"}
+    for p in batch.pairs:
+        assert _strict_json(str(tmp_path / "out" / f"{p.id}.json"))["status"] == "succeeded"
+
+
+class OOMAboveOne(TinyExtractor):
+    """Raises torch.OutOfMemoryError for batches of more than one pair, after allocating a tensor (watched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[weakref.ref[torch.Tensor]] = []
+
+    def forward(self, x: Any) -> dict[str, Any]:
+        if x.shape[0] > 1:
+            activations = torch.zeros(256, 256)  # what a real batch holds when it runs out of memory
+            self.held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return cast(dict[str, Any], super().forward(x))
+
+
+def test_oom_split_frees_the_failed_batch_before_the_halves(tmp_path: Path) -> None:
+    batch = _one_batch(tmp_path)
+    net = OOMAboveOne()
+    alive_at_halves: list[bool] = []
+
+    def fault(jobs: Any) -> None:
+        if len(jobs) == 1:
+            alive_at_halves.append(any(ref() is not None for ref in net.held))
+
+    records = nst.pipeline.run_batch(batch, stylizer=_stylizer_with(net), fault_hook=fault)
+    assert {r.status for r in records} == {"succeeded"}
+    assert len(net.held) == 1 and alive_at_halves == [False, False]
+
+
+def test_two_runs_at_once_every_json_describes_the_png_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run B (other parameters) starts while run A is between its PNG and its JSON: B must not interleave."""
+    storage_root = str(tmp_path)
+    uri = _put_inputs(storage_root)
+    other = storage.join(storage_root, "other.yaml")
+    storage.write_bytes(other, MANIFEST.replace("iterations: 2", "iterations: 3").encode())
+    real_write = storage.write_bytes
+    nested: list[RunSummary] = []
+
+    def write_then_race(target: str, data: bytes, **kwargs: Any) -> None:
+        real_write(target, data, **kwargs)
+        if target.endswith("chelsea__brick.png") and not nested:
+            nested.append(run_manifest(other, pair_ids=["chelsea__brick"]))  # run B, inside run A's write phase
+
+    monkeypatch.setattr(storage, "write_bytes", write_then_race)
+    first = run_manifest(uri, pair_ids=["chelsea__brick"])
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    assert nested and nested[0].records[0].status == "not_run"  # B found A's claim
+    assert "claimed by run" in (nested[0].records[0].error or {}).get("message", "")
+    assert first.records[0].status == "succeeded"
+    _assert_json_describes_png(storage_root, "chelsea__brick")
+    # B again, A finished: B runs and its JSON describes its PNG.
+    again = run_manifest(other, pair_ids=["chelsea__brick"])
+    assert again.records[0].status == "succeeded"
+    assert _assert_json_describes_png(storage_root, "chelsea__brick")["params"]["iterations"] == 3
+
+
+def _assert_json_describes_png(root: str, pair_id: str) -> dict[str, Any]:
+    out = storage.join(root, "out/")
+    rec = json.loads(storage.read_bytes(storage.join(out, f"{pair_id}.json")))
+    png = storage.read_bytes(storage.join(out, f"{pair_id}.png"))
+    assert rec["output"]["image_sha256"] == nst.images.sha256_bytes(png)
+    return cast(dict[str, Any], rec)
+
+
+def test_a_replaced_image_is_not_done(tmp_path: Path, engine_calls: list[list[str]]) -> None:
+    uri = _put_inputs(str(tmp_path))
+    run_manifest(uri, pair_ids=["chelsea__brick"])
+    (tmp_path / "out" / "chelsea__brick.png").write_bytes((SAMPLES / "content" / "coffee.jpg").read_bytes())
+    engine_calls.clear()
+    assert run_manifest(uri, pair_ids=["chelsea__brick"]).records[0].status == "succeeded"
+    assert engine_calls == [["chelsea__brick"]]
+    _assert_json_describes_png(str(tmp_path), "chelsea__brick")
+
+
+def test_a_dead_runs_claim_lapses(tmp_path: Path) -> None:
+    uri = _put_inputs(str(tmp_path))
+    claim = tmp_path / "out" / "chelsea__brick.claim"
+    claim.parent.mkdir()
+    claim.write_text(json.dumps({"run_id": "dead", "expires_at": 0}))  # expired lease of a run that died
+    assert run_manifest(uri, pair_ids=["chelsea__brick"]).records[0].status == "succeeded"
+    assert not claim.exists()
+
+
+def deny_writes(s3: Any, bucket: str) -> None:
+    """A bucket policy that denies every PutObject (SeaweedFS applies it at once, to every identity)."""
+    statement = {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/*"}
+    s3.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]}))
+
+
+def test_no_write_access_fails_at_plan_time_without_retries(
+    s3_env: Any, s3_bucket: str, engine_calls: list[list[str]]
+) -> None:
+    uri = _put_inputs(f"s3://{s3_bucket}/root/")
+    deny_writes(s3_env, s3_bucket)
+    with pytest.raises(StorageError) as caught:
+        run_manifest(uri)
+    assert not caught.value.transient and "access denied" in str(caught.value)
+    assert engine_calls == []

@@ -350,7 +350,7 @@ def test_transient_storage_error_is_retried(
     tmp_path: Path, engine: EngineCalls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(flow_module, "batch_task", flow_module.batch_task.with_options(retry_delay_seconds=0))
-    engine.raise_first = [StorageError("s3://bucket/out/a.png: SlowDown (503), try again")]
+    engine.raise_first = [StorageError("s3://bucket/out/a.png: SlowDown (503), try again", transient=True)]
     state = stylize_manifest(
         str(write_manifest(tmp_path, [{"id": "a", "content": CHELSEA, "style": BRICK}])), return_state=True
     )
@@ -449,3 +449,33 @@ def test_overrides_rank_above_defaults_and_below_pair_values(tmp_path: Path, eng
     engine.calls.clear()
     again = stylize_manifest(str(manifest), overrides={"iterations": 4, "size": 24}, return_state=True)
     assert again.is_completed() and engine.calls == []  # same overrides: the pairs are done
+
+
+@pytest.mark.timeout(150)  # a leaked slot hangs the run: the batches behind it wait for the device forever
+def test_a_timeout_right_after_taking_a_slot_does_not_leak_it(
+    tmp_path: Path, engine: EngineCalls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cpu_slots=1: the first batch's timeout lands just after it took the device; the two others still run."""
+    real = flow_module.DeviceSlots._acquire
+    stalled: list[str] = []
+
+    def acquire_then_stall(self: Any, *args: Any) -> str:
+        device = real(self, *args)
+        if not stalled:  # the thread is descheduled right here, past its time budget
+            stalled.append(device)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+        return device
+
+    monkeypatch.setattr(flow_module.DeviceSlots, "_acquire", acquire_then_stall)
+    pairs = [
+        {"id": "first", "content": ASTRONAUT, "style": IHC},
+        {"id": "wide", "content": CHELSEA, "style": BRICK},
+        {"id": "tall", "content": HUBBLE, "style": IHC},
+    ]
+    options = RunOptions(batch_timeout_s=4, cpu_slots=1, max_batch_pairs=1)
+    state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=options, return_state=True)
+    assert stalled and state.is_failed()
+    statuses = {p["id"]: record(tmp_path, p["id"])["status"] for p in pairs}
+    assert statuses == {"first": "failed", "wide": "succeeded", "tall": "succeeded"}, statuses

@@ -398,3 +398,31 @@ def test_presigned_url_lifetime_bounds(s3_env: S3Server, s3_bucket: str) -> None
         storage.presigned_url(f"s3://{s3_bucket}/a.png", expires_s=8 * 24 * 3600)
     url = storage.presigned_url(f"s3://{s3_bucket}/a.png")
     assert "X-Amz-Expires=604800" in url
+
+
+def test_create_new_has_exactly_one_winner_among_racing_writers(storage_root: str) -> None:
+    """The claim primitive: S3 `If-None-Match: *` (SeaweedFS honours it) or local O_EXCL; one of eight wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uri = storage.join(storage_root, "out/p.claim")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.create_new(uri, f"writer {i}".encode()), range(8)))
+    assert won.count(True) == 1
+    assert storage.read_bytes(uri) == f"writer {won.index(True)}".encode()
+    assert storage.create_new(uri, b"late") is False
+    storage.delete(uri)
+    storage.delete(uri)  # gone already: not an error
+    assert storage.create_new(uri, b"again") is True
+
+
+def test_permanent_and_transient_errors_are_told_apart(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(StorageError) as missing:
+        storage.write_bytes("s3://no-such-bucket-nst/x.json", b"{}")
+    assert not missing.value.transient
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.reset_clients()
+    with pytest.raises(StorageError) as unreachable:
+        storage.write_bytes("s3://any-bucket/x.json", b"{}")
+    assert unreachable.value.transient
