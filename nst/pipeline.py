@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -285,7 +286,7 @@ def claim_pair(
 def release_pair(output: str, pair_id: str) -> None:
     """Drop this pair's claim (best effort: an unreleased claim lapses at its expiry)."""
     with contextlib.suppress(NSTError):
-        storage.delete(claim_uri(output, pair_id))
+        with_retries(lambda: storage.delete(claim_uri(output, pair_id)))
 
 
 def run_batch(
@@ -572,8 +573,8 @@ def local_hooks(stylizer: Stylizer | None = None, on_progress: ProgressCallback 
 
 
 def new_run_id() -> str:
-    """A run id for runs without an orchestrator's id."""
-    return time.strftime("local-%Y%m%dT%H%M%S")
+    """A unique run id for runs without an orchestrator's id (time first, so ids sort; claims tell runs apart by it)."""
+    return time.strftime("local-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:8]
 
 
 @contextlib.contextmanager

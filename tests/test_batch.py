@@ -334,10 +334,9 @@ def test_oom_split_frees_the_failed_batch_before_the_halves(tmp_path: Path) -> N
 
 
 def test_two_runs_at_once_every_json_describes_the_png_beside_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    storage_root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Run B (other parameters) starts while run A is between its PNG and its JSON: B must not interleave."""
-    storage_root = str(tmp_path)
     uri = _put_inputs(storage_root)
     other = storage.join(storage_root, "other.yaml")
     storage.write_bytes(other, MANIFEST.replace("iterations: 2", "iterations: 3").encode())
