@@ -265,6 +265,10 @@ def batch_task(batch: Batch) -> list[PairRecord]:
     failed = [r.id for r in records if r.status == "failed"]
     if failed:
         raise PairsFailed(f"{len(failed)} of {len(records)} pairs failed: {', '.join(failed)}", records)
+    claimed = [r.id for r in records if r.status == "not_run"]  # another run holds them: nothing to cache
+    if claimed:
+        message = f"{len(claimed)} of {len(records)} pairs claimed by another run: {', '.join(claimed)}"
+        raise PairsFailed(message, records)
     return records
 
 
@@ -340,11 +344,11 @@ def final_state(summary: RunSummary, options: RunOptions) -> State[Any]:
     if not (failed or not_run):
         get_run_logger().info("%s. Summary: %s", text, summary.summary_uri)
         return Completed(message=text, data=result)
-    message = f"{len(failed)} of {len(summary.records)} pairs failed: {', '.join(failed)}"
+    message = f"{len(failed)} of {len(summary.records)} pairs failed: {', '.join(failed)}" if failed else ""
     if not_run:
         reasons = sorted({str((r.error or {}).get("message", "")) for r in summary.records if r.status == "not_run"})
         why = f"max_failures={options.max_failures}" if options.max_failures is not None else "; ".join(reasons)
-        message += f"; {len(not_run)} not run ({why})"
+        message += ("; " if message else "") + f"{len(not_run)} not run ({why})"
     get_run_logger().error("%s. Summary: %s", message, summary.summary_uri)
     return Failed(message=f"{message}. Retry runs only these again. ({text})", data=result)
 

@@ -477,5 +477,24 @@ def test_a_timeout_right_after_taking_a_slot_does_not_leak_it(
     options = RunOptions(batch_timeout_s=4, cpu_slots=1, max_batch_pairs=1)
     state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=options, return_state=True)
     assert stalled and state.is_failed()
-    statuses = {p["id"]: record(tmp_path, p["id"])["status"] for p in pairs}
+    statuses = {p["id"]: record(tmp_path, str(p["id"]))["status"] for p in pairs}
     assert statuses == {"first": "failed", "wide": "succeeded", "tall": "succeeded"}, statuses
+
+
+def test_a_pair_claimed_by_another_run_is_not_run_and_retry_runs_it(tmp_path: Path, engine: EngineCalls) -> None:
+    """Another live run holds pair b: this run leaves it not_run (Failed); once released, Retry runs it (no cache)."""
+    pairs = [{"id": "a", "content": CHELSEA, "style": BRICK}, {"id": "b", "content": ASTRONAUT, "style": HUBBLE}]
+    manifest = write_manifest(tmp_path, pairs)  # b (square) is a batch of its own: the same batch in the retry
+    claim = tmp_path / "out" / "b.claim"
+    claim.parent.mkdir()
+    claim.write_text(json.dumps({"run_id": "another-live-run", "expires_at": time.time() + 3600}))
+    first = run_as_deployment({"manifest": str(manifest)})
+    assert first.is_failed() and "claimed by run another-live-run" in (first.message or "")
+    assert record(tmp_path, "a")["status"] == "succeeded" and not (tmp_path / "out" / "b.json").exists()
+
+    claim.unlink()  # the other run finished
+    engine.calls.clear()
+    second = retry(flow_run_id(first))
+    assert second.is_completed(), second.message
+    assert engine.calls == [["b"]]  # a is done; b runs although its batch ran in the first attempt
+    assert record(tmp_path, "b")["status"] == "succeeded"
