@@ -364,6 +364,8 @@ def flow_hooks(run_id: str, options: RunOptions) -> RunHooks:
     def planned(plan: Plan, batches: list[Batch]) -> None:
         manifest = plan.manifest
         logger.info("manifest %s: %d pairs, output %s", manifest.name, len(manifest.pairs), manifest.output)
+        for warning in manifest.warnings:  # e.g. a grid glob that matched nothing tonight
+            logger.warning("%s", warning)
         force = " (force)" if options.force else ""
         logger.info("%d pairs to run, %d already done%s", len(plan.to_run), len(plan.skipped), force)
         if options.dry_run:

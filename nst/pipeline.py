@@ -31,6 +31,7 @@ from nst.engine import PairJob, PairResult, Stylizer, canonical_params, free_mem
 from nst.errors import ManifestError, NSTError, OutOfMemory, StorageError
 from nst.images import encode_png, load_image, sha256_bytes
 from nst.manifest import Manifest, PairSpec, load_manifest
+from nst.manifest.inputs import InputSettings
 from nst.optimize import ProgressCallback
 from nst.results import STATUSES, Status, build_record, error_info, exception_info, inputs_section, is_done, now_iso
 from nst.run_options import RunOptions
@@ -136,10 +137,10 @@ def _spooled(spool: str, sha256: str) -> str:
     return os.path.join(spool, sha256)
 
 
-def _read_input(uri: str, spool: str | None) -> tuple[str | None, tuple[int, int] | None, str | None]:
+def _read_input(uri: str, spool: str | None, max_bytes: int) -> tuple[str | None, tuple[int, int] | None, str | None]:
     """sha256 and (width, height) of one input, its bytes kept in `spool`; an error message instead if unreadable."""
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, max_bytes=max_bytes)  # validate stat'ed it; a file may grow since
     except NSTError as exc:
         return None, None, str(exc)
     digest = sha256_bytes(data)
@@ -165,8 +166,9 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
             raise ManifestError(f"{manifest.source}: pair_ids not in the manifest: {', '.join(unknown)}")
         specs = [p for p in specs if p.id in wanted]
     uris = sorted({u for p in specs for u in (p.content, *p.styles)})
+    max_bytes = InputSettings.from_env().max_input_bytes
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        read = dict(zip(uris, pool.map(lambda u: _read_input(u, spool), uris), strict=True))
+        read = dict(zip(uris, pool.map(lambda u: _read_input(u, spool, max_bytes), uris), strict=True))
     existing = {} if options.force else _existing_records(manifest.output, [p.id for p in specs])
     planned: list[tuple[PlannedPair, dict[str, Any] | None]] = []
     for spec in specs:
@@ -235,7 +237,10 @@ def _load_job(pair: PlannedPair, spool: str | None) -> PairJob:
     def image(uri: str, role: str) -> Image.Image:
         digest = pair.input_hashes.get(uri)
         data = storage.read_bytes(_spooled(spool, digest) if spool and digest else uri)
-        return load_image(data, label=f"pair {spec.id}: {role} {uri!r}", max_pixels=spec.params.max_input_pixels)
+        # `size`: an image too thin for VGG at the size it is resized to fails here, naming the pair and the file.
+        size = spec.params.size if role == "content" else (spec.params.style_size or spec.params.size)
+        label = f"pair {spec.id}: {role} {uri!r}"
+        return load_image(data, label=label, max_pixels=spec.params.max_input_pixels, size=size)
 
     return PairJob(spec.id, image(spec.content, "content"), [image(s, "style") for s in spec.styles], spec.params)
 

@@ -274,15 +274,8 @@ RUN_CASES: list[Any] = [
     ("content-aspect-40-to-1", "content", _png((1200, 30)), "aspect ratio"),
     ("style-not-an-image", "style", b"<html>not found</html>", "not an image"),
     ("style-aspect-1-to-40", "style", _png((30, 1200)), "aspect ratio"),
-    pytest.param(
-        "content-too-thin-at-size",  # 10:1 at size 32 is 32x3 px: VGG's pooling raises from deep inside torch
-        "content",
-        _png((400, 40)),
-        "VGG needs at least 16 px",
-        marks=pytest.mark.xfail(
-            strict=True, reason="nst.pipeline._load_job must pass size= to load_image (run-path owner's file)"
-        ),
-    ),
+    # 10:1 at size 32 is 32x3 px: VGG's pooling would raise from deep inside torch
+    ("content-too-thin-at-size", "content", _png((400, 40)), "VGG needs at least 16 px"),
 ]
 
 
