@@ -6,6 +6,7 @@ expand too far, recursive aliases and keys written twice are refused before the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,8 +240,8 @@ def _check_expansion(uri: str, root: yaml.Node, budget: int) -> None:
                 stack.append((child, False))
 
 
-def _huge_numbers(root: yaml.Node, problems: Problems) -> None:
-    """Report integers too long to be a parameter, before constructing them (at its line, with its location)."""
+def _walk(root: yaml.Node) -> Iterator[tuple[yaml.Node, Loc]]:
+    """Every node once (aliases are shared nodes), with the location of the value it is or is under."""
     stack: list[tuple[yaml.Node, Loc]] = [(root, ())]
     seen: set[int] = set()
     while stack:
@@ -248,42 +249,37 @@ def _huge_numbers(root: yaml.Node, problems: Problems) -> None:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node, yaml.ScalarNode):
-            digits = sum(c.isdigit() for c in node.value)
-            if node.tag == "tag:yaml.org,2002:int" and digits > MAX_INT_DIGITS:
-                problems.add(loc, f"a {digits}-digit integer is too long", line=node.start_mark.line + 1)
-        elif isinstance(node, yaml.MappingNode):
+        yield node, loc
+        if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
+                merge = isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:merge"
                 name = key.value if isinstance(key, yaml.ScalarNode) else "?"
                 stack.append((key, loc))
-                stack.append((value, (*loc, name)))
+                stack.append((value, loc if merge else (*loc, name)))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
+
+
+def _huge_numbers(root: yaml.Node, problems: Problems) -> None:
+    """Report integers too long to be a parameter, before constructing them (at its line, with its location)."""
+    for node, loc in _walk(root):
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int":
+            digits = sum(c.isdigit() for c in node.value)
+            if digits > MAX_INT_DIGITS:
+                problems.add(loc, f"a {digits}-digit integer is too long", line=node.start_mark.line + 1)
 
 
 def _duplicate_keys(root: yaml.Node, problems: Problems) -> None:
     """Report keys written twice in one mapping (safe_load would silently keep the last one)."""
-    seen_nodes: set[int] = set()
-    stack: list[tuple[yaml.Node, Loc]] = [(root, ())]
-    while stack:
-        node, loc = stack.pop()
-        if id(node) in seen_nodes:
+    for node, loc in _walk(root):
+        if not isinstance(node, yaml.MappingNode):
             continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            first: dict[str, int] = {}
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    if key.value in first:
-                        problems.add(
-                            (*loc, key.value),
-                            f"duplicate key (first at line {first[key.value]})",
-                            line=key.start_mark.line + 1,
-                        )
-                    else:
-                        first[key.value] = key.start_mark.line + 1
-                    stack.append((value, (*loc, key.value)))
-                else:
-                    stack.append((value, loc))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
+        first: dict[str, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key.value in first:
+                message = f"duplicate key (first at line {first[key.value]})"
+                problems.add((*loc, key.value), message, line=key.start_mark.line + 1)
+            else:
+                first[key.value] = key.start_mark.line + 1
