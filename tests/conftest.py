@@ -3,6 +3,11 @@
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nst.engine
 
 _home = tempfile.mkdtemp(prefix="nst-test-prefect-")
 os.environ.setdefault("PREFECT_HOME", _home)
@@ -16,3 +21,17 @@ os.environ.setdefault("NST_INPUT_ROOTS", str(SAMPLES))
 
 # Fixture modules, one per concern (each file owns its fixtures).
 pytest_plugins: list[str] = ["tests.fixtures.s3", "tests.fixtures.prefect"]
+
+
+@pytest.fixture
+def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Pair ids of every batch that reached the engine (a spy around the real Stylizer)."""
+    calls: list[list[str]] = []
+    real = nst.engine.Stylizer.run
+
+    def spy(self: Any, jobs: Any, **kwargs: Any) -> Any:
+        calls.append([j.id for j in jobs])
+        return real(self, jobs, **kwargs)
+
+    monkeypatch.setattr(nst.engine.Stylizer, "run", spy)
+    return calls

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import nst.engine
 from nst import storage
 from nst.cli import main
 from nst.errors import ManifestError
@@ -52,20 +51,6 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
     (manifest_dir / "s.jpg").write_bytes((SAMPLES / "styles" / "brick.jpg").read_bytes())
     (tmp_path / "secret.txt").write_bytes(SECRET_BYTES)
     return Workspace(tmp_path, manifest_dir)
-
-
-@pytest.fixture
-def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Pair ids of every batch that reached the engine."""
-    calls: list[list[str]] = []
-    real = nst.engine.Stylizer.run
-
-    def spy(self: Any, jobs: Any, **kwargs: Any) -> Any:
-        calls.append([j.id for j in jobs])
-        return real(self, jobs, **kwargs)
-
-    monkeypatch.setattr(nst.engine.Stylizer, "run", spy)
-    return calls
 
 
 def assert_no_secret(ws: Workspace, *texts: str) -> None:

@@ -54,20 +54,6 @@ def _put_inputs(root: str, manifest: str = MANIFEST) -> str:
     return uri
 
 
-@pytest.fixture
-def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Pair ids of every batch that reached the engine (a spy around the real Stylizer)."""
-    calls: list[list[str]] = []
-    real = nst.engine.Stylizer.run
-
-    def spy(self: Any, jobs: Any, **kwargs: Any) -> Any:
-        calls.append([j.id for j in jobs])
-        return real(self, jobs, **kwargs)
-
-    monkeypatch.setattr(nst.engine.Stylizer, "run", spy)
-    return calls
-
-
 def _ran(calls: list[list[str]]) -> list[str]:
     return sorted(i for batch in calls for i in batch)
 

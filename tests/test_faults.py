@@ -31,6 +31,7 @@ from tests.fixtures.prefect import (
     WorkerFactory,
     kill_process_groups,
     process_tree,
+    run_setup,
     wait_for_flow_run,
 )
 from tests.fixtures.s3 import (
@@ -45,7 +46,6 @@ from tests.fixtures.s3 import (
     weed_binary,
 )
 from tests.test_shard_e2e import AWS_VARS
-from tests.test_zombie import run_setup
 
 pytestmark = pytest.mark.slow
 

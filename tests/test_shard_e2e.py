@@ -32,10 +32,10 @@ from tests.fixtures.prefect import (
     deploy_all,
     kill_process_groups,
     process_tree,
+    run_setup,
     wait_for_flow_run,
 )
 from tests.fixtures.s3 import S3Server
-from tests.test_zombie import run_setup
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,6 @@
 
 import asyncio
 import json
-import subprocess
-import sys
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -20,24 +18,12 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.fixtures.prefect import PrefectServer
+from tests.fixtures.prefect import PrefectServer, run_setup
 
 TEMPLATE = REPO / "deploy" / "k8s-gpu-job-template.json"
 # Paths prefect-kubernetes' worker insists on (its base manifest has them in the pod spec) though batch/v1 has no
 # such PodSpec fields: the API server drops them; everything else must be a real field at its place.
 WORKER_QUIRKS = {"/spec/template/spec/completions", "/spec/template/spec/parallelism"}
-
-
-def run_setup(server: PrefectServer, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "setup.py"), *args],
-        env=server.env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def render_job(server: PrefectServer, job_variables: dict[str, Any]) -> dict[str, Any]:

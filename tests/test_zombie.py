@@ -5,8 +5,6 @@ this project's tags and job variables from prefect.yaml, a process worker; then 
 SIGKILLed together, as when the machine dies, and nothing is left to report the run's end.
 """
 
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +15,7 @@ import yaml
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
 from tests.conftest import REPO
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, kill_process_groups, process_tree
+from tests.fixtures.prefect import PrefectServer, WorkerFactory, kill_process_groups, process_tree, run_setup
 
 SLEEPER = '''\
 import time
@@ -48,18 +46,6 @@ def zombie_automation() -> dict[str, Any]:
         "automations"
     ]
     return next(a for a in automations if a["name"] == "crash-zombie-flow-runs")
-
-
-def run_setup(server: PrefectServer, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "setup.py"), *args],
-        env=server.env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def heartbeats(server: PrefectServer, flow_run_id: Any) -> list[datetime]:
