@@ -389,6 +389,7 @@ def flow_hooks(run_id: str, options: RunOptions) -> RunHooks:
         parallel=per_slot * len(parts.slots.devices),
         planned=planned,
         batch_done=batch_done,
+        run_is_live=flow_run_is_live,
     )
 
 

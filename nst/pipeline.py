@@ -82,6 +82,7 @@ class Plan:
     manifest: Manifest
     to_run: list[PlannedPair]
     skipped: list[PairRecord]
+    claimed_done: list[str] = field(default_factory=list)  # done pairs whose claim file is still there
 
 
 @dataclass
@@ -122,6 +123,7 @@ class RunHooks:
     parallel: int = 1  # batches in flight at once
     planned: Callable[[Plan, list[Batch]], None] | None = None
     batch_done: Callable[[Batch, list[PairRecord]], None] | None = None
+    run_is_live: RunIsLive | None = None  # lets the run clear the leftover claims of runs that are over
 
 
 def output_uris(output: str, pair_id: str) -> tuple[str, str]:
@@ -169,7 +171,7 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
     max_bytes = InputSettings.from_env().max_input_bytes
     with ThreadPoolExecutor(READ_THREADS) as pool:
         read = dict(zip(uris, pool.map(lambda u: _read_input(u, spool, max_bytes), uris), strict=True))
-    existing = {} if options.force else _existing_records(manifest.output, [p.id for p in specs])
+    existing, claims = ({}, set()) if options.force else _existing_records(manifest.output, [p.id for p in specs])
     planned: list[tuple[PlannedPair, dict[str, Any] | None]] = []
     for spec in specs:
         spec = spec.model_copy(update={"params": canonical_params(spec.params)})
@@ -192,12 +194,15 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
             skipped.append(_pair_record(pair.spec, old, status="skipped"))
         else:
             to_run.append(pair)
-    return Plan(manifest=manifest, to_run=to_run, skipped=skipped)
+    claimed_done = [r.id for r in skipped if r.id in claims]
+    return Plan(manifest=manifest, to_run=to_run, skipped=skipped, claimed_done=claimed_done)
 
 
-def _existing_records(output: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The JSON records already in the output directory for these ids (one listing, then one read each)."""
+def _existing_records(output: str, ids: Sequence[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The JSON records already in the output directory for these ids (one listing, then one read each), and the
+    ids that have a claim file."""
     present = {info.uri for info in storage.list_prefix(output.rstrip("/") + "/")}
+    claims = {pair_id for pair_id in ids if claim_uri(output, pair_id) in present}
     found: dict[str, dict[str, Any]] = {}
     for pair_id in ids:
         _, json_uri = output_uris(output, pair_id)
@@ -206,7 +211,7 @@ def _existing_records(output: str, ids: Sequence[str]) -> dict[str, dict[str, An
                 found[pair_id] = json.loads(storage.read_bytes(json_uri))
             except (NSTError, ValueError):
                 continue  # unreadable record: the pair simply runs again
-    return found
+    return found, claims
 
 
 def make_batches(
@@ -292,6 +297,17 @@ def release_pair(output: str, pair_id: str) -> None:
     """Drop this pair's claim (best effort: an unreleased claim lapses at its expiry)."""
     with contextlib.suppress(NSTError):
         with_retries(lambda: storage.delete(claim_uri(output, pair_id)))
+
+
+def clear_stale_claims(output: str, pair_ids: Sequence[str], run_id: str, run_is_live: RunIsLive | None) -> None:
+    """Remove the claims left on done pairs by runs that are over (killed between writing a pair and releasing it).
+
+    A claim is cleared the way `claim_pair` takes one over, so a live run's claim (say, re-running with force) stays.
+    """
+    for pair_id in pair_ids:
+        with contextlib.suppress(NSTError):
+            if claim_pair(output, pair_id, run_id, run_is_live=run_is_live) is None:
+                release_pair(output, pair_id)
 
 
 def run_batch(
@@ -383,11 +399,14 @@ def _run_jobs(
 
 
 def _write_or_fail(pair: PlannedPair, result: PairResult, batch: Batch) -> PairRecord:
-    """Write a pair's outputs (retrying transient errors); if they cannot be written, record the pair failed."""
+    """Write a pair's outputs (retrying transient errors), then release its claim at once, not at the batch's end;
+    if they cannot be written, record the pair failed."""
     try:
         return write_pair_result(pair, result, *output_uris(batch.output, pair.id), batch.run_id)
     except StorageError as exc:
         return record_failure(pair, batch, exception_info(exc), best_effort=True)
+    finally:
+        release_pair(batch.output, pair.id)
 
 
 def with_retries(action: Callable[[], Any], delays: Sequence[float] = WRITE_RETRY_DELAYS_S) -> Any:
@@ -617,6 +636,7 @@ def run(
             records = [not_run_record(p, output, "dry run") for p in the_plan.to_run]
             return RunSummary(run_id, loaded, _in_manifest_order(loaded, [*records, *the_plan.skipped]), dry_run=True)
         probe_output(output, run_id)
+        clear_stale_claims(output, the_plan.claimed_done, run_id, hooks.run_is_live)
         records, left = _run_batches(batches, hooks, options.max_failures)
     reason = f"not started: max_failures={options.max_failures} reached"
     records += [not_run_record(p, output, reason) for batch in left for p in batch.pairs]

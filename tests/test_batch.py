@@ -374,6 +374,43 @@ def test_a_dead_runs_claim_lapses(tmp_path: Path) -> None:
     assert not claim.exists()
 
 
+def test_a_pairs_claim_is_released_as_soon_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between a batch's pairs must not leave a claim on a pair that is already written."""
+    batch = _one_batch(tmp_path)
+    first, second = (p.id for p in batch.pairs[:2])
+    real_write = storage.write_bytes
+    claims_seen: list[bool] = []
+
+    def write(target: str, data: bytes, **kwargs: Any) -> None:
+        if target.endswith(f"{second}.png"):
+            claims_seen.append((tmp_path / "out" / f"{first}.claim").exists())
+        real_write(target, data, **kwargs)
+
+    monkeypatch.setattr(storage, "write_bytes", write)
+    records = nst.pipeline.run_batch(batch, stylizer=nst.engine.Stylizer())
+    assert [r.status for r in records[:2]] == ["succeeded", "succeeded"]
+    assert claims_seen == [False]
+    assert list((tmp_path / "out").glob("*.claim")) == []
+
+
+def test_a_done_pairs_leftover_claim_is_cleared_unless_its_run_is_live(tmp_path: Path) -> None:
+    """A run killed after writing a pair but before releasing it leaves a claim; the next run clears it."""
+    uri = _put_inputs(str(tmp_path))
+    assert run_manifest(uri, pair_ids=["chelsea__brick"]).records[0].status == "succeeded"
+    claim = tmp_path / "out" / "chelsea__brick.claim"
+    claim.write_text(json.dumps({"run_id": "dead", "expires_at": 0}))
+    assert run_manifest(uri, pair_ids=["chelsea__brick"]).records[0].status == "skipped"
+    assert not claim.exists()
+    live = json.dumps({"run_id": "live", "expires_at": 4e9})  # e.g. a run re-making it with force: not ours to drop
+    claim.write_text(live)
+    assert run_manifest(uri, pair_ids=["chelsea__brick"]).records[0].status == "skipped"
+    assert claim.read_text() == live
+    hooks = nst.pipeline.local_hooks()
+    hooks.run_is_live = lambda run_id: run_id != "live"  # what the flow asks Prefect: that run is over now
+    summary = run(uri, RunOptions(pair_ids=["chelsea__brick"]), hooks=hooks)
+    assert summary.records[0].status == "skipped" and not claim.exists()
+
+
 def deny_writes(s3: Any, bucket: str) -> None:
     """A bucket policy that denies every PutObject (SeaweedFS applies it at once, to every identity)."""
     statement = {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/*"}
