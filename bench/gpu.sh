@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmarks, one section per call (each fits a 10-minute command limit on an H100), from the repository root:
-#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|all
+#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|quality|all
 # Writes JSON lines (and the sweep's plot) to $OUT if set (the lent-device tool), else docs/bench/, named after the
 # GPU (h100.jsonl, h100-sweep.jsonl, h100.png, ...). `python -m bench.report FILE...` turns them into tables.
 # Packages the machine lacks travel as wheels in .whl/ (see docs/performance.md, "Running on a GPU").
@@ -28,12 +28,14 @@ run() {
     ttq) $py -m bench.throughput --size 512 --skip-throughput --ttq --history-sweep --out "$out/$gpu-ttq.jsonl" ;;
     coldstart) $py -m bench.throughput --size 512 --skip-throughput --cold-start --out "$out/$gpu-coldstart.jsonl" ;;
     pipeline) $py -m bench.pipeline --out "$out/$gpu-pipeline.jsonl" ;;
-    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|all)" >&2; exit 2 ;;
+    # 512 px, 200 iterations; NSPT=/path/to/neural-style-pt adds it beside ours (docs/quality.md)
+    quality) $py -m bench.quality ${NSPT:+--neural-style-pt "$NSPT"} --out "$out/quality-$gpu.jsonl" ;;
+    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|all)" >&2; exit 2 ;;
   esac
 }
 
 if [ "$section" = all ]; then
-  for s in throughput defaults sweep ttq coldstart pipeline; do run "$s"; done
+  for s in throughput defaults sweep ttq coldstart pipeline quality; do run "$s"; done
 else
   run "$section"
 fi
