@@ -13,7 +13,7 @@ intermediate images (`save_every`) give the judged loss per iteration and per se
 first checkpoint at or below the pair's target: neural-style-pt's final score when it runs, else the gatys preset's.
 
     python -m bench.quality --quick                     # < 3 min on a 2-core CPU: 8 pairs, 64 px, 20 iterations
-    python -m bench.quality                             # < 15 min: 9 pairs, 128 px, 60 iterations (256 px on GPU)
+    python -m bench.quality                             # < 15 min: 9 pairs, 256 px, 40 iterations (GPU: 512 px, 200)
     python -m bench.quality --neural-style-pt /tmp/nspt --configs gatys,defaults --size 128 --iterations 100
 
 Prints one JSON object per run and pair (`"kind": "run"`) and a summary (`"kind": "summary"`); --out also writes them
@@ -345,8 +345,8 @@ def time_to(points: Sequence[Checkpoint], target: float) -> tuple[int | None, fl
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 pairs, 64 px, 20 iterations (< 3 min on 2 CPU cores)")
-    parser.add_argument("--size", type=int, help="long side, px (default 128 on CPU, 256 on GPU; quick: 64)")
-    parser.add_argument("--iterations", type=int, help="iterations per run (default 60; quick: 20)")
+    parser.add_argument("--size", type=int, help="long side, px (default 256 on CPU, 512 on GPU; quick: 64)")
+    parser.add_argument("--iterations", type=int, help="iterations per run (default 40 on CPU, 200 on GPU; quick: 20)")
     parser.add_argument("--pairs", type=int, help="pairs, at most 9 (default 9; quick: 8)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="presets and/or 'defaults', comma-separated")
     parser.add_argument(
@@ -362,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    size = args.size or (64 if args.quick else (256 if cuda else 128))
-    iterations = args.iterations or (20 if args.quick else 60)
+    size = args.size or (64 if args.quick else (512 if cuda else 256))
+    iterations = args.iterations or (20 if args.quick else (200 if cuda else 40))
     n_pairs = min(9, args.pairs or (8 if args.quick else 9))
     save_every = args.save_every or max(1, iterations // 10)
     torch.manual_seed(0)
