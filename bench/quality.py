@@ -42,14 +42,11 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 from torch import Tensor
 
+from nst.engine import PairJob, Stylizer, canonical_params
 from nst.images import image_to_tensor, load_image, resize_long_side
+from nst.optimize import ProgressEvent
 from nst.params import resolve_params
 from nst.vgg import load_weights
-
-try:  # the engine module's name while the callers are being restructured
-    from nst.engine import PairJob, Stylizer, canonical_params
-except ImportError:  # pragma: no cover
-    from nst.stylize import PairJob, Stylizer, canonical_params  # type: ignore[no-redef,import-not-found]
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "manifests" / "images"
@@ -218,12 +215,15 @@ def run_ours(
     for job in jobs:
         groups.setdefault(resize_long_side(job.content, size).size, []).append(job)
     stylizer = Stylizer()
-    run_batch = getattr(stylizer, "run", None) or stylizer.run_batch  # type: ignore[attr-defined]
     records = []
     for group in groups.values():
         seconds_at: dict[int, float] = {}
+
+        def note_time(event: ProgressEvent, at: dict[int, float] = seconds_at) -> None:
+            at[event.iteration] = event.seconds
+
         start = time.perf_counter()
-        results = run_batch(group, callback=lambda e, at=seconds_at: at.__setitem__(e.iteration, e.seconds))
+        results = stylizer.run(group, callback=note_time)
         wall = time.perf_counter() - start
         last = max(seconds_at)
         for result in results:

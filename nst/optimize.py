@@ -24,6 +24,7 @@ from torch import Tensor
 
 from nst.losses import LossTargets, blended_gram, gram_matrix, total_losses
 from nst.params import StyleParams
+from nst.results import error_info
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class BatchedLBFGS:
         gtd = torch.linalg.vecdot(g, d)
         moving = active & (gtd <= -self.tolerance_change)
         x.addcmul_(d, torch.where(moving, self.step_size, 0.0)[:, None])
-        return moving
+        return moving  # type: ignore[no-any-return]  # torch's `&` on tensors is typed Any
 
     def _remember(self, s: Tensor, y: Tensor, ys: Tensor, ok: Tensor) -> None:
         """Store one curvature pair per row (an inert one, weight 0, where `ok` is false)."""
@@ -440,9 +441,9 @@ class _LossStep:
         self, fn: Callable[..., dict[str, Tensor]], x: Tensor, targets: LossTargets, alive: Tensor
     ) -> dict[str, Tensor]:
         if self.mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         losses = fn(self.extractor, x, targets, self.normalization, self.fast.amp, self.fast.channels_last)
-        torch.where(alive & torch.isfinite(losses["total"]), losses["total"], 0.0).sum().backward()
+        torch.where(alive & torch.isfinite(losses["total"]), losses["total"], 0.0).sum().backward()  # type: ignore[no-untyped-call]
         return losses
 
 
@@ -548,7 +549,7 @@ def _stylize_batch(
     low, high = (t.to(device).view(1, -1, 1, 1) for t in extractor.input_range())
     if isinstance(extractor, torch.nn.Module):  # weights in the activations' layout: converted once, not per step
         layout = torch.channels_last if fast.channels_last else torch.contiguous_format
-        extractor.to(memory_format=layout)  # type: ignore[call-overload]
+        extractor.to(memory_format=layout)
     loss_step = _LossStep(extractor, fast, params.normalization)
     first_step_max = None
     if amp is not None:
@@ -673,11 +674,9 @@ def _stylize_batch(
                     final_losses=None,
                     history=histories[i],
                     iterations=failed_list[i],
-                    error={
-                        "type": "NonFiniteLoss",
-                        "message": f"loss became NaN/inf at iteration {failed_list[i]}",
-                        "iteration": failed_list[i],
-                    },
+                    error=error_info(
+                        "NonFiniteLoss", f"loss became NaN/inf at iteration {failed_list[i]}", failed_list[i]
+                    ),
                 )
             )
         else:
@@ -689,11 +688,11 @@ def _stylize_batch(
                     history=histories[i],
                     iterations=total_iterations,
                     warnings=[
-                        {
-                            "type": "NonFiniteLoss",
-                            "message": f"loss became NaN/inf at iteration {failed_list[i]}; kept the best iterate",
-                            "iteration": failed_list[i],
-                        }
+                        error_info(
+                            "NonFiniteLoss",
+                            f"loss became NaN/inf at iteration {failed_list[i]}; kept the best iterate",
+                            failed_list[i],
+                        )
                     ]
                     if rescue
                     else [],
