@@ -29,7 +29,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="also write the JSON lines here")
     parser.add_argument("--images", type=Path, help="write every output image (PNG) into this folder")
+    parser.add_argument("--sheet", type=Path, help="write a contact sheet (JPEG): one row per run, one column per pair")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -467,7 +468,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     emit(summary)
     if out_file is not None:
         out_file.close()
+    if args.sheet is not None:
+        sheet_rows = [
+            (f"{config}\n{init}", {i: rec["image"] for i, (_, _, rec) in by.items()})
+            for (config, init), by in judged.items()
+        ]
+        contact_sheet_of(pairs, sheet_rows, args.sheet)
     return 0
+
+
+def contact_sheet_of(
+    pairs: Sequence[Pair], rows: Sequence[tuple[str, Mapping[str, Image.Image | None]]], path: Path
+) -> None:
+    """Content and style rows, then one row per run (`label`, its image per pair id); one column per pair."""
+    from bench.gallery import contact_sheet
+
+    blank = Image.new("RGB", (8, 8), "white")
+    cells = [("content", [p.content for p in pairs]), ("style", [p.style for p in pairs])]
+    cells += [(label, [images.get(p.id) or blank for p in pairs]) for label, images in rows]
+    contact_sheet(cells, [p.id.replace("__", " / ") for p in pairs], path)
 
 
 if __name__ == "__main__":

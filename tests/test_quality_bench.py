@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench import quality
+from bench.gallery import THUMB
 from nst.engine import PairJob, Stylizer, canonical_params
 from nst.images import image_to_tensor
 from nst.params import resolve_params
@@ -30,7 +31,9 @@ def test_the_judge_scores_the_gatys_preset_as_the_engine_does() -> None:
 @pytest.mark.slow
 def test_a_tiny_run_reports_every_pair_and_no_divergence(tmp_path: Path) -> None:
     out = tmp_path / "q.jsonl"
+    sheet = tmp_path / "sheet.jpg"
     argv = ["--pairs", "2", "--size", "32", "--iterations", "4", "--configs", "gatys,defaults", "--out", str(out)]
+    argv += ["--sheet", str(sheet)]
     assert quality.main(argv) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     runs = [r for r in lines if r["kind"] == "run"]
@@ -41,3 +44,5 @@ def test_a_tiny_run_reports_every_pair_and_no_divergence(tmp_path: Path) -> None
     assert all(r["engine_saved_over_last_logged"] == pytest.approx(1.0, rel=1e-2) for r in runs)
     [summary] = [r for r in lines if r["kind"] == "summary"]
     assert {k: v["diverged"] for k, v in summary["configs"].items()} == {"gatys/own": 0, "defaults/own": 0}
+    with quality.Image.open(sheet) as img:  # content, style, then one row per run; one column per pair
+        assert img.format == "JPEG" and img.size == (130 + 2 * (THUMB + 4), 18 + 4 * (THUMB + 4))
