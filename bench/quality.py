@@ -348,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="long side, px (default 256 on CPU, 512 on GPU; quick: 64)")
     parser.add_argument("--iterations", type=int, help="iterations per run (default 40 on CPU, 200 on GPU; quick: 20)")
     parser.add_argument("--pairs", type=int, help="pairs, at most 9 (default 9; quick: 8)")
+    parser.add_argument("--only", help="only these pair ids, comma-separated (e.g. astronaut__brick,coffee__ihc)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="presets and/or 'defaults', comma-separated")
     parser.add_argument(
         "--inits", default="own", help="comma-separated: own (each config's), content, noise (no-divergence check)"
@@ -371,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     judge = GatysJudge(device)
     pairs = benchmark_pairs(n_pairs)
+    if args.only:
+        wanted = args.only.split(",")
+        pairs = [p for p in benchmark_pairs(9) if p.id in wanted]
+        if len(pairs) != len(wanted):
+            parser.error(f"--only: unknown pair ids; known: {', '.join(p.id for p in benchmark_pairs(9))}")
     workdir = args.images or Path(f"/tmp/nst-quality-{int(time.time())}")
     workdir.mkdir(parents=True, exist_ok=True)
     out_file = args.out.open("w") if args.out else None
@@ -470,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_file.close()
     if args.sheet is not None:
         sheet_rows = [
-            (f"{config}\n{init}", {i: rec["image"] for i, (_, _, rec) in by.items()})
+            (f"{config.replace(':', ' ')}\n{init} init", {i: rec["image"] for i, (_, _, rec) in by.items()})
             for (config, init), by in judged.items()
         ]
         contact_sheet_of(pairs, sheet_rows, args.sheet)
