@@ -56,9 +56,11 @@ CMD ["sh", "-c", "exec prefect worker start --pool \"$NST_WORK_POOL\" --type \"$
 --limit \"$NST_WORKER_LIMIT\" --with-healthcheck --install-policy never"]
 
 # Every dependency from the lock (exact versions + sha256; torch 2.14.1 is the ~6 GB CUDA 13.0 build): pip refuses
-# anything unpinned or unhashed. Cached until requirements.txt changes (`make lock`, on purpose).
-COPY requirements.txt /opt/nst/
-RUN pip install --no-cache-dir --require-hashes -r /opt/nst/requirements.txt \
+# anything unpinned or unhashed. Cached until requirements.txt changes (`make lock`, on purpose). pip itself first,
+# from the lock (requirements-pip.txt): the base image's pip can refuse the locked install (see the Makefile).
+COPY requirements-pip.txt requirements.txt /opt/nst/
+RUN pip install --no-cache-dir --require-hashes -r /opt/nst/requirements-pip.txt \
+    && pip install --no-cache-dir --require-hashes -r /opt/nst/requirements.txt \
     && python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # The project itself (.dockerignore lets in only the package sources, manifests and prefect.yaml). The source tree

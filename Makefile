@@ -13,7 +13,11 @@ $(BIN)/python:
 
 # Everything comes from the lock (exact versions + sha256); pip refuses anything unpinned or unhashed. torch 2.14.1 is
 # a ~5.5 GB CUDA build that runs on the CPU too. Reinstalls only when the lock or pyproject.toml changes.
-$(STAMP): requirements-dev.txt pyproject.toml | $(BIN)/python
+# pip itself comes first, from the lock too (requirements-pip.txt): the pip a fresh venv ships (23.x) gives up on the
+# locked install ("all requirements must have their versions pinned") as soon as the registry has a newer release of a
+# package that is asked for with extras (prefect -> httpx[http2], seen with httpx 0.29.0).
+$(STAMP): requirements-pip.txt requirements-dev.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-pip.txt
 	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -22,11 +26,13 @@ install: $(STAMP)
 
 # Refresh the lock on purpose (new dependency in pyproject.toml, or a deliberate upgrade): every package to the newest
 # release the constraints in pyproject.toml allow. requirements.txt (runtime, the Docker image) is the subset of
-# requirements-dev.txt (runtime + dev tools, `make install`), with the same versions.
+# requirements-dev.txt (runtime + dev tools, `make install`), with the same versions; requirements-pip.txt is its pip.
 LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 lock: $(STAMP)
 	$(BIN)/pip-compile $(LOCK_FLAGS) --upgrade --extra dev -o requirements-dev.txt pyproject.toml
 	$(BIN)/pip-compile $(LOCK_FLAGS) --upgrade -c requirements-dev.txt -o requirements.txt pyproject.toml
+	{ echo '# pip, as pinned in requirements-dev.txt; installed before the rest (Makefile, Dockerfile). Written by make lock.'; \
+	  awk '/^pip==/{p=1; print; next} p && /^    --hash=/{print; next} {p=0}' requirements-dev.txt; } > requirements-pip.txt
 
 # The browser test drives Debian's chromium with Playwright (Playwright's own browser download is impossible here).
 browser:
