@@ -64,6 +64,10 @@ PROGRESS_UPDATE_S = 5.0
 LOG_EVERY_S = 30.0
 BATCHES_PER_SLOT = 2  # one batch optimising, one reading its inputs / writing its outputs
 GPU_SHARDS_LIMIT = "gpu-shards"  # global concurrency limit, slots = GPUs of the pool (deploy/setup.py)
+# A gpu-shards slot is a lease, renewed every 0.75 x this while held: a SIGKILLed worker's slot comes back this long
+# (plus the server's 15 s repossessor loop) after its last renewal, about when the zombie automation crashes its run.
+# Prefect's default is 300 s; a renewal that fails only logs a warning (not strict).
+SLOT_LEASE_S = 90.0
 
 
 class PairsFailed(Exception):
@@ -114,7 +118,7 @@ class DeviceSlots:
             if self.limit is None:
                 yield device
             else:  # not strict: without the limit Prefect logs a warning and the batch runs
-                with concurrency(self.limit, occupy=1):
+                with concurrency(self.limit, occupy=1, lease_duration=SLOT_LEASE_S):
                     yield device
         finally:
             self._release(holder)

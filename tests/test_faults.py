@@ -20,7 +20,7 @@ import pytest
 from prefect.states import Crashed
 
 import nst.pipeline
-from flows.stylize import stylize_manifest
+from flows.stylize import GPU_SHARDS_LIMIT, SLOT_LEASE_S, stylize_manifest
 from nst import storage
 from nst.images import sha256_bytes
 from nst.pipeline import Batch
@@ -328,6 +328,11 @@ def test_worker_sigkilled_mid_run_then_a_rerun_completes_every_pair_once(
     before = out_keys()
     with server.client() as client:
         client.set_flow_run_state(first, Crashed(message="worker killed (test)"), force=True)
+        # A slot the dead run held comes back when its lease lapses (+ the server's 15 s repossessor loop).
+        slot_deadline = time.monotonic() + SLOT_LEASE_S + 45
+        while client.read_global_concurrency_limit_by_name(GPU_SHARDS_LIMIT).active_slots:
+            assert time.monotonic() < slot_deadline, "the dead run's gpu-shards slot was not given back"
+            time.sleep(1)
     done_before = {k[: -len(".json")] for k in before if k.endswith(".json")}
     assert 0 < len(done_before) < 6, before
 
