@@ -19,7 +19,7 @@ from nst.errors import NSTError, OutOfMemory
 from nst.images import image_to_tensor, luminance_transfer, match_color, resize_long_side, tensor_to_image
 from nst.optimize import PairProblem, ProgressCallback
 from nst.params import StyleParams
-from nst.results import Status
+from nst.results import Status, error_info
 from nst.vgg import VGGFeatures, WeightsInfo, canonical_layer, load_vgg, resolve_device
 
 ReadBytes = Callable[[str], bytes]
@@ -150,11 +150,7 @@ class Stylizer:
                     final_losses=None,
                     history=outcome.history,
                     iterations=outcome.iterations,
-                    error={
-                        "type": "NonFiniteLoss",
-                        "message": "the final image's loss is NaN/inf",
-                        "iteration": outcome.iterations,
-                    },
+                    error=error_info("NonFiniteLoss", "the final image's loss is NaN/inf", outcome.iterations),
                 )
             if outcome.image is not None:
                 out = outcome.image

@@ -199,19 +199,23 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
 
 
 def _existing_records(output: str, ids: Sequence[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """The JSON records already in the output directory for these ids (one listing, then one read each), and the
-    ids that have a claim file."""
+    """The JSON records already in the output directory for these ids (one listing, then the reads in parallel), and
+    the ids that have a claim file."""
     present = {info.uri for info in storage.list_prefix(output.rstrip("/") + "/")}
     claims = {pair_id for pair_id in ids if claim_uri(output, pair_id) in present}
-    found: dict[str, dict[str, Any]] = {}
-    for pair_id in ids:
-        _, json_uri = output_uris(output, pair_id)
-        if json_uri in present:
-            try:
-                found[pair_id] = json.loads(storage.read_bytes(json_uri))
-            except (NSTError, ValueError):
-                continue  # unreadable record: the pair simply runs again
-    return found, claims
+    listed = [(pair_id, uri) for pair_id in ids if (uri := output_uris(output, pair_id)[1]) in present]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        records = list(pool.map(lambda item: _read_record(item[1]), listed))
+    return {pair_id: r for (pair_id, _), r in zip(listed, records, strict=True) if r is not None}, claims
+
+
+def _read_record(uri: str) -> dict[str, Any] | None:
+    """A record's JSON, or None when it cannot be read or parsed (the pair simply runs again)."""
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except (NSTError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def make_batches(

@@ -3,6 +3,7 @@
 import json
 import math
 import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
@@ -101,6 +102,28 @@ def test_run_writes_outputs_and_reruns_only_what_changed(storage_root: str, engi
     storage.write_bytes(uri, MANIFEST.replace("style_weight: 5000", "style_weight: 6000").encode())
     run_manifest(uri)
     assert _ran(engine_calls) == ["astronaut__hubble"]
+
+
+def test_each_input_is_read_once_per_run(
+    storage_root: str, engine_calls: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan() reads each input once (brick serves two pairs); the batches decode the bytes it kept, no re-download."""
+    uri = _put_inputs(storage_root)
+    reads: Counter[str] = Counter()
+    real = storage.read_bytes
+
+    def counting(path: str, **kwargs: Any) -> bytes:
+        reads[path] += 1
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    summary = run_manifest(uri)
+    assert {r.status for r in summary.records} == {"succeeded"} and _ran(engine_calls) == IDS
+    inputs = ["content/chelsea.jpg", "content/coffee.jpg", "content/astronaut.jpg"]
+    inputs += ["styles/brick.jpg", "styles/ihc.jpg", "styles/hubble.jpg"]
+    assert {u: reads[u] for u in reads if "/content/" in u or "/styles/" in u} == {
+        storage.join(storage_root, name): 1 for name in inputs
+    }
 
 
 def test_pair_ids_pick_pairs_and_unknown_ids_are_an_error(tmp_path: Path, engine_calls: list[list[str]]) -> None:

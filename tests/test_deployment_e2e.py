@@ -3,7 +3,6 @@ a process worker, `prefect deployment run` on a manifest in S3 (SeaweedFS), then
 """
 
 import json
-import os
 import re
 from typing import Any
 
@@ -15,19 +14,10 @@ from nst.params import StyleParams
 from nst.run_options import RunOptions
 from tests.conftest import REPO, SAMPLES
 from tests.fixtures.prefect import PrefectServer, WorkerFactory, deploy_all, wait_for_flow_run
-from tests.fixtures.s3 import S3Server
+from tests.fixtures.s3 import S3Server, s3_settings_of_this_process
 
 pytestmark = pytest.mark.slow
 
-AWS_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_EC2_METADATA_DISABLED",
-)
 MANIFEST = """\
 version: 1
 name: e2e-s3
@@ -87,7 +77,7 @@ def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
         assert nightly.schedules[0].schedule.timezone == "UTC"  # type: ignore[union-attr]
         assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-    worker = process_worker("gpu-pool", env={k: os.environ[k] for k in AWS_VARS if k in os.environ})
+    worker = process_worker("gpu-pool", env=s3_settings_of_this_process())
 
     # 1. A clean run: every pair written to the bucket.
     first = run_deployment_cli(prefect_server, f"manifest={manifest_uri}")

@@ -35,17 +35,12 @@ from tests.fixtures.prefect import (
     wait_for_flow_run,
 )
 from tests.fixtures.s3 import (
-    ACCESS_KEY,
-    REGION,
-    SECRET_KEY,
     S3Server,
-    _s3_answers,
-    _stop,
+    SeaweedFS,
     _wait_writable,
-    free_ports,
-    weed_binary,
+    s3_environment,
+    s3_settings_of_this_process,
 )
-from tests.test_shard_e2e import AWS_VARS
 
 pytestmark = pytest.mark.slow
 
@@ -174,82 +169,18 @@ def test_write_access_revoked_halfway(
     assert len(records) >= 1 and all(r["status"] == "succeeded" for r in records.values())
 
 
-class OwnSeaweed:
-    """A SeaweedFS of this test's own (same command as tests/fixtures/s3.py), which the test stops and restarts."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        (work / "data").mkdir(parents=True)
-        identities = {
-            "identities": [
-                {
-                    "name": "nst-test",
-                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                }
-            ]
-        }
-        (work / "s3.json").write_text(json.dumps(identities))
-        (work / "master.toml").write_text(
-            "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
-        )
-        p = free_ports(8)
-        self.endpoint_url = f"http://127.0.0.1:{p[6]}"
-        self.cmd = [
-            weed_binary(),
-            "server",
-            f"-dir={work / 'data'}",
-            "-ip=127.0.0.1",
-            f"-master.port={p[0]}",
-            f"-master.port.grpc={p[1]}",
-            f"-volume.port={p[2]}",
-            f"-volume.port.grpc={p[3]}",
-            f"-filer.port={p[4]}",
-            f"-filer.port.grpc={p[5]}",
-            "-s3",
-            f"-s3.port={p[6]}",
-            f"-s3.port.grpc={p[7]}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-s3.autoCreateBucket=false",
-            f"-s3.config={work / 's3.json'}",
-            "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64",
-            "-volume.max=0",
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.server = S3Server(self.endpoint_url, ACCESS_KEY, SECRET_KEY, REGION, work / "weed.log")
-
-    def start(self) -> None:
-        with open(self.work / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + 90
-        while not _s3_answers(self.endpoint_url):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"SeaweedFS did not come up; log tail: {self.server.log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)  # SIGTERM, then SIGKILL of its process group
-            self.proc = None
-
-
 @pytest.fixture
-def own_seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnSeaweed]:
-    weed = OwnSeaweed(tmp_path / "weed")
-    weed.start()
+def own_seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedFS]:
+    """A SeaweedFS of this test's own, which the test stops and restarts; boto3's chain points at it."""
+    weed = SeaweedFS(tmp_path / "weed")
+    weed.start(timeout=90)
     try:
         _wait_writable(weed.server, time.monotonic() + 90)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", weed.endpoint_url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for name, value in s3_environment(weed.server, tmp_path).items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
         storage.reset_clients()
         yield weed
     finally:
@@ -260,7 +191,7 @@ def own_seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Own
 OUTAGE_S = 25.0
 
 
-def test_s3_outage_mid_run_is_ridden_out(own_seaweed: OwnSeaweed) -> None:
+def test_s3_outage_mid_run_is_ridden_out(own_seaweed: SeaweedFS) -> None:
     """SeaweedFS is stopped for ~25 s after the first batch and restarted: no pair reported written is missing."""
     bucket = own_seaweed.server.create_bucket()
     root = f"s3://{bucket}/outage/"
@@ -306,7 +237,7 @@ def test_worker_sigkilled_mid_run_then_a_rerun_completes_every_pair_once(
     s3 = s3_env.client()
     run_setup(server)  # pools (gpu-pool ...), the gpu-shards limit, the zombie automation
     server.cli("--no-prompt", "deploy", "--name", "stylize-manifest/on-demand", cwd=REPO)
-    env = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
+    env = s3_settings_of_this_process()
     worker = isolated_process_worker("gpu-pool", env=env, limit=1)
     options = '{"max_batch_pairs": 2, "cpu_slots": 1}'
     first = _deployment_run(server, manifest, options)

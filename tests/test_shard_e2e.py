@@ -10,7 +10,6 @@ proves the automation does it; waiting for it here would double this test's time
 """
 
 import json
-import os
 import re
 import time
 from typing import Any
@@ -35,19 +34,10 @@ from tests.fixtures.prefect import (
     run_setup,
     wait_for_flow_run,
 )
-from tests.fixtures.s3 import S3Server
+from tests.fixtures.s3 import S3Server, s3_settings_of_this_process
 
 pytestmark = pytest.mark.slow
 
-AWS_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_EC2_METADATA_DISABLED",
-)
 CONTENTS = ("chelsea", "coffee", "astronaut")  # chelsea and coffee share a shape (32x21); astronaut is square
 STYLES = ("brick", "hubble", "ihc")
 # 8 pairs per content: 16 landscape + 8 square pairs; batches of 4 -> 4 + 2 batches -> 6 shards of one batch each.
@@ -119,7 +109,7 @@ def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
     run_setup(server, "--gpu-shards", "3")  # pools, the gpu-shards limit, the zombie automation
     out = deploy_all(server, REPO)
     assert "shard-manifest/on-demand" in out, out
-    env = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
+    env = s3_settings_of_this_process()
     gpu_workers = [isolated_process_worker("gpu-pool", env=env, limit=1) for _ in range(3)]
     parent_worker = isolated_process_worker("parent-pool", env=env)
 
