@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from nst import storage
 from nst.errors import ManifestError, NSTError
@@ -105,8 +106,10 @@ def test_param_overrides_are_generated_from_style_params() -> None:
     for bad in bads:
         with pytest.raises(ValueError):
             ParamOverrides.model_validate(bad)
-    with pytest.raises(ValueError, match="extra"):
+    with pytest.raises(ValidationError) as unknown:
         ParamOverrides.model_validate({"not_a_param": 1})
+    # pydantic's error type and location (documented identifiers), not its English wording
+    assert [(e["type"], e["loc"]) for e in unknown.value.errors()] == [("extra_forbidden", ("not_a_param",))]
     assert ParamOverrides.model_validate({"preserve_colors": True}).model_dump()["preserve_colors"] == "luminance"
 
 
