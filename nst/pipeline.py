@@ -205,7 +205,7 @@ def _existing_records(output: str, ids: Sequence[str]) -> tuple[dict[str, dict[s
     claims = {pair_id for pair_id in ids if claim_uri(output, pair_id) in present}
     listed = [(pair_id, uri) for pair_id in ids if (uri := output_uris(output, pair_id)[1]) in present]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        records = list(pool.map(lambda item: _read_record(item[1]), listed))
+        records = list(pool.map(_read_record, [uri for _, uri in listed]))
     return {pair_id: r for (pair_id, _), r in zip(listed, records, strict=True) if r is not None}, claims
 
 
@@ -511,12 +511,9 @@ def not_run_record(pair: PlannedPair, output: str, reason: str) -> PairRecord:
 
 def _written_success(pair: PlannedPair, json_uri: str) -> dict[str, Any] | None:
     """The success record of this pair (same inputs, parameters, image intact) already in storage, if any."""
-    try:
-        record = json.loads(storage.read_bytes(json_uri))
-    except (NSTError, ValueError):
-        return None
+    record = _read_record(json_uri)
     inputs = inputs_section(pair.spec.content, pair.spec.styles, pair.input_hashes)
-    if not isinstance(record, dict) or not is_done(record, pair.spec.params, inputs):
+    if record is None or not is_done(record, pair.spec.params, inputs):
         return None
     return record if _image_matches(record) else None
 

@@ -38,7 +38,7 @@ from tests.fixtures.s3 import (
     S3Server,
     SeaweedFS,
     _wait_writable,
-    s3_environment,
+    point_boto3_at,
     s3_settings_of_this_process,
 )
 
@@ -176,12 +176,7 @@ def own_seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sea
     weed.start(timeout=90)
     try:
         _wait_writable(weed.server, time.monotonic() + 90)
-        for name, value in s3_environment(weed.server, tmp_path).items():
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
-        storage.reset_clients()
+        point_boto3_at(weed.server, monkeypatch, tmp_path)
         yield weed
     finally:
         weed.stop()
