@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import math
 import platform
 import threading
 import time
@@ -19,7 +18,7 @@ from nst.errors import NSTError, OutOfMemory
 from nst.images import image_to_tensor, luminance_transfer, match_color, resize_long_side, tensor_to_image
 from nst.optimize import PairProblem, ProgressCallback
 from nst.params import StyleParams
-from nst.results import Status, error_info
+from nst.results import Status
 from nst.vgg import VGGFeatures, WeightsInfo, canonical_layer, load_vgg, resolve_device
 
 ReadBytes = Callable[[str], bytes]
@@ -142,16 +141,6 @@ class Stylizer:
         results = []
         for job, (_, content), outcome, inter in zip(jobs, prepared, outcomes, intermediates, strict=True):
             image = None
-            if outcome.status == "succeeded" and not _finite(outcome.final_losses):
-                # Never a success with a non-finite loss (e.g. the last step's image evaluates to NaN).
-                outcome = optimize.PairOutcome(
-                    status="failed",
-                    image=None,
-                    final_losses=None,
-                    history=outcome.history,
-                    iterations=outcome.iterations,
-                    error=error_info("NonFiniteLoss", "the final image's loss is NaN/inf", outcome.iterations),
-                )
             if outcome.image is not None:
                 out = outcome.image
                 if job.params.preserve_colors == "luminance":
@@ -175,10 +164,6 @@ class Stylizer:
                 )
             )
         return results
-
-
-def _finite(losses: dict[str, float] | None) -> bool:
-    return losses is not None and all(math.isfinite(v) for v in losses.values())
 
 
 def free_memory(device: torch.device | str | None = None) -> None:

@@ -120,8 +120,10 @@ class StyleParams(BaseModel):
         le=8,
         description="coarse-to-fine scales; each halves the size of the next, starting from the previous result",
     )
-    keep_best: Annotated[bool, Role.GRAPH] = Field(
-        True, description="return the iterate with the lowest total loss, not the last one"
+    keep_best: bool = Field(
+        True,
+        description="Adam: return the iterate with the lowest total loss, not the last one "
+        "(L-BFGS's line search only accepts descent: its iterate is always the best)",
     )
     history_size: Annotated[int, Role.GRAPH] = Field(
         20, ge=1, le=1000, description="L-BFGS history length (pairs of vectors kept per image)"

@@ -5,8 +5,9 @@ from typing import Any
 import pytest
 import torch
 
-from nst.optimize import BatchedLBFGS, FastPath, PairProblem, stylize_batch
+from nst.optimize import FastPath, PairProblem, stylize_batch
 from nst.params import PRESETS, resolve_params
+from nst.steppers import ProjectedLBFGS
 from nst.vgg import VGGFeatures, load_vgg
 from tests.tiny_extractor import TinyExtractor
 
@@ -31,13 +32,13 @@ def test_bounded_lbfgs_stays_in_the_box_and_finds_the_constrained_minimum() -> N
     centre = torch.randn(3, 40, generator=gen) * 2
     curvature = torch.rand(3, 40, generator=gen) * 10 + 0.1
     lower, upper = torch.full((40,), -1.0), torch.full((40,), 1.0)
-    opt = BatchedLBFGS(3, 40, history_size=5, lower=lower, upper=upper)
+    opt = ProjectedLBFGS((3, 40), history_size=5, lower=lower, upper=upper)
     x = torch.zeros(3, 40)
     for _ in range(60):
         xg = x.clone().requires_grad_(True)
         loss = _quadratic(xg, centre, curvature)
         (grad,) = torch.autograd.grad(loss.sum(), xg)
-        opt.step(x, grad, torch.ones(3, dtype=torch.bool), loss=loss.detach())
+        opt.step(x, grad, loss.detach(), torch.ones(3, dtype=torch.bool))
         assert (x >= lower).all() and (x <= upper).all()
     torch.testing.assert_close(opt.accepted_x, centre.clamp(-1, 1), atol=1e-3, rtol=0)
 
@@ -47,14 +48,14 @@ def test_bounded_lbfgs_line_search_never_accepts_a_worse_point() -> None:
     gen = torch.Generator().manual_seed(1)
     centre = torch.rand(2, 30, generator=gen) - 0.5
     curvature = torch.rand(2, 30, generator=gen) * 100 + 1
-    opt = BatchedLBFGS(2, 30, lr=50.0, history_size=5, lower=torch.tensor(-1.0), upper=torch.tensor(1.0))
+    opt = ProjectedLBFGS((2, 30), lr=50.0, history_size=5, lower=torch.tensor(-1.0), upper=torch.tensor(1.0))
     x = torch.full((2, 30), 0.9)
     accepted = []
     for _ in range(40):
         xg = x.clone().requires_grad_(True)
         loss = _quadratic(xg, centre, curvature)
         (grad,) = torch.autograd.grad(loss.sum(), xg)
-        opt.step(x, grad, torch.ones(2, dtype=torch.bool), loss=loss.detach())
+        opt.step(x, grad, loss.detach(), torch.ones(2, dtype=torch.bool))
         accepted.append(opt.accepted_loss.clone())
     values = torch.stack(accepted)
     assert (values[1:] <= values[:-1]).all()
@@ -68,15 +69,15 @@ def test_bounded_rows_are_independent() -> None:
 
     def run(rows: list[int]) -> torch.Tensor:
         x = torch.zeros(len(rows), 20, dtype=torch.float64)
-        opt = BatchedLBFGS(
-            len(rows), 20, lr=3.0, history_size=4, lower=torch.tensor(-1.0), upper=torch.tensor(1.0), dtype=x.dtype
+        opt = ProjectedLBFGS(
+            (len(rows), 20), lr=3.0, history_size=4, lower=torch.tensor(-1.0), upper=torch.tensor(1.0), dtype=x.dtype
         )
         c, k = centre[rows].double(), curvature[rows].double()
         for _ in range(30):
             xg = x.clone().requires_grad_(True)
             loss = _quadratic(xg, c, k)
             (grad,) = torch.autograd.grad(loss.sum(), xg)
-            opt.step(x, grad, torch.ones(len(rows), dtype=torch.bool), loss=loss.detach())
+            opt.step(x, grad, loss.detach(), torch.ones(len(rows), dtype=torch.bool))
         return opt.accepted_x
 
     batched = run([0, 1, 2])

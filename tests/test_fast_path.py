@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-import nst.optimize as optimize
-from nst.losses import gram_matrix
+import nst.fastpath as fastpath
+from nst.losses import gram_matrix, total_losses
 from nst.memory import CPU_MAX_PAIRS, auto_batch_pairs, max_square_side, step_memory
-from nst.optimize import BatchedLBFGS, FastPath, PairProblem, build_targets, initial_images, stylize_batch
+from nst.optimize import FastPath, PairProblem, build_targets, initial_images, stylize_batch
 from nst.params import resolve_params
+from nst.steppers import ProjectedLBFGS
 from nst.vgg import VGGFeatures, load_vgg
 from tests.conftest import SAMPLES
 from tests.tiny_extractor import TinyExtractor
@@ -55,7 +56,7 @@ def _loss_and_grad(net: VGGFeatures, problems: list[PairProblem], amp: torch.dty
     x = net.to_model(initial_images(problems, h, w, CPU)).detach().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
         feats = net(x)
-    total = optimize.total_losses(feats, x, targets, "gatys")["total"]
+    total = total_losses(feats, x, targets, "gatys")["total"]
     total.sum().backward()
     assert x.grad is not None
     return total.detach(), x.grad.detach()
@@ -107,26 +108,31 @@ def test_bf16_batched_run_tracks_the_fp32_single_pair_reference(vgg: VGGFeatures
         assert all(torch.isfinite(torch.tensor(h["total"])) for h in out.history)
 
 
+def _wide_box(batch: int, dim: int, **kwargs: Any) -> ProjectedLBFGS:
+    """The production L-BFGS with bounds far from where these tests step (Caffe-scale pixels are within ±152)."""
+    return ProjectedLBFGS((batch, dim), lower=torch.tensor(-1e3), upper=torch.tensor(1e3), **kwargs)
+
+
 def test_lbfgs_without_curvature_never_steps_by_the_raw_gradient() -> None:
     # Gatys-scale gradients (~1e9): torch's L-BFGS, on a rejected first curvature pair, would step by -g itself.
     g0 = torch.full((2, 6), 1e9)
-    opt = BatchedLBFGS(2, 6, lr=1.0, history_size=5)
+    alive = torch.ones(2, dtype=torch.bool)
+    opt = _wide_box(2, 6, lr=1.0, history_size=5)
     x = torch.zeros(2, 6)
-    opt.step(x, g0, torch.ones(2, dtype=torch.bool))
-    first = x.abs().max().item()
-    assert first <= 1.0  # torch's first step: min(1, 1/|g|_1)·lr times g
-    x_before = x.clone()
-    opt.step(x, g0 * 1.5, torch.ones(2, dtype=torch.bool))  # the gradient grew along the step: ys < 0, rejected
-    assert not opt.has_curvature.any()
-    assert (x - x_before).abs().max().item() <= 1.0
+    opt.step(x, g0, torch.full((2,), 1e12), alive)
+    assert x.abs().max().item() <= 1.0  # torch's first step: min(1, 1/|g|_1)·lr times g
+    # The trial lowered the loss, but the gradient grew along the step: ys < 0, no curvature pair is stored.
+    accepted = opt.step(x, g0 * 1.5, torch.full((2,), 1e11), alive)
+    assert accepted.all() and not opt.history.has_curvature.any()
+    assert (x - opt.kept()).abs().max().item() <= 1.0
     assert torch.isfinite(x).all()
 
 
 def test_lbfgs_first_step_max_makes_the_first_step_visible() -> None:
     g = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 1e9
-    opt = BatchedLBFGS(3, 50, first_step_max=4.0)
+    opt = _wide_box(3, 50, first_step_max=4.0)
     x = torch.zeros(3, 50)
-    opt.step(x, g, torch.ones(3, dtype=torch.bool))
+    opt.step(x, g, torch.ones(3), torch.ones(3, dtype=torch.bool))
     torch.testing.assert_close(x.abs().amax(1), torch.full((3,), 4.0))
 
 
@@ -145,7 +151,7 @@ def test_fast_path_defaults_per_device() -> None:
 
 @pytest.fixture
 def fresh_compile_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(optimize, "_compile_broken", set())
+    monkeypatch.setattr(fastpath, "_compile_broken", set())
     yield
 
 
@@ -178,7 +184,7 @@ def test_compiled_step_equals_eager(fresh_compile_state: None) -> None:
             problems = _tiny_problems(optimizer)
             eager = stylize_batch(problems, net, fast=FastPath())
             compiled = stylize_batch(problems, net, fast=FastPath(compile="default"))
-            assert "default" not in optimize._compile_broken
+            assert "default" not in fastpath._compile_broken
             for a, b in zip(eager, compiled, strict=True):
                 assert a.image is not None and b.image is not None
                 assert (a.image - b.image).abs().max().item() < 1e-9
@@ -195,14 +201,14 @@ def test_compile_failure_falls_back_to_eager(
 
         return compiled
 
-    monkeypatch.setattr(optimize, "compile_fn", broken_compiler)
+    monkeypatch.setattr(fastpath, "compile_fn", broken_compiler)
     net = TinyExtractor()
     problems = _tiny_problems("adam")
-    with caplog.at_level(logging.WARNING, logger="nst.optimize"):
+    with caplog.at_level(logging.WARNING, logger="nst.fastpath"):
         fallback = stylize_batch(problems, net, fast=FastPath(compile="default"))
     eager = stylize_batch(problems, net, fast=FastPath())
     assert "running eagerly" in caplog.text
-    assert optimize._compile_broken == {"default"}
+    assert fastpath._compile_broken == {"default"}
     for a, b in zip(eager, fallback, strict=True):
         assert b.status == "succeeded" and a.image is not None and b.image is not None
         assert torch.equal(a.image, b.image)
@@ -227,7 +233,7 @@ def test_memory_model_counts_what_autograd_saves(vgg: VGGFeatures) -> None:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
                     feats = vgg(x)
-                optimize.total_losses(feats, x, targets, "gatys")
+                total_losses(feats, x, targets, "gatys")
             saved.append(sum(storages.values()))
         model = step_memory(48, 48, params, "cpu").saved_per_pair
         assert model == pytest.approx(saved[1] - saved[0], rel=1e-3), precision

@@ -6,8 +6,9 @@ from typing import Any
 import pytest
 import torch
 
-from nst.optimize import BatchedLBFGS, PairProblem, ProgressEvent, scale_sizes, stylize_batch
+from nst.optimize import PairProblem, ProgressEvent, scale_sizes, stylize_batch
 from nst.params import resolve_params
+from nst.steppers import LBFGSHistory, first_step_size
 from tests.tiny_extractor import TinyExtractor
 
 LAYERS: dict[str, Any] = {
@@ -45,16 +46,43 @@ def _torch_lbfgs_path(x0: torch.Tensor, shift: torch.Tensor, steps: int, history
     return x.detach()
 
 
-def test_batched_lbfgs_equals_torch_lbfgs_per_row() -> None:
+class _UnboundedLBFGS:
+    """torch.optim.LBFGS(max_iter=1, no line search) per row, on the product's L-BFGS memory and two-loop recursion."""
+
+    def __init__(self, batch: int, dim: int, history_size: int) -> None:
+        self.history = LBFGSHistory(batch, dim, history_size, "cpu", torch.float32)
+        self.prev_grad = torch.zeros(batch, dim)
+        self.direction = torch.zeros(batch, dim)
+        self.step_size = torch.zeros(batch)
+        self.n_iter = 0
+
+    def step(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        self.n_iter += 1
+        if self.n_iter == 1:
+            d = -g
+        else:
+            y, s = g - self.prev_grad, self.direction * self.step_size[:, None]
+            ys = torch.linalg.vecdot(y, s)
+            self.history.remember(s, y, ys, ys > 1e-10)
+            d = self.history.two_loop(-g)
+        self.prev_grad = g.clone()
+        first = first_step_size(g, 1.0, None)
+        self.step_size = first if self.n_iter == 1 else torch.where(self.history.has_curvature, 1.0, first)
+        self.direction = d
+        x.addcmul_(d, self.step_size[:, None])
+
+
+def test_lbfgs_memory_and_two_loop_equal_torch_lbfgs_per_row() -> None:
+    """The curvature memory and two-loop recursion ProjectedLBFGS uses, driven as torch drives them, match torch."""
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(3, 10, generator=gen, dtype=torch.float64).float() * 0.5
     shift = torch.tensor([0.0, 0.3, -0.2])
     x = x0.clone()
-    opt = BatchedLBFGS(3, 10, lr=1.0, history_size=4)
+    opt = _UnboundedLBFGS(3, 10, history_size=4)
     for _ in range(25):
         xg = x.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(_rosenbrock_rows(xg, shift).sum(), xg)
-        opt.step(x, grad, torch.ones(3, dtype=torch.bool))
+        opt.step(x, grad)
     for row in range(3):
         expected = _torch_lbfgs_path(x0[row], shift[row : row + 1], 25, 4)
         torch.testing.assert_close(x[row], expected, rtol=1e-4, atol=1e-5)
@@ -154,3 +182,19 @@ def test_keep_best_returns_the_lowest_loss_iterate() -> None:
     assert result.final_losses is not None
     best_logged = min(h["total"] for h in result.history)
     assert result.final_losses["total"] <= best_logged * 1.01
+
+
+def test_keep_best_is_per_pair_and_does_not_split_batches() -> None:
+    """keep_best is not a graph parameter: pairs that differ only there share a batch and each gets its own rule."""
+    net = TinyExtractor()
+    best = _problem(1, optimizer="adam", lr=60.0, iterations=8, log_every=1)
+    last = _problem(1, optimizer="adam", lr=60.0, iterations=8, log_every=1, keep_best=False)
+    assert best.params.graph_key() == last.params.graph_key()
+    batched = stylize_batch([best, last], net)
+    for problem, result in zip([best, last], batched, strict=True):
+        (single,) = stylize_batch([problem], net)
+        assert result.image is not None and single.image is not None
+        assert (result.image - single.image).abs().max().item() < 1e-3
+    assert batched[0].final_losses is not None and batched[1].final_losses is not None
+    # The bouncing run's last iterate is worse than its best: the two rules really differ.
+    assert batched[0].final_losses["total"] < batched[1].final_losses["total"]
