@@ -46,12 +46,23 @@ from nst.engine import PairJob, Stylizer, canonical_params
 from nst.images import image_to_tensor, load_image, resize_long_side
 from nst.optimize import ProgressEvent
 from nst.params import resolve_params
-from nst.vgg import load_weights
+from nst.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "manifests" / "images"
+PAINTINGS = REPO / "bench" / "images"  # pytorch/examples fast_neural_style (BSD-3), see bench/images/README.md
 CONTENTS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
 STYLES = ["hubble.jpg", "brick.jpg", "ihc.jpg"]
+PAINTING_CONTENT = "amber.jpg"
+PAINTING_STYLES = ["candy.jpg", "mosaic.jpg", "rain-princess.jpg", "udnie.jpg"]
+FRONTIER_PAIRS = (
+    "amber__candy",
+    "amber__mosaic",
+    "amber__rain-princess",
+    "amber__udnie",
+    "coffee__brick",
+    "astronaut__hubble",
+)
 CAFFE_MEAN_BGR = torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
 VGG19_BLOCKS = (2, 2, 4, 4, 4)
 CONTENT_LAYER = "block4_conv2"
@@ -59,6 +70,7 @@ STYLE_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", 
 ALPHA, BETA = 1.0, 1e3  # α/β = 1e-3
 CONFIGS = ("gatys", "tf-keras", "deep-style", "defaults")
 MAX_PIXELS = 10**8
+ALL_PAIRS = 13
 
 
 class GatysJudge:
@@ -106,14 +118,27 @@ class GatysJudge:
 
     def score(self, image: Tensor, targets: dict[str, Any]) -> dict[str, float]:
         """{content, style, total} of one image [1,3,H,W] in [0,1] (α·content, β·style, their sum)."""
+        return self.measures(image, targets)["gatys"]
+
+    def measures(self, image: Tensor, targets: dict[str, Any]) -> dict[str, Any]:
+        """The two axes (content_err, style_err) and the Gatys total of one image, from one forward pass.
+
+        content_err = ‖F(out) − F(content)‖² / ‖F(content)‖² on relu4_2; style_err = the mean over relu1_1..relu5_1
+        of ‖G(out) − G(style)‖² / ‖G(style)‖² with G the Gram per position FFᵀ/M. Both are size-invariant.
+        """
         feats = self.features(image)
-        content = 0.5 * (feats[CONTENT_LAYER].double() - targets["content"]).pow(2).sum().item()
-        style = 0.0
+        f, p = feats[CONTENT_LAYER].double(), targets["content"]
+        content = 0.5 * (f - p).pow(2).sum().item()
+        content_err = ((f - p).pow(2).sum() / p.pow(2).sum()).item()
+        style, style_errs = 0.0, []
         for name in STYLE_LAYERS:
             n, m = feats[name].shape[1], feats[name].shape[2] * feats[name].shape[3]
-            target = targets["grams"][name] * m
-            style += 0.2 * (self.gram(feats[name]) - target).pow(2).sum().item() / (4 * n * n * m * m)
-        return {"content": ALPHA * content, "style": BETA * style, "total": ALPHA * content + BETA * style}
+            gram, target = self.gram(feats[name]) / m, targets["grams"][name]  # both per position
+            sq = (gram - target).pow(2).sum().item()
+            style += 0.2 * sq * m * m / (4 * n * n * m * m)
+            style_errs.append(sq / target.pow(2).sum().item())
+        gatys = {"content": ALPHA * content, "style": BETA * style, "total": ALPHA * content + BETA * style}
+        return {"content_err": content_err, "style_err": float(np.mean(style_errs)), "gatys": gatys}
 
 
 def luminance(img: Image.Image) -> np.ndarray:
@@ -140,35 +165,41 @@ class Pair:
     style: Image.Image = field(repr=False)
 
 
+def _pair(content: Path, style: Path) -> Pair:
+    return Pair(
+        f"{content.stem}__{style.stem}",
+        content,
+        style,
+        load_image(content, label=content.name, max_pixels=MAX_PIXELS),
+        load_image(style, label=style.name, max_pixels=MAX_PIXELS),
+    )
+
+
+def painting_pairs() -> list[Pair]:
+    """pytorch/examples' photo with each of its four paintings (bench/images)."""
+    return [_pair(PAINTINGS / PAINTING_CONTENT, PAINTINGS / style) for style in PAINTING_STYLES]
+
+
+def photo_pairs() -> list[Pair]:
+    """The 3 x 3 content x style pairs of the shipped sample images, interleaved so any prefix mixes them."""
+    pairs = [_pair(IMAGES / "content" / c, IMAGES / "styles" / s) for s in STYLES for c in CONTENTS]
+    return sorted(pairs, key=lambda p: (CONTENTS.index(p.content_path.name) + STYLES.index(p.style_path.name)) % 3)
+
+
 def benchmark_pairs(count: int) -> list[Pair]:
-    """The first `count` content x style pairs of the shipped sample images (3 x 3 = 9 at most)."""
-    pairs = []
-    for style in STYLES:
-        for content in CONTENTS:
-            c, s = IMAGES / "content" / content, IMAGES / "styles" / style
-            pair_id = f"{c.stem}__{s.stem}"
-            pairs.append(
-                Pair(
-                    pair_id,
-                    c,
-                    s,
-                    load_image(c, label=content, max_pixels=MAX_PIXELS),
-                    load_image(s, label=style, max_pixels=MAX_PIXELS),
-                )
-            )
-    # Interleave so that any prefix mixes contents and styles.
-    return sorted(pairs, key=lambda p: (CONTENTS.index(p.content_path.name) + STYLES.index(p.style_path.name)) % 3)[
-        :count
-    ]
+    """The first `count` pairs: the four paintings first, then the photos (13 at most)."""
+    return [*painting_pairs(), *photo_pairs()][:count]
 
 
 @dataclass
 class Checkpoint:
-    """The judged loss of one saved intermediate or final image."""
+    """The judged measures of one saved intermediate or final image."""
 
     iteration: int
     seconds: float  # per pair: batch seconds divided by the pairs in the batch
-    total: float
+    total: float  # the Gatys total
+    content_err: float = math.nan
+    style_err: float = math.nan
 
 
 def judge_run(
@@ -177,22 +208,20 @@ def judge_run(
     output: Image.Image,
     curve: list[tuple[int, float, Image.Image]],
     targets_cache: dict[tuple[str, tuple[int, int]], dict[str, Any]],
-) -> tuple[dict[str, float], list[Checkpoint]]:
-    """Score the final image and the intermediate ones of one run."""
+) -> tuple[dict[str, Any], list[Checkpoint]]:
+    """Measure the final image and the intermediate ones of one run."""
     key = (pair.id, output.size)
     if key not in targets_cache:
         content = image_to_tensor(pair.content.resize(output.size, Image.Resampling.LANCZOS))
         style = image_to_tensor(resize_long_side(pair.style, max(output.size)))
         targets_cache[key] = judge.targets(content, style)
     targets = targets_cache[key]
-    final = judge.score(image_to_tensor(output), targets)
-    # A coarse scale's intermediate (multi-scale) is judged upsampled to the output size, as the next scale starts.
-    points = [
-        Checkpoint(
-            it, sec, judge.score(image_to_tensor(img.resize(output.size, Image.Resampling.BICUBIC)), targets)["total"]
-        )
-        for it, sec, img in curve
-    ]
+    final = judge.measures(image_to_tensor(output), targets)
+    points = []
+    for it, sec, img in curve:
+        # A coarse scale's intermediate (multi-scale) is judged upsampled to the output size, as the next scale starts.
+        m = judge.measures(image_to_tensor(img.resize(output.size, Image.Resampling.BICUBIC)), targets)
+        points.append(Checkpoint(it, sec, m["gatys"]["total"], m["content_err"], m["style_err"]))
     return final, points
 
 
@@ -267,13 +296,25 @@ def convert_weights_for_neural_style_pt(checkout: Path) -> Path:
 
 
 def run_neural_style_pt(
-    checkout: Path, pairs: Sequence[Pair], size: int, iterations: int, save_every: int, workdir: Path
+    checkout: Path,
+    pairs: Sequence[Pair],
+    size: int,
+    iterations: int,
+    save_every: int,
+    workdir: Path,
+    *,
+    style_weight: float | None = None,
+    init: str = "random",
 ) -> list[dict[str, Any]]:
-    """neural-style-pt with its defaults (L-BFGS, random init, its weights 5/100, TV 1e-3) as an external program."""
+    """neural-style-pt with its defaults (L-BFGS, random init, its weights 5/100, TV 1e-3) as an external program.
+
+    `style_weight` sets its -style_weight, `init` its -init (random or image); everything else stays its default.
+    """
     model = convert_weights_for_neural_style_pt(checkout)
+    extra = ["-init", init] + (["-style_weight", str(style_weight)] if style_weight is not None else [])
     records = []
     for pair in pairs:
-        out = workdir / f"nspt-{pair.id}.png"
+        out = workdir / f"nspt-{init}-{style_weight}-{pair.id}.png"
         cmd = [
             sys.executable,
             "-u",
@@ -299,6 +340,7 @@ def run_neural_style_pt(
             str(save_every),
             "-output_image",
             str(out),
+            *extra,
         ]
         start = time.perf_counter()
         seconds_at: dict[int, float] = {}
@@ -312,6 +354,7 @@ def run_neural_style_pt(
                     t0 = time.perf_counter()
                 elif (m := re.match(r"Iteration (\d+) /", line)) and t0 is not None:
                     seconds_at[int(m.group(1))] = time.perf_counter() - t0
+        process_seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"neural-style-pt failed on {pair.id}:\n{''.join(lines[-20:])}")
         curve = []
@@ -327,8 +370,9 @@ def run_neural_style_pt(
                 "image": image,
                 "curve": curve,
                 "seconds": seconds_at.get(iterations, time.perf_counter() - start),
+                "process_seconds": process_seconds,
                 "batch": 1,
-                "init": "noise",
+                "init": "noise" if init == "random" else "content",
             }
         )
     return records
@@ -347,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="8 pairs, 64 px, 20 iterations (< 3 min on 2 CPU cores)")
     parser.add_argument("--size", type=int, help="long side, px (default 256 on CPU, 512 on GPU; quick: 64)")
     parser.add_argument("--iterations", type=int, help="iterations per run (default 40 on CPU, 200 on GPU; quick: 20)")
-    parser.add_argument("--pairs", type=int, help="pairs, at most 9 (default 9; quick: 8)")
+    parser.add_argument("--pairs", type=int, help="pairs, paintings first, at most 13 (default 9; quick: 8)")
     parser.add_argument("--only", help="only these pair ids, comma-separated (e.g. astronaut__brick,coffee__ihc)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="presets and/or 'defaults', comma-separated")
     parser.add_argument(
@@ -366,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     size = args.size or (64 if args.quick else (512 if cuda else 256))
     iterations = args.iterations or (20 if args.quick else (200 if cuda else 40))
-    n_pairs = min(9, args.pairs or (8 if args.quick else 9))
+    n_pairs = min(ALL_PAIRS, args.pairs or (8 if args.quick else 9))
     save_every = args.save_every or max(1, iterations // 10)
     torch.manual_seed(0)
     device = torch.device("cuda" if cuda else "cpu")
@@ -374,9 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = benchmark_pairs(n_pairs)
     if args.only:
         wanted = args.only.split(",")
-        pairs = [p for p in benchmark_pairs(9) if p.id in wanted]
+        pairs = [p for p in benchmark_pairs(ALL_PAIRS) if p.id in wanted]
         if len(pairs) != len(wanted):
-            parser.error(f"--only: unknown pair ids; known: {', '.join(p.id for p in benchmark_pairs(9))}")
+            parser.error(f"--only: unknown pair ids; known: {', '.join(p.id for p in benchmark_pairs(ALL_PAIRS))}")
     workdir = args.images or Path(f"/tmp/nst-quality-{int(time.time())}")
     workdir.mkdir(parents=True, exist_ok=True)
     out_file = args.out.open("w") if args.out else None
@@ -417,13 +461,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             records = run_ours(config, None if init == "own" else init, pairs, size, iterations, save_every)
             runs.append((config, init, records))
 
-    judged: dict[tuple[str, str], dict[str, tuple[dict[str, float], list[Checkpoint], dict[str, Any]]]] = {}
+    judged: dict[tuple[str, str], dict[str, tuple[dict[str, Any], list[Checkpoint], dict[str, Any]]]] = {}
     pair_by_id = {p.id: p for p in pairs}
     for config, init, records in runs:
         for rec in records:
             pair = pair_by_id[rec["pair"]]
             if rec["image"] is None:
-                judged.setdefault((config, init), {})[pair.id] = ({"total": math.nan}, [], rec)
+                nan = {"content_err": math.nan, "style_err": math.nan, "gatys": {"total": math.nan}}
+                judged.setdefault((config, init), {})[pair.id] = (nan, [], rec)
                 continue
             final, points = judge_run(judge, pair, rec["image"], rec["curve"], targets_cache)
             judged.setdefault((config, init), {})[pair.id] = (final, points, rec)
@@ -436,17 +481,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for pair_id, (final, points, rec) in by_pair.items():
             reference = nspt.get(pair_id) or gatys.get(pair_id)
-            target = reference[0]["total"] if reference else math.nan
+            target = reference[0]["gatys"]["total"] if reference else math.nan
             iteration_hit, seconds_hit = time_to(points, target)
             first = points[0].total if points else math.nan
-            diverged = rec["status"] != "succeeded" or not math.isfinite(final["total"]) or final["total"] > first
+            total = final["gatys"]["total"]
+            diverged = rec["status"] != "succeeded" or not math.isfinite(total) or total > first
             row = {
                 "kind": "run",
                 "config": config,
                 "init": rec["init"] if init == "own" else init,
                 "pair": pair_id,
                 "status": rec["status"],
-                "judged": final,
+                "content_err": final["content_err"],
+                "style_err": final["style_err"],
+                "judged": final["gatys"],
                 **(content_preservation(rec["image"], pair_by_id[pair_id].content) if rec["image"] else {}),
                 "seconds_per_pair": rec["seconds"],
                 "batch": rec["batch"],
@@ -459,12 +507,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rec.get("engine_final") is not None and rec.get("engine_last_logged"):
                 row["engine_saved_over_last_logged"] = rec["engine_final"] / rec["engine_last_logged"]
             if pair_id in nspt and config != "neural-style-pt":
-                row["score_vs_neural_style_pt"] = final["total"] / nspt[pair_id][0]["total"]
+                row["score_vs_neural_style_pt"] = total / nspt[pair_id][0]["gatys"]["total"]
             emit(row)
             rows.append(row)
         ratios = [r["score_vs_neural_style_pt"] for r in rows if "score_vs_neural_style_pt" in r]
         summary["configs"][f"{config}/{init}"] = {
             "geomean_judged_total": float(np.exp(np.mean([np.log(r["judged"]["total"]) for r in rows]))),
+            "geomean_content_err": float(np.exp(np.mean([np.log(r["content_err"]) for r in rows]))),
+            "geomean_style_err": float(np.exp(np.mean([np.log(r["style_err"]) for r in rows]))),
             "mean_ssim_y": float(np.mean([r.get("ssim_y", math.nan) for r in rows])),
             "seconds_per_pair": float(np.mean([r["seconds_per_pair"] for r in rows])),
             "diverged": sum(r["diverged"] for r in rows),

@@ -3,6 +3,8 @@
 Normalisations (`StyleParams.normalization`):
 - ``gatys``: content ½·Σ(F−P)², style per layer Σ(G−A)²/(4N²M²) with G = FFᵀ (Gatys et al. 2015), TV Σ of squared steps.
 - ``mean``: content mean((F−P)²), style per layer mean((G/M − A/M)²), TV mean of squared steps (the TF/Keras tutorial).
+- ``relative``: content ‖F−P‖²/‖P‖², style per layer ‖G−A‖²/‖A‖² (G, A per position), TV as ``mean``: each term is
+  the relative error, so one style weight means the same strength for every painting and every size.
 N = channels, M = height × width of the layer.
 """
 
@@ -27,12 +29,16 @@ def content_loss(features: Tensor, target: Tensor, normalization: str) -> Tensor
     """Per-image content loss between features and target [B,C,H,W] → [B]."""
     with torch.autocast(device_type=features.device.type, enabled=False):
         sq = (features.float() - target.float()).pow(2).flatten(1)
+        if normalization == "relative":
+            return sq.sum(1) / target.float().pow(2).flatten(1).sum(1).clamp_min(1e-30)
         return 0.5 * sq.sum(1) if normalization == "gatys" else sq.mean(1)
 
 
 def style_layer_loss(gram: Tensor, target_gram: Tensor, normalization: str) -> Tensor:
     """Per-image style loss of one layer from Gram matrices FFᵀ/M [B,C,C] → [B]."""
     # Σ(G−A)²/(4N²M²) with unnormalised G equals mean((G/M − A/M)²)/4: the two conventions differ by ¼.
+    if normalization == "relative":
+        return (gram - target_gram).pow(2).flatten(1).sum(1) / target_gram.pow(2).flatten(1).sum(1).clamp_min(1e-30)
     mse = (gram - target_gram).pow(2).flatten(1).mean(1)
     return 0.25 * mse if normalization == "gatys" else mse
 

@@ -12,15 +12,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nst.errors import Loc, ParamsError
-from nst.layers import canonical_layer
+from nst.layers import Network, canonical_layer
 
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "style"]
 Pooling = Literal["max", "avg"]
 Precision = Literal["fp32", "bf16", "auto"]
 ColorMode = Literal["none", "luminance", "histogram"]
-Normalization = Literal["gatys", "mean"]
-Network = Literal["vgg19", "vgg16"]
+Normalization = Literal["gatys", "mean", "relative"]
 CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune"]
 
 MIN_SIZE = 16  # VGG pools four times before block5: a side under 16 px has no block5 features
@@ -90,7 +89,8 @@ class StyleParams(BaseModel):
     )
     normalization: Annotated[Normalization, Role.GRAPH] = Field(
         "mean",
-        description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum) or mean (MSE of features, Gram/M)",
+        description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum), mean (MSE of features, Gram/M) or "
+        "relative (each term's squared error over its target's: one style weight means the same for every painting)",
     )
     content_layers: Annotated[list[str], Role.GRAPH | Role.NETWORK] = Field(
         ["block4_conv2"], min_length=1, description="layers whose features the content loss matches"

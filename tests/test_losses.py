@@ -66,3 +66,15 @@ def test_blended_gram_gives_the_gradient_of_the_weighted_sum_of_losses() -> None
     torch.testing.assert_close(g_blend, g_sum, rtol=1e-5, atol=1e-6)
     # unnormalised blend weights mean the same as normalised ones
     torch.testing.assert_close(blended_gram([a1, a2], [7, 3]), blended_gram([a1, a2], [0.7, 0.3]))
+
+
+def test_relative_normalisation_is_the_relative_squared_error() -> None:
+    f, p = _features(9), _features(10)
+    expected = ((f - p) ** 2).flatten(1).sum(1) / (p**2).flatten(1).sum(1)
+    torch.testing.assert_close(content_loss(f, p, "relative"), expected)
+    g, a = gram_matrix(f), gram_matrix(p)
+    torch.testing.assert_close(
+        style_layer_loss(g, a, "relative"), ((g - a) ** 2).flatten(1).sum(1) / (a**2).flatten(1).sum(1)
+    )
+    # Scale-free: the same relative error for a style ten times brighter in feature space.
+    torch.testing.assert_close(style_layer_loss(100 * g, 100 * a, "relative"), style_layer_loss(g, a, "relative"))

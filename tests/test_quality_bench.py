@@ -46,3 +46,25 @@ def test_a_tiny_run_reports_every_pair_and_no_divergence(tmp_path: Path) -> None
     assert {k: v["diverged"] for k, v in summary["configs"].items()} == {"gatys/own": 0, "defaults/own": 0}
     with quality.Image.open(sheet) as img:  # content, style, then one row per run; one column per pair
         assert img.format == "JPEG" and img.size == (130 + 2 * (THUMB + 4), 18 + 4 * (THUMB + 4))
+
+
+def test_the_two_axes_are_zero_on_their_own_targets() -> None:
+    """content_err of the photo itself and style_err of the painting itself are 0; each is > 0 on the other image."""
+    pair = quality.painting_pairs()[0]
+    judge = quality.GatysJudge(torch.device("cpu"))
+    content = image_to_tensor(pair.content.resize((64, 64), quality.Image.Resampling.LANCZOS))
+    style = image_to_tensor(pair.style.resize((64, 64), quality.Image.Resampling.LANCZOS))
+    targets = judge.targets(content, style)
+    on_content, on_style = judge.measures(content, targets), judge.measures(style, targets)
+    assert on_content["content_err"] == 0 and on_style["style_err"] == 0
+    assert on_content["style_err"] > 0.1 and on_style["content_err"] > 0.1
+    # The Gatys total is the same objective as score() reports.
+    assert on_style["gatys"] == judge.score(style, targets)
+
+
+def test_frontier_interpolates_in_log_space_and_refuses_to_extrapolate() -> None:
+    from bench.frontier import interpolate
+
+    frontier = [(0.1, 1.0), (0.4, 0.01)]
+    assert interpolate(frontier, 0.2) == pytest.approx(0.1)  # halfway in log content_err: halfway in log style_err
+    assert interpolate(frontier, 0.05) is None and interpolate(frontier, 0.5) is None
