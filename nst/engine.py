@@ -6,7 +6,7 @@ import gc
 import platform
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +16,12 @@ from PIL import Image
 from nst import optimize
 from nst.errors import NSTError, OutOfMemory
 from nst.images import image_to_tensor, luminance_transfer, match_color, resize_long_side, tensor_to_image
+from nst.layers import canonical_layer
 from nst.optimize import PairProblem, ProgressCallback
 from nst.params import StyleParams
 from nst.results import Status
-from nst.vgg import VGGFeatures, WeightsInfo, canonical_layer, load_vgg, resolve_device
-
-ReadBytes = Callable[[str], bytes]
+from nst.vgg import VGGFeatures, load_vgg, resolve_device
+from nst.weights import ReadBytes, WeightsInfo
 
 
 @dataclass

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from nst.errors import ParamsError
+
+Network = Literal["vgg19", "vgg16"]
 
 # Convolutions per block and output channels per block.
 BLOCKS: dict[str, tuple[int, ...]] = {"vgg19": (2, 2, 4, 4, 4), "vgg16": (2, 2, 3, 3, 3)}

