@@ -469,10 +469,30 @@ def test_weights_over_the_byte_limit_are_not_read(tmp_path: Path, monkeypatch: p
     weights = tmp_path / "big.pth"
     weights.write_bytes(b"\0" * 4096)
     monkeypatch.setenv("NST_MAX_WEIGHTS_BYTES", "1024")
-    read: list[str] = []
     with pytest.raises(WeightsError) as err:
-        load_weights("vgg19", str(weights), read_bytes=lambda uri: read.append(uri) or b"")
+        load_weights("vgg19", str(weights))
     assert str(err.value) == f"weights {str(weights)!r}: 4096 bytes is more than NST_MAX_WEIGHTS_BYTES=1024"
+
+
+def test_remote_weights_over_the_byte_limit_are_not_downloaded(
+    s3_env: object, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On S3 the limit is checked on the HEAD: the reader is never called."""
+    from nst import storage
+
+    uri = f"s3://{s3_bucket}/big.pth"
+    storage.write_bytes(uri, b"\0" * 4096)
+    monkeypatch.setenv("NST_MAX_WEIGHTS_BYTES", "1024")
+    read: list[str] = []
+
+    def reader(target: str) -> bytes:
+        read.append(target)
+        return b""
+
+    for call in (load_weights, weights_digest):
+        with pytest.raises(WeightsError) as err:
+            call("vgg19", uri, read_bytes=reader)
+        assert str(err.value) == f"weights {uri!r}: 4096 bytes is more than NST_MAX_WEIGHTS_BYTES=1024"
     assert read == []
 
 
