@@ -79,3 +79,15 @@ GPU_SHARDS ?= 1
 .PHONY: prefect-setup
 prefect-setup: install
 	$(BIN)/python deploy/setup.py --gpu-shards $(GPU_SHARDS)
+
+# The production layout on this machine (scripts/stack.py, docs/prefect.md): Prefect server, SeaweedFS S3 with a sample
+# bucket, pools + automation (prefect-setup), `prefect deploy --all`, a gpu-pool and a parent-pool worker. Prints the UI
+# URL, the logs and the run command; a second `make up` reprints. State, data and logs in STACK_DIR. `make down` stops
+# every process it started, by pid (data and logs stay).
+STACK_DIR ?= .stack
+.PHONY: up down
+up: install
+	$(BIN)/python scripts/stack.py up --state-dir $(STACK_DIR)
+
+down:
+	$(BIN)/python scripts/stack.py down --state-dir $(STACK_DIR)
