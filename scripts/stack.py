@@ -343,9 +343,13 @@ def start(state_dir: Path) -> dict[str, Any]:
     state: dict[str, Any] = {"repo": str(REPO), "bucket": BUCKET, "processes": {}}
     try:
         cli_env, s3_env = start_services(state_dir, state)
+        # deploy and the flow runs import nst/ and flows/ of this checkout, whichever checkout the venv was made in.
+        cli_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), cli_env.get("PYTHONPATH")]))
         setup_log = state_dir / "logs" / "setup.log"
         state["setup_log"] = str(setup_log)
-        make = ["make", "--no-print-directory", "-C", str(REPO), "prefect-setup"]
+        # With this Python's venv; `make up` has installed it already (-o install: no reinstall check here).
+        bindir = str(Path(sys.executable).parent)
+        make = ["make", "--no-print-directory", "-C", str(REPO), "-o", "install", f"BIN={bindir}", "prefect-setup"]
         run_logged(make, env=cli_env, log=setup_log, what="make prefect-setup")
         from tests.fixtures.prefect import PREFECT_BIN
 
@@ -354,8 +358,6 @@ def start(state_dir: Path) -> dict[str, Any]:
         worker_env = {k: v for k, v in cli_env.items() if k not in s3_env}
         worker_env.update({k: v for k, v in s3_env.items() if v is not None})
         worker_env["NST_INPUT_ROOTS"] = f"s3://{state['bucket']}/images/"
-        # Flow runs import nst/ and flows/ of this checkout, whichever checkout the venv was installed from.
-        worker_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), worker_env.get("PYTHONPATH")]))
         worker_env["PREFECT_WORKER_QUERY_SECONDS"] = "5"
         for name in WORKERS:
             state["processes"][name] = start_worker(name, worker_env, state_dir)
