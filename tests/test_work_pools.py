@@ -5,11 +5,16 @@
 - deploy/k8s-gpu-job-template.json: accepted by `prefect work-pool create --type kubernetes`, and the Job it renders
   for a flow run (prefect-kubernetes' own job configuration) is a valid batch/v1 Job (kubernetes client models) with
   one GPU, our image, the shared results volume and the worker settings. No cluster is needed (none is here).
+- A run on a pool with no worker says so (issue 20): the late-run automation of deploy/automations.yaml puts the
+  pool's name and the command that starts a worker in its state; a worker started later still runs it.
 """
 
 import asyncio
 import json
+import re
+import time
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,8 +22,8 @@ import jsonpatch  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.fixtures.prefect import PrefectServer, run_setup
+from tests.conftest import REPO, SAMPLES
+from tests.fixtures.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
 
 TEMPLATE = REPO / "deploy" / "k8s-gpu-job-template.json"
 # Paths prefect-kubernetes' worker insists on (its base manifest has them in the pod spec) though batch/v1 has no
@@ -165,3 +170,49 @@ def test_k8s_template_matches_the_image() -> None:
     assert yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["work_pools"]["gpu_pool"]["name"] == (
         "gpu-pool"
     )
+
+
+@pytest.mark.slow
+def test_a_run_on_a_pool_without_a_worker_says_so_and_a_worker_started_later_runs_it(
+    isolated_prefect_server: PrefectServer, isolated_process_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    server = isolated_prefect_server
+    late_after_s = 20
+    out = run_setup(server, "--late-after", str(late_after_s))
+    assert "automation late-runs-gpu-pool: " in out and "automation late-runs-parent-pool: " in out, out
+    server.cli("--no-prompt", "deploy", "--name", "stylize-manifest/on-demand", cwd=REPO)
+    content, style = SAMPLES / "content" / "chelsea.jpg", SAMPLES / "styles" / "brick.jpg"
+    (tmp_path / "late.yaml").write_text(
+        "version: 1\nname: late\noutput: out/\ndefaults: {size: 32, iterations: 2}\n"
+        f"pairs:\n  - {{id: one, content: {content}, style: {style}}}\n"
+    )
+    result = server.cli("deployment", "run", "stylize-manifest/on-demand", "-p", f"manifest={tmp_path / 'late.yaml'}")
+    match = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
+    assert match, result.stdout
+    run_id = match.group(1)
+
+    # No worker on gpu-pool: Late 15 s after its start time (Prefect), then our message late_after_s later.
+    deadline = time.monotonic() + 15 + late_after_s + 240  # generous: a loaded machine, 5 s service loops
+    while True:
+        with server.client() as client:
+            run = client.read_flow_run(run_id)
+        message = (run.state.message or "") if run.state else ""
+        if message.startswith("No worker of work pool"):
+            break
+        assert run.state is not None and run.state.is_scheduled(), (run.state_name, message)
+        assert time.monotonic() < deadline, f"no message on the late run, still {run.state_name}"
+        time.sleep(2)
+    assert run.state.is_scheduled() and run.state_name == "AwaitingWorker"  # still runnable: a later worker takes it
+    assert "work pool gpu-pool" in message and "prefect worker start --pool gpu-pool" in message, message
+
+    # Once only: the automation does not react to the state it set itself.
+    time.sleep(late_after_s + 20)
+    with server.client() as client:
+        states = client.read_flow_run_states(run_id)
+    told = [s for s in states if (s.message or "").startswith("No worker of work pool")]
+    assert len(told) == 1, [(s.name, s.message) for s in states]
+
+    worker = isolated_process_worker("gpu-pool", cwd=REPO)
+    run = wait_for_flow_run(server, run_id, timeout=600, worker=worker)
+    assert run.state.is_completed(), (run.state_name, run.state.message, worker.log_tail())
+    assert (tmp_path / "out" / "one.png").is_file()
