@@ -13,7 +13,6 @@ returns an old finished child). Children of earlier attempts still running are w
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -24,27 +23,28 @@ from typing import Annotated, Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, State
 from pydantic import Field
 
-from flows import report
-from nst import pipeline, storage
-from nst.engine import output_size
+from flows import outcome, report
 from nst.errors import NSTError
+from nst.images import resized_size
 from nst.manifest import Manifest, PairSpec, ParamOverrides, load_manifest, override_values
-from nst.pipeline import Batch, PairRecord, PlannedPair
-from nst.results import Status, error_info
+from nst.results import error_info
+from nst.run import Batch, PairRecord, make_batches, new_run_id, plan, summary_uri, write_run_summary
+from nst.run.inputs import InputFacts
+from nst.run.layout import READ_THREADS, output_uris
+from nst.run.records import read_record
+from nst.run.run import IDS_IN_A_MESSAGE
 from nst.run_options import RunOptions
 
 POLL_S = 3.0
-READ_THREADS = 16
 HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
 INPUT_ROOTS_ENV = "NST_INPUT_ROOTS"  # nst.manifest.inputs.InputSettings reads it
 SHARD_TAG = "shard"
@@ -59,19 +59,20 @@ class Shard:
     run: FlowRun | None = None
 
 
-def pair_cost(pair: PlannedPair) -> int:
+def pair_cost(spec: PairSpec, inputs: dict[str, InputFacts]) -> int:
     """Work of one pair: output pixels × iterations (1 for an unreadable pair: it fails at once)."""
-    if pair.content_size is None or pair.input_error:
+    dims = inputs[spec.content].dims
+    if dims is None or any(inputs[u].error for u in (spec.content, *spec.styles)):
         return 1
-    width, height = output_size(*pair.content_size, pair.spec.params.size)
-    return width * height * pair.spec.params.iterations
+    width, height = resized_size(*dims, spec.params.size)
+    return width * height * spec.params.iterations
 
 
 def split_batches(batches: Sequence[Batch], shards: int) -> list[list[str]]:
     """Deal whole batches, costliest first, to the shard with the least pixels × iterations; empty shards dropped."""
     loads = [0] * max(1, shards)
     groups: list[list[str]] = [[] for _ in loads]
-    costed = [(sum(pair_cost(p) for p in b.pairs), i, b) for i, b in enumerate(batches)]
+    costed = [(sum(pair_cost(p, b.inputs) for p in b.pairs), i, b) for i, b in enumerate(batches)]
     for cost, _, batch in sorted(costed, key=lambda c: (-c[0], c[1])):
         target = min(range(len(loads)), key=lambda i: (loads[i], len(groups[i])))
         loads[target] += cost
@@ -92,7 +93,14 @@ def _run_pair_ids(run: FlowRun) -> list[str]:
 
 
 def plan_shards(
-    pending: Sequence[PlannedPair], earlier: Sequence[FlowRun], shards: int, base: str, *, max_pairs: int, output: str
+    pending: Sequence[PairSpec],
+    inputs: dict[str, InputFacts],
+    earlier: Sequence[FlowRun],
+    shards: int,
+    base: str,
+    *,
+    max_pairs: int,
+    output: str,
 ) -> list[Shard]:
     """One shard per earlier shard with pending pairs (those pairs only); other pairs' batches dealt to `shards`."""
     origin: dict[str, FlowRun] = {}
@@ -105,7 +113,7 @@ def plan_shards(
             run = origin[pair.id]
             again.setdefault(run.id, Shard(re.sub(r"-attempt\d+$", "", run.name), [])).pair_ids.append(pair.id)
     fresh = [p for p in pending if p.id not in origin]
-    groups = split_batches(pipeline.make_batches(fresh, max_pairs=max_pairs, output=output, run_id=""), shards)
+    groups = split_batches(make_batches(fresh, inputs, max_pairs=max_pairs, output=output, run_id=""), shards)
     return [*again.values(), *(Shard(f"{base}-shard-{i}of{len(groups)}", ids) for i, ids in enumerate(groups, 1))]
 
 
@@ -165,44 +173,18 @@ def _state_name(run: FlowRun) -> str:
     return (run.state.name if run.state else None) or run.state_name or "Unknown"
 
 
-def _read_json(uri: str) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(storage.read_bytes(uri))
-        return data
-    except (NSTError, ValueError):
-        return None
-
-
-def _from_record(spec: PairSpec, record: dict[str, Any], status: Status, *, history: bool) -> PairRecord:
-    """A PairRecord of a pair's JSON record found in storage (its loss history only if `history`)."""
-    output = record.get("output") or {}
-    return PairRecord(
-        id=spec.id,
-        status=status,
-        content_uri=spec.content,
-        style_uris=spec.styles,
-        image_uri=output.get("image"),
-        json_uri=output.get("json") or "",
-        final_losses=record.get("final_losses"),
-        seconds=0.0 if status == "skipped" else float(record.get("seconds") or 0.0),
-        error=record.get("error"),
-        history=(record.get("history") or []) if history else [],
-    )
-
-
 def _child_pair(
     output: str, child: FlowRun, spec: PairSpec, entry: dict[str, Any] | None, *, history: bool
 ) -> PairRecord:
     """One pair of a child: the status its run summary gives (`entry`), else what its record says it wrote."""
-    _, json_uri = pipeline.output_uris(output, spec.id)
+    _, json_uri = output_uris(output, spec.id)
     if entry is not None and entry["status"] == "not_run":
-        reason = (entry.get("error") or {}).get("message", "not run")
-        return pipeline.not_run_record(PlannedPair(spec, {}), output, reason)
-    record = _read_json(json_uri)
+        return PairRecord.not_run(spec, output, (entry.get("error") or {}).get("message", "not run"))
+    record = read_record(json_uri)
     if record is not None and entry is not None and entry["status"] in ("succeeded", "failed", "skipped"):
-        return _from_record(spec, record, entry["status"], history=history)
+        return PairRecord.from_json(spec, record, entry["status"], history=history)
     if record is not None and record.get("run_id") == str(child.id) and record.get("status") == "succeeded":
-        return _from_record(spec, record, "succeeded", history=history)  # written before the child died
+        return PairRecord.from_json(spec, record, "succeeded", history=history)  # written before the child died
     state_name = _state_name(child)
     message = child.state.message if child.state else None
     detail = f": {message}" if message else ""
@@ -221,7 +203,7 @@ def collect(manifest: Manifest, children: Sequence[FlowRun], specs: dict[str, Pa
     output = manifest.output
     listed: dict[UUID, dict[str, dict[str, Any]]] = {}
     for c in children:
-        summary = _read_json(storage.join(output.rstrip("/") + "/", f"_runs/{c.id}.json")) or {}
+        summary = read_record(summary_uri(output, str(c.id))) or {}
         listed[c.id] = {p["id"]: p for p in summary.get("pairs", [])}
     wanted = [(c, pair_id) for c in children for pair_id in _run_pair_ids(c)]
 
@@ -234,38 +216,13 @@ def collect(manifest: Manifest, children: Sequence[FlowRun], specs: dict[str, Pa
         return list(pool.map(one, enumerate(wanted)))
 
 
-def publish_report(
-    manifest: Manifest, run_id: str, records: Sequence[PairRecord], summary_uri: str, shards: Sequence[dict[str, Any]]
-) -> None:
-    """The table and markdown report of the whole sharded run (flows/report.py), plus a table of its shards."""
-    slug = report.slugify(manifest.name)
-    try:
-        create_table_artifact(
-            key=f"{slug}-pairs",
-            table=report.table_rows(records),
-            description=f"{manifest.name}: pairs of sharded flow run {run_id} ({len(shards)} shards)",
-        )
-        curves_url = None
-        png = report.loss_curves_png(records, title=f"{manifest.name} · {run_id}")
-        if png is not None:
-            curves_uri = storage.join(manifest.output.rstrip("/") + "/", f"_runs/{run_id}-losses.png")
-            storage.write_bytes(curves_uri, png, content_type="image/png")
-            curves_url = report.display_url(curves_uri)
-        markdown = report.markdown_report(
-            name=manifest.name, run_id=run_id, records=records, summary_uri=summary_uri, curves_url=curves_url
-        )
-        lines = ["", "## Shards", "", "| shard | flow run | state | pairs |", "|---|---|---|---:|"]
-        lines += [
-            f"| {report.md_text(s['name'])} | `{s['flow_run_id']}` | {s['state']} | {len(s['pair_ids'])} |"
-            for s in shards
-        ]
-        create_markdown_artifact(
-            key=f"{slug}-report",
-            markdown=markdown + "\n".join(lines) + "\n",
-            description=f"{manifest.name}: report of sharded flow run {run_id}",
-        )
-    except Exception as exc:  # the report is for people; the pairs' JSON and the run summary are the record
-        get_run_logger().warning("could not publish the report: %s: %s", type(exc).__name__, exc)
+def shards_markdown(shards: Sequence[dict[str, Any]]) -> str:
+    """The report's appendix: a table of the shards (name, flow run, state, pairs)."""
+    lines = ["", "## Shards", "", "| shard | flow run | state | pairs |", "|---|---|---|---:|"]
+    lines += [
+        f"| {report.md_text(s['name'])} | `{s['flow_run_id']}` | {s.get('state', '')} | {s['pairs']} |" for s in shards
+    ]
+    return "\n".join(lines) + "\n"
 
 
 @flow(name="shard-manifest")
@@ -290,37 +247,35 @@ def shard_manifest(
         timeout_s: give up waiting after this many seconds
     """
     logger = get_run_logger()
-    parent = str(runtime_flow_run.id or pipeline.new_run_id())
+    parent = str(runtime_flow_run.id or new_run_id())
     attempt = max(1, int(runtime_flow_run.run_count or 1))
     explicit = override_values(overrides)
     try:
         loaded = load_manifest(manifest, overrides=explicit)
-        planned = pipeline.plan(loaded, options)
+        planned = plan(loaded, options)
     except NSTError as exc:
-        logger.error("%s", exc)
-        return Failed(message=str(exc), data={"error": type(exc).__name__, "message": str(exc)})
+        return outcome.failed(str(exc))
     if options.dry_run:
-        would_run, would_skip = [p.id for p in planned.to_run], [r.id for r in planned.skipped]
-        return Completed(
-            message=f"dry run: {len(would_run)} pairs would run, {len(would_skip)} would be skipped",
-            data={"would_run": would_run, "would_skip": would_skip},
-        )
+        would_skip = [r.id for r in planned.skipped]
+        return outcome.dry_run_state([p.id for p in planned.to_run], would_skip, len(planned.older_engine))
 
     with get_client(sync_client=True) as client:
         earlier = child_runs(client, parent) if runtime_flow_run.id and attempt > 1 else []
     running = [r for r in earlier if r.state is None or not r.state.is_final()]
     busy = {i for r in running for i in _run_pair_ids(r)}  # an earlier attempt's child still runs them: wait for it
     pending = [p for p in planned.to_run if p.id not in busy]
-    plan = plan_shards(pending, earlier, shards, loaded.name, max_pairs=options.max_batch_pairs, output=loaded.output)
+    shard_plan = plan_shards(
+        pending, planned.inputs, earlier, shards, loaded.name, max_pairs=options.max_batch_pairs, output=loaded.output
+    )
     logger.info(
         "attempt %d: %d pairs to run (%d already done, %d still running in earlier shards) in %d new shards",
         attempt,
         len(pending),
         len(planned.skipped),
         len(busy),
-        len(plan),
+        len(shard_plan),
     )
-    for shard in plan:
+    for shard in shard_plan:
         shard.run = start_shard(
             shard,
             deployment=deployment,
@@ -331,35 +286,34 @@ def shard_manifest(
             attempt=attempt,
         )
         logger.info("shard %s: flow run %s with %d pairs", shard.name, shard.run.id, len(shard.pair_ids))
-    runs = [*running, *(cast(FlowRun, s.run) for s in plan)]
-    shard_list: list[dict[str, Any]] = [
-        {"flow_run_id": str(r.id), "name": r.name, "pair_ids": _run_pair_ids(r)} for r in runs
-    ]
+    runs = [*running, *(cast(FlowRun, s.run) for s in shard_plan)]
+    shard_list = [{"flow_run_id": str(r.id), "name": r.name, "pair_ids": _run_pair_ids(r)} for r in runs]
     if not wait:
-        return Completed(message=f"{len(runs)} shards scheduled", data={"shards": shard_list})
+        return Completed(message=f"{len(runs)} shards scheduled", data={"shards": _brief(shard_list)})
 
     with get_client(sync_client=True) as client:
         finished = wait_for(client, runs, timeout_s) if runs else []
     if finished is None:
-        return Failed(message=f"shards still running after {timeout_s:.0f} s", data={"shards": shard_list})
+        return outcome.failed(f"{len(runs)} shards still running after {timeout_s:.0f} s")
     for entry, run in zip(shard_list, finished, strict=True):
         entry["state"] = _state_name(run)
-    specs = {p.id: p.spec for p in planned.to_run}
-    records = [*collect(loaded, finished, specs), *planned.skipped]
-    order = {p.id: i for i, p in enumerate(loaded.pairs)}
-    records.sort(key=lambda r: order.get(r.id, len(order)))
-    summary_uri = pipeline.write_run_summary(
+    records = _aggregate(loaded, finished, planned.to_run, planned.skipped)
+    summary = write_run_summary(
         loaded.output, parent, records, manifest=loaded.source, attempt=attempt, shards=shard_list
     )
-    publish_report(loaded, parent, records, summary_uri, shard_list)
-    counts = {s: n for s, n in report.counts(records).items() if n}
-    failed = [r.id for r in records if r.status in ("failed", "not_run")]
-    data = {"run_id": parent, "summary": summary_uri, "counts": counts, "failed": failed, "shards": shard_list}
-    text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no pairs"
-    if failed:
-        bad = [s["name"] for s in shard_list if s["state"] != "Completed"]
-        message = f"{len(failed)} of {len(records)} pairs failed: {', '.join(failed)}"
-        logger.error("%s (shards not completed: %s). Summary: %s", message, ", ".join(bad) or "none", summary_uri)
-        return Failed(message=f"{message}. Retry runs only these again. ({text})", data=data)
-    logger.info("%s in %d shards. Summary: %s", text, len(runs), summary_uri)
-    return Completed(message=f"{text} in {len(runs)} shards", data=data)
+    outcome.publish_report(loaded, parent, records, summary=summary, appendix=shards_markdown(_brief(shard_list)))
+    return outcome.final_state(records, parent, summary, options, extra=f" in {len(runs)} shards")
+
+
+def _brief(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shards as a state or report shows them: the first pair ids and a count (the summary has them all)."""
+    return [{**s, "pair_ids": s["pair_ids"][:IDS_IN_A_MESSAGE], "pairs": len(s["pair_ids"])} for s in shards]
+
+
+def _aggregate(
+    manifest: Manifest, finished: Sequence[FlowRun], to_run: Sequence[PairSpec], skipped: Sequence[PairRecord]
+) -> list[PairRecord]:
+    """Every pair of the run in manifest order: the children's as they left them, and those already done."""
+    records = [*collect(manifest, finished, {p.id: p for p in to_run}), *skipped]
+    order = {p.id: i for i, p in enumerate(manifest.pairs)}
+    return sorted(records, key=lambda r: order.get(r.id, len(order)))

@@ -1,6 +1,6 @@
-"""Prefect flow `stylize-manifest`: the run path of `nst.pipeline`, with Prefect's parts added.
+"""Prefect flow `stylize-manifest`: the run path of `nst.run`, with Prefect's parts added.
 
-`nst.pipeline.run` loads the manifest, plans (reading each input once, skipping pairs already done), makes batches,
+`nst.run.run` loads the manifest, plans (reading each input once, skipping pairs already done), makes batches,
 runs them and writes the run summary. This module adds only what Prefect brings: one task per batch (retries for
 transient storage errors, a persisted result, an optional timeout), device slots, artifacts and the final state.
 
@@ -11,34 +11,31 @@ Retry of a failed flow run (UI button, `prefect flow-run retry`) runs only the f
   source and the flow run id. A batch that completed in an earlier attempt of the same flow run returns that result
   instead of running again (this covers `force=True`, where `plan()` skips nothing). A batch with failed pairs
   raises `PairsFailed` after its records are written, so its task run is Failed, caches nothing, and runs again.
+  Cached is not done: the outputs of a Cached batch are checked (stat of each PNG and JSON), and pairs whose outputs
+  are gone or were replaced run again, refreshing the cache.
 
 GPU use: `DeviceSlots` holds one slot per visible GPU (or `cpu_slots` on a machine without one). Two batches per slot
 are in flight; a batch task reads and decodes its own images, holds a slot only while it optimises, and writes its
 outputs after giving the slot back, so I/O overlaps the optimisation. With `batch_timeout_s` (a task timeout, counted
 from the task's start) one batch per slot is in flight instead, so that no batch spends its time budget waiting.
 Live objects (the Stylizer with its loaded networks, the slots, the progress artifact) stay in this process, found by
-the flow run id; task parameters are plain data (`nst.pipeline.Batch`).
+the flow run id; task parameters are plain data (`nst.run.Batch`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_progress_artifact
 from prefect.cache_policies import RUN_ID, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
@@ -46,16 +43,17 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.runtime import deployment as runtime_deployment
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Completed, Failed
 
-from flows import report
-from nst import pipeline, storage
+import nst.run.batches
+from flows import outcome, report
+from flows.progress import Progress, progress_callback
+from nst import storage
 from nst.engine import Stylizer
 from nst.errors import NSTError, StorageError
-from nst.manifest import ParamOverrides, load_manifest, override_values
-from nst.optimize import ProgressCallback, ProgressEvent
-from nst.pipeline import Batch, PairRecord, Plan, PlannedPair, RunHooks, RunSummary
+from nst.manifest import PairSpec, ParamOverrides, load_manifest, override_values
 from nst.results import error_info
+from nst.run import Batch, PairRecord, Plan, RunHooks, RunSummary, new_run_id, some_ids, verify_written
+from nst.run.inputs import InputFacts
 from nst.run_options import RunOptions
 
 # Task retries are for transient trouble only (storage, network): waits before the 2nd and 3rd attempt, seconds.
@@ -135,48 +133,6 @@ def visible_devices(cpu_slots: int) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] if n else ["cpu"] * cpu_slots
 
 
-class Progress:
-    """Finished pairs plus the fraction done of running batches, mirrored into a progress artifact (throttled)."""
-
-    def __init__(self, total: int, artifact_id: Any) -> None:
-        self.total = total
-        self.done = 0
-        self.running: dict[str, float] = {}  # batch label -> pairs-equivalent done
-        self.artifact_id = artifact_id
-        self._lock = threading.Lock()
-        self._last = 0.0
-
-    @property
-    def percent(self) -> float:
-        """Progress in percent (100 when there is nothing to do)."""
-        if self.total == 0:
-            return 100.0
-        return min(100.0, 100.0 * (self.done + sum(self.running.values())) / self.total)
-
-    def step(self, label: str, pairs: int, fraction: float) -> None:
-        """A running batch of `pairs` pairs is `fraction` done."""
-        with self._lock:
-            self.running[label] = pairs * min(max(fraction, 0.0), 1.0)
-            self._publish(force=False)
-
-    def finish(self, label: str, pairs: int) -> None:
-        """A batch of `pairs` pairs ended (in any state)."""
-        with self._lock:
-            self.running.pop(label, None)
-            self.done += pairs
-            self._publish(force=True)
-
-    def _publish(self, force: bool) -> None:
-        now = time.monotonic()
-        if self.artifact_id is None or (not force and now - self._last < PROGRESS_UPDATE_S):
-            return
-        self._last = now
-        with contextlib.suppress(Exception):  # progress is cosmetic: never fail a run over it
-            update_progress_artifact(
-                self.artifact_id, self.percent, description=f"{self.done}/{self.total} pairs finished"
-            )
-
-
 @dataclass
 class _RunParts:
     """What the batch tasks of one flow run share in this process."""
@@ -189,14 +145,13 @@ class _RunParts:
 _RUNS: dict[str, _RunParts] = {}  # by flow run id
 
 
-def pair_fingerprint(pair: PlannedPair) -> str:
+def pair_fingerprint(spec: PairSpec, inputs: dict[str, InputFacts]) -> str:
     """Everything that decides a pair's output: spec (inputs, parameters), input hashes (stable across processes)."""
+    facts = [inputs[u] for u in (spec.content, *spec.styles)]
     return json.dumps(
         {
-            "spec": pair.spec.model_dump(mode="json"),
-            "hashes": pair.input_hashes,
-            "size": pair.content_size,
-            "input_error": pair.input_error,
+            "spec": spec.model_dump(mode="json"),
+            "inputs": [(f.uri, f.sha256, f.dims, f.error) for f in facts],
         },
         sort_keys=True,
         default=str,
@@ -207,8 +162,8 @@ def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache key of a batch task: output location and its pairs' fingerprints (not the spool, label or device)."""
     batch: Batch = parameters["batch"]
     digest = hashlib.sha256(batch.output.encode())
-    for pair in batch.pairs:
-        digest.update(b"\0" + pair_fingerprint(pair).encode())
+    for spec in batch.pairs:
+        digest.update(b"\0" + pair_fingerprint(spec, batch.inputs).encode())
     return digest.hexdigest()
 
 
@@ -216,28 +171,6 @@ def retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
     """Retry a batch task only for transient errors (storage, network); never for failed pairs or a timeout."""
     exc = state.data if isinstance(state.data, BaseException) else None
     return (isinstance(exc, StorageError) and exc.transient) or isinstance(exc, ConnectionError)
-
-
-def _progress_callback(progress: Progress, batch: Batch) -> ProgressCallback:
-    """on_progress for run_batch: feeds the progress artifact and logs losses now and then."""
-    logger = get_run_logger()
-    last_log = [time.monotonic()]
-
-    def on_progress(event: ProgressEvent) -> None:
-        progress.step(batch.label, len(batch.pairs), event.iteration / max(1, event.total_iterations))
-        now = time.monotonic()
-        if event.losses and now - last_log[0] >= LOG_EVERY_S:
-            last_log[0] = now
-            best = min(loss["total"] for loss in event.losses)
-            logger.info(
-                "batch %s: iteration %d/%d, best total loss %.4g",
-                batch.label,
-                event.iteration,
-                event.total_iterations,
-                best,
-            )
-
-    return on_progress
 
 
 @task(
@@ -254,11 +187,11 @@ def batch_task(batch: Batch) -> list[PairRecord]:
     logger = get_run_logger()
     logger.info("batch %s: %d pairs: %s", batch.label, len(batch.pairs), ", ".join(p.id for p in batch.pairs))
     parts = _RUNS[batch.run_id]
-    records = pipeline.run_batch(
+    records = nst.run.batches.run_batch(
         batch,
         stylizer=parts.stylizer,
         hold_device=parts.slots.take,
-        on_progress=_progress_callback(parts.progress, batch),
+        on_progress=progress_callback(parts.progress, batch),
         run_is_live=flow_run_is_live,
     )
     for r in records:
@@ -268,10 +201,10 @@ def batch_task(batch: Batch) -> list[PairRecord]:
             logger.info("pair %s %s in %.1f s, final losses %s", r.id, r.status, r.seconds, r.final_losses)
     failed = [r.id for r in records if r.status == "failed"]
     if failed:
-        raise PairsFailed(f"{len(failed)} of {len(records)} pairs failed: {', '.join(failed)}", records)
+        raise PairsFailed(f"{len(failed)} of {len(records)} pairs failed: {some_ids(failed)}", records)
     claimed = [r.id for r in records if r.status == "not_run"]  # another run holds them: nothing to cache
     if claimed:
-        message = f"{len(claimed)} of {len(records)} pairs claimed by another run: {', '.join(claimed)}"
+        message = f"{len(claimed)} of {len(records)} pairs claimed by another run: {some_ids(claimed)}"
         raise PairsFailed(message, records)
     return records
 
@@ -297,64 +230,7 @@ def batch_records(state: State[Any], batch: Batch) -> list[PairRecord]:
         return list(exc.records)
     timed_out = state.name == "TimedOut" or isinstance(exc, TimeoutError)
     error = error_info("Timeout" if timed_out else type(exc).__name__, state.message or str(exc))
-    return [pipeline.record_failure(p, batch, error, best_effort=True) for p in batch.pairs]
-
-
-def publish_report(summary: RunSummary) -> None:
-    """Table and markdown artifacts keyed by the manifest's name; the loss plot is written next to the outputs."""
-    name, run_id, records = summary.manifest.name, summary.run_id, summary.records
-    slug = report.slugify(name)
-    try:
-        create_table_artifact(
-            key=f"{slug}-pairs",
-            table=report.table_rows(records),
-            description=f"{name}: pairs of flow run {run_id}" + (" (dry run: nothing ran)" if summary.dry_run else ""),
-        )
-        curves_url = None
-        png = None if summary.dry_run else report.loss_curves_png(records, title=f"{name} · {run_id}")
-        if png is not None:
-            curves_uri = storage.join(summary.manifest.output.rstrip("/") + "/", f"_runs/{run_id}-losses.png")
-            storage.write_bytes(curves_uri, png, content_type="image/png")
-            curves_url = report.display_url(curves_uri)
-        create_markdown_artifact(
-            key=f"{slug}-report",
-            markdown=report.markdown_report(
-                name=name,
-                run_id=run_id,
-                records=records,
-                summary_uri=summary.summary_uri,
-                curves_url=curves_url,
-                dry_run=summary.dry_run,
-            ),
-            description=f"{name}: report of flow run {run_id}",
-        )
-    except Exception as exc:  # the report is for people; the pairs' JSON and the run summary are the record
-        get_run_logger().warning("could not publish the report: %s: %s", type(exc).__name__, exc)
-
-
-def final_state(summary: RunSummary, options: RunOptions) -> State[Any]:
-    """Completed, or Failed naming the failed pairs (so that Retry runs them again)."""
-    if summary.dry_run:
-        would_run, would_skip = summary.ids("not_run"), summary.ids("skipped")
-        return Completed(
-            message=f"dry run: {len(would_run)} pairs would run, {len(would_skip)} would be skipped",
-            data={"would_run": would_run, "would_skip": would_skip},
-        )
-    counts = summary.counts()
-    failed, not_run = summary.ids("failed"), summary.ids("not_run")
-    result = {"run_id": summary.run_id, "summary": summary.summary_uri, "counts": counts, "failed": failed}
-    result["not_run"] = not_run
-    text = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no pairs"
-    if not (failed or not_run):
-        get_run_logger().info("%s. Summary: %s", text, summary.summary_uri)
-        return Completed(message=text, data=result)
-    message = f"{len(failed)} of {len(summary.records)} pairs failed: {', '.join(failed)}" if failed else ""
-    if not_run:
-        reasons = sorted({str((r.error or {}).get("message", "")) for r in summary.records if r.status == "not_run"})
-        why = f"max_failures={options.max_failures}" if options.max_failures is not None else "; ".join(reasons)
-        message += ("; " if message else "") + f"{len(not_run)} not run ({why})"
-    get_run_logger().error("%s. Summary: %s", message, summary.summary_uri)
-    return Failed(message=f"{message}. Retry runs only these again. ({text})", data=result)
+    return [batch.fail(spec, error) for spec in batch.pairs]
 
 
 def flow_hooks(run_id: str, options: RunOptions) -> RunHooks:
@@ -383,7 +259,17 @@ def flow_hooks(run_id: str, options: RunOptions) -> RunHooks:
         parts.progress = Progress(len(plan.to_run), artifact)
 
     def run_batch(batch: Batch) -> list[PairRecord]:
-        return batch_records(task_(batch, return_state=True), batch)
+        state = task_(batch, return_state=True)
+        records = batch_records(state, batch)
+        gone = {r.id for r in verify_written(records)} if state.name == "Cached" else set()
+        if not gone:
+            return records
+        logger.warning(
+            "batch %s: cached, but outputs gone or replaced, running again: %s", batch.label, some_ids(sorted(gone))
+        )
+        redo = dataclasses.replace(batch, pairs=[p for p in batch.pairs if p.id in gone])
+        fresh = {r.id: r for r in batch_records(task_.with_options(refresh_cache=True)(redo, return_state=True), redo)}
+        return [fresh.get(r.id, r) for r in records]
 
     def batch_done(batch: Batch, records: list[PairRecord]) -> None:
         parts.progress.finish(batch.label, len(batch.pairs))
@@ -410,12 +296,12 @@ def stylize_manifest(
         overrides: engine parameters for every pair: above the manifest's `defaults:`, below its per-pair values
         options: which pairs, force, dry run, failure limit, batch size, timeout and CPU slots
     """
-    run_id = str(runtime_flow_run.id or pipeline.new_run_id())
+    run_id = str(runtime_flow_run.id or new_run_id())
     # Runs from a deployment (a worker's, e.g. shards) share the pool's GPUs: each batch holds a gpu-shards slot.
     limit = GPU_SHARDS_LIMIT if runtime_deployment.id else None
     _RUNS[run_id] = _RunParts(DeviceSlots(visible_devices(options.cpu_slots), limit=limit))
     try:
-        summary = pipeline.run(
+        summary = nst.run.run(
             manifest,
             options,
             overrides=override_values(overrides),
@@ -423,12 +309,21 @@ def stylize_manifest(
             hooks=flow_hooks(run_id, options),
         )
     except NSTError as exc:  # the user's to fix: the message says what and where; a traceback would not help
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data={"error": type(exc).__name__, "message": str(exc)})
+        return outcome.failed(str(exc))
     finally:
         _RUNS.pop(run_id, None)
-    publish_report(summary)
-    return final_state(summary, options)
+    return finish(summary, options)
+
+
+def finish(summary: RunSummary, options: RunOptions) -> State[Any]:
+    """Publish the report and return the run's final state."""
+    outcome.publish_report(
+        summary.manifest, summary.run_id, summary.records, summary=summary.summary_uri, dry_run=summary.dry_run
+    )
+    older = f"; {summary.older_engine} skipped pairs made by an older engine revision" if summary.older_engine else ""
+    if summary.dry_run:
+        return outcome.dry_run_state(summary.ids("not_run"), summary.ids("skipped"), summary.older_engine)
+    return outcome.final_state(summary.records, summary.run_id, summary.summary_uri or "", options, extra=older)
 
 
 def run_from_cli(manifest: str, options: RunOptions, overrides: dict[str, Any]) -> int:

@@ -111,6 +111,23 @@ def load_image(source: bytes | str | Path, *, label: str, max_pixels: int, size:
         raise fail(f"cannot decode image: {msg.splitlines()[0] if msg else type(exc).__name__}") from None
 
 
+def upright_size(data: bytes, *, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) as decoded (EXIF rotation applied), from the header; None if `load_image` would refuse it.
+
+    The pixel limit and the accepted formats are checked before anything else is read (a PNG's EXIF may sit after
+    its pixels, so reading it decodes at most `max_pixels`).
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                return None
+            rotated = img.getexif().get(0x0112) in (5, 6, 7, 8)  # rotations by 90°: the decoded image is transposed
+    except Exception:  # not an accepted image: load_image fails it later with a precise ImageError
+        return None
+    return (height, width) if rotated else (width, height)
+
+
 def _exif_upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag; a malformed EXIF block is ignored rather than failing the image."""
     try:

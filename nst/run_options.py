@@ -20,6 +20,10 @@ class RunOptions(BaseModel):
     force: bool = Field(
         False, description="run pairs even if their outputs already say succeeded with the same inputs and parameters"
     )
+    rerun_older_engine: bool = Field(
+        False,
+        description="also run pairs whose outputs an older engine revision made (otherwise they count as done)",
+    )
     dry_run: bool = Field(False, description="only report which pairs would run and which would be skipped")
     max_failures: int | None = Field(
         None, ge=1, description="after this many failed pairs start no new batches; the rest are recorded not_run"

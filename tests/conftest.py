@@ -35,3 +35,14 @@ def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     monkeypatch.setattr(nst.engine.Stylizer, "run", spy)
     return calls
+
+
+class FaultyStylizer:
+    """A real Stylizer whose `run` first calls `fault(jobs)`: faults the real parts cannot produce on demand (OOM)."""
+
+    def __init__(self, inner: Any, fault: Any) -> None:
+        self.inner, self.fault = inner, fault
+
+    def run(self, jobs: Any, **kwargs: Any) -> Any:
+        self.fault(jobs)
+        return self.inner.run(jobs, **kwargs)

@@ -1,4 +1,4 @@
-"""The run path (nst.pipeline.run) end to end on local disk and on a real S3 server: outputs, records, reruns."""
+"""The run path (nst.run.run) end to end on local disk and on a real S3 server: outputs, records, reruns."""
 
 import json
 import math
@@ -12,15 +12,16 @@ import torch
 
 import nst.engine
 import nst.images
-import nst.pipeline
+import nst.run
+import nst.run.batches
 from nst import storage
 from nst.cli import main
 from nst.errors import ManifestError, StorageError
 from nst.manifest import load_manifest
-from nst.pipeline import RunSummary, run
+from nst.run import RunSummary, run
 from nst.results import error_info
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, FaultyStylizer
 from tests.tiny_extractor import TinyExtractor
 
 MANIFEST = """\
@@ -110,13 +111,13 @@ def test_each_input_is_read_once_per_run(
     """plan() reads each input once (brick serves two pairs); the batches decode the bytes it kept, no re-download."""
     uri = _put_inputs(storage_root)
     reads: Counter[str] = Counter()
-    real = storage.read_bytes
+    real = storage.read_with_info
 
-    def counting(path: str, **kwargs: Any) -> bytes:
+    def counting(path: str, **kwargs: Any) -> Any:
         reads[path] += 1
         return real(path, **kwargs)
 
-    monkeypatch.setattr(storage, "read_bytes", counting)
+    monkeypatch.setattr(storage, "read_with_info", counting)  # every read goes through it
     summary = run_manifest(uri)
     assert {r.status for r in summary.records} == {"succeeded"} and _ran(engine_calls) == IDS
     inputs = ["content/chelsea.jpg", "content/coffee.jpg", "content/astronaut.jpg"]
@@ -130,7 +131,7 @@ def test_pair_ids_pick_pairs_and_unknown_ids_are_an_error(tmp_path: Path, engine
     uri = _put_inputs(str(tmp_path))
     summary = run_manifest(uri, pair_ids=["coffee-blend"])
     assert [r.id for r in summary.records] == ["coffee-blend"] and _ran(engine_calls) == ["coffee-blend"]
-    picked = nst.pipeline.plan(load_manifest(uri), RunOptions(pair_ids=["astronaut__hubble", "chelsea__brick"]))
+    picked = nst.run.plan(load_manifest(uri), RunOptions(pair_ids=["astronaut__hubble", "chelsea__brick"]))
     assert [p.id for p in picked.to_run] == ["chelsea__brick", "astronaut__hubble"]  # manifest order
     with pytest.raises(ManifestError, match="pair_ids not in the manifest: nope"):
         run_manifest(uri, pair_ids=["nope"])
@@ -168,10 +169,10 @@ grid: {contents: [content/chelsea.jpg, content/coffee.jpg], styles: [styles/bric
             raise OutOfMemory(f"simulated: {len(jobs)} pairs do not fit")
 
     manifest = load_manifest(uri)
-    the_plan = nst.pipeline.plan(manifest, RunOptions())
-    batches = nst.pipeline.make_batches(the_plan.to_run, max_pairs=8, output=manifest.output, run_id="test")
+    the_plan = nst.run.plan(manifest, RunOptions())
+    batches = nst.run.make_batches(the_plan.to_run, the_plan.inputs, max_pairs=8, output=manifest.output, run_id="test")
     stylizer = nst.engine.Stylizer()
-    records = [r for b in batches for r in nst.pipeline.run_batch(b, stylizer=stylizer, fault_hook=fault)]
+    records = [r for b in batches for r in nst.run.batches.run_batch(b, stylizer=FaultyStylizer(stylizer, fault))]
     assert len(batches) == 1 and len(records) == 4
     assert {r.status for r in records} == {"succeeded"}
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
@@ -222,12 +223,11 @@ grid: {{contents: [content/chelsea.jpg, content/coffee.jpg], styles: [styles/bri
 """
 
 
-def _one_batch(tmp_path: Path, manifest: str = SAME_SHAPE, **params: Any) -> nst.pipeline.Batch:
+def _one_batch(tmp_path: Path, manifest: str = SAME_SHAPE, **params: Any) -> nst.run.Batch:
     text = manifest.replace("defaults: {", "defaults: {" + "".join(f"{k}: {v}, " for k, v in params.items()))
     loaded = load_manifest(_put_inputs(str(tmp_path), text))
-    batches = nst.pipeline.make_batches(
-        nst.pipeline.plan(loaded, RunOptions()).to_run, max_pairs=8, output=loaded.output, run_id="test"
-    )
+    the_plan = nst.run.plan(loaded, RunOptions())
+    batches = nst.run.make_batches(the_plan.to_run, the_plan.inputs, max_pairs=8, output=loaded.output, run_id="test")
     assert len(batches) == 1
     return batches[0]
 
@@ -264,7 +264,7 @@ def test_nan_after_the_last_step_is_never_a_success(tmp_path: Path) -> None:
     def on_progress(event: Any) -> None:
         net.poison = event.iteration == event.total_iterations  # only the final image's evaluation sees NaN
 
-    records = nst.pipeline.run_batch(batch, stylizer=_stylizer_with(net), on_progress=on_progress)
+    records = nst.run.batches.run_batch(batch, stylizer=_stylizer_with(net), on_progress=on_progress)
     assert [r.status for r in records] == ["failed", "failed"]
     for r in records:
         rec = _strict_json(r.json_uri)
@@ -279,7 +279,7 @@ def test_a_later_nan_keeps_the_finite_best_iterate_and_records_the_step(tmp_path
     def on_progress(event: Any) -> None:
         net.poison = 2 <= event.iteration < event.total_iterations  # steps 3 and 4 go non-finite
 
-    records = nst.pipeline.run_batch(batch, stylizer=_stylizer_with(net), on_progress=on_progress)
+    records = nst.run.batches.run_batch(batch, stylizer=_stylizer_with(net), on_progress=on_progress)
     for r in records:
         rec = _strict_json(r.json_uri)
         assert rec["status"] == "succeeded", rec["error"]
@@ -294,7 +294,7 @@ def test_a_write_error_fails_only_its_pair_and_never_reruns_the_optimisation(
     batch = _one_batch(tmp_path)
     first, second = (p.id for p in batch.pairs)
     (tmp_path / "out" / f"{second}.png").mkdir(parents=True)  # a real, permanent write error on one pair
-    records = nst.pipeline.run_batch(batch, stylizer=nst.engine.Stylizer())
+    records = nst.run.batches.run_batch(batch, stylizer=nst.engine.Stylizer())
     assert {r.id: r.status for r in records} == {first: "succeeded", second: "failed"}
     assert len(engine_calls) == 1
     assert _strict_json(str(tmp_path / "out" / f"{first}.json"))["status"] == "succeeded"
@@ -305,9 +305,9 @@ def test_a_write_error_fails_only_its_pair_and_never_reruns_the_optimisation(
 def test_a_failure_after_the_write_never_downgrades_a_written_pair(tmp_path: Path) -> None:
     """What a timeout or crash of the batch task does: record_failure keeps a success this run already wrote."""
     batch = _one_batch(tmp_path)
-    written = nst.pipeline.run_batch(batch, stylizer=nst.engine.Stylizer())
+    written = nst.run.batches.run_batch(batch, stylizer=nst.engine.Stylizer())
     assert {r.status for r in written} == {"succeeded"}
-    late = [nst.pipeline.record_failure(p, batch, error_info("Timeout", "late"), best_effort=True) for p in batch.pairs]
+    late = [batch.fail(p, error_info("Timeout", "late")) for p in batch.pairs]
     assert {r.status for r in late} == {"succeeded"}
     for p in batch.pairs:
         assert _strict_json(str(tmp_path / "out" / f"{p.id}.json"))["status"] == "succeeded"
@@ -337,7 +337,7 @@ def test_oom_split_frees_the_failed_batch_before_the_halves(tmp_path: Path) -> N
         if len(jobs) == 1:
             alive_at_halves.append(any(ref() is not None for ref in net.held))
 
-    records = nst.pipeline.run_batch(batch, stylizer=_stylizer_with(net), fault_hook=fault)
+    records = nst.run.batches.run_batch(batch, stylizer=FaultyStylizer(_stylizer_with(net), fault))
     assert {r.status for r in records} == {"succeeded"}
     assert len(net.held) == 1 and alive_at_halves == [False, False]
 
@@ -352,10 +352,11 @@ def test_two_runs_at_once_every_json_describes_the_png_beside_it(
     real_write = storage.write_bytes
     nested: list[RunSummary] = []
 
-    def write_then_race(target: str, data: bytes, **kwargs: Any) -> None:
-        real_write(target, data, **kwargs)
+    def write_then_race(target: str, data: bytes, **kwargs: Any) -> Any:
+        written = real_write(target, data, **kwargs)
         if target.endswith("chelsea__brick.png") and not nested:
             nested.append(run_manifest(other, pair_ids=["chelsea__brick"]))  # run B, inside run A's write phase
+        return written
 
     monkeypatch.setattr(storage, "write_bytes", write_then_race)
     first = run_manifest(uri, pair_ids=["chelsea__brick"])
@@ -404,13 +405,13 @@ def test_a_pairs_claim_is_released_as_soon_as_it_is_written(tmp_path: Path, monk
     real_write = storage.write_bytes
     claims_seen: list[bool] = []
 
-    def write(target: str, data: bytes, **kwargs: Any) -> None:
+    def write(target: str, data: bytes, **kwargs: Any) -> Any:
         if target.endswith(f"{second}.png"):
             claims_seen.append((tmp_path / "out" / f"{first}.claim").exists())
-        real_write(target, data, **kwargs)
+        return real_write(target, data, **kwargs)
 
     monkeypatch.setattr(storage, "write_bytes", write)
-    records = nst.pipeline.run_batch(batch, stylizer=nst.engine.Stylizer())
+    records = nst.run.batches.run_batch(batch, stylizer=nst.engine.Stylizer())
     assert [r.status for r in records[:2]] == ["succeeded", "succeeded"]
     assert claims_seen == [False]
     assert list((tmp_path / "out").glob("*.claim")) == []
@@ -428,7 +429,7 @@ def test_a_done_pairs_leftover_claim_is_cleared_unless_its_run_is_live(tmp_path:
     claim.write_text(live)
     assert run_manifest(uri, pair_ids=["chelsea__brick"]).records[0].status == "skipped"
     assert claim.read_text() == live
-    hooks = nst.pipeline.local_hooks()
+    hooks = nst.run.local_hooks()
     hooks.run_is_live = lambda run_id: run_id != "live"  # what the flow asks Prefect: that run is over now
     summary = run(uri, RunOptions(pair_ids=["chelsea__brick"]), hooks=hooks)
     assert summary.records[0].status == "skipped" and not claim.exists()

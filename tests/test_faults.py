@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 from prefect.states import Crashed
 
-import nst.pipeline
+import nst.run
+import nst.run.batches
 from flows.stylize import GPU_SHARDS_LIMIT, SLOT_LEASE_S, stylize_manifest
 from nst import storage
 from nst.images import sha256_bytes
-from nst.pipeline import Batch
+from nst.run import Batch
 from nst.run_options import RunOptions
 from tests.conftest import REPO, SAMPLES
 from tests.fixtures.prefect import (
@@ -120,7 +121,7 @@ def test_two_runs_of_one_manifest_at_once_with_different_parameters(s3_env: S3Se
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[str]]]:
     """Pair ids of every batch that reached run_batch (it still runs), in order."""
     calls: list[list[str]] = []
-    real = nst.pipeline.run_batch
+    real = nst.run.batches.run_batch
 
     def run_batch(batch: Batch, **kwargs: Any) -> Any:
         calls.append([p.id for p in batch.pairs])
@@ -128,7 +129,7 @@ def engine_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[str]]]:
             deny_writes_now()
         return real(batch, **kwargs)
 
-    monkeypatch.setattr(nst.pipeline, "run_batch", run_batch)
+    monkeypatch.setattr(nst.run.batches, "run_batch", run_batch)
     yield calls
 
 
@@ -193,16 +194,16 @@ def test_s3_outage_mid_run_is_ridden_out(own_seaweed: SeaweedFS) -> None:
     manifest = put_manifest(root, name="outage")
     outage: list[float] = []
 
-    def batch_done(batch: Batch, records: list[nst.pipeline.PairRecord]) -> None:
+    def batch_done(batch: Batch, records: list[nst.run.PairRecord]) -> None:
         if not outage:  # after the first batch: the endpoint goes away, then comes back
             own_seaweed.stop()
             started = time.monotonic()
             threading.Timer(OUTAGE_S, own_seaweed.start).start()
             outage.append(started)
 
-    hooks = nst.pipeline.local_hooks()
+    hooks = nst.run.local_hooks()
     hooks.batch_done = batch_done
-    summary = nst.pipeline.run(manifest, RunOptions(max_batch_pairs=1), hooks=hooks)
+    summary = nst.run.run(manifest, RunOptions(max_batch_pairs=1), hooks=hooks)
     assert outage
     statuses = {r.id: r.status for r in summary.records}
     failed = {r.id: (r.error or {}).get("message") for r in summary.records if r.status == "failed"}

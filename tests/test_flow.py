@@ -1,7 +1,7 @@
 """The `stylize-manifest` flow on a real (in-process) Prefect API with the real engine: tiny images, 2 iterations.
 
-Engine calls are counted by wrapping `nst.pipeline.run_batch` (it still runs); faults the real parts cannot produce on
-demand (out of memory on CPU, a hung batch, a storage blip) come through run_batch's `fault_hook` or the wrapper.
+Engine calls are counted by wrapping `nst.run.batches.run_batch` (it still runs); faults the real parts cannot produce on
+demand (out of memory on CPU, a hung batch, a storage blip) come through a `FaultyStylizer` or the wrapper.
 """
 
 import json
@@ -22,12 +22,14 @@ from prefect.flow_engine import run_flow
 from prefect.states import AwaitingRetry, State
 
 import flows.stylize as flow_module
-import nst.pipeline
+import nst.images
+import nst.run
+import nst.run.batches
 from flows.stylize import stylize_manifest
 from nst.errors import OutOfMemory, StorageError
-from nst.pipeline import Batch
+from nst.run import Batch
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, FaultyStylizer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -40,7 +42,7 @@ IHC = SAMPLES / "styles" / "ihc.jpg"
 
 
 class EngineCalls:
-    """Wraps nst.pipeline.run_batch: records the pair ids of every call, optionally injects a fault hook or error."""
+    """Wraps nst.run.batches.run_batch: records the pair ids of every call, optionally injects a fault hook or error."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
@@ -54,19 +56,19 @@ class EngineCalls:
 
 @pytest.fixture
 def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[EngineCalls]:
-    """Count engine calls; tests may set `fault_hook` (passed to the real run_batch) or `raise_first`."""
+    """Count engine calls; tests may set `fault_hook` (run before the real engine) or `raise_first`."""
     rec = EngineCalls()
-    real = nst.pipeline.run_batch
+    real = nst.run.batches.run_batch
 
     def run_batch(batch: Batch, **kwargs: Any) -> Any:
         rec.calls.append([p.id for p in batch.pairs])
         if rec.raise_first:
             raise rec.raise_first.pop(0)
         if rec.fault_hook is not None:
-            kwargs["fault_hook"] = rec.fault_hook
+            kwargs["stylizer"] = FaultyStylizer(kwargs["stylizer"], rec.fault_hook)
         return real(batch, **kwargs)
 
-    monkeypatch.setattr(nst.pipeline, "run_batch", run_batch)
+    monkeypatch.setattr(nst.run.batches, "run_batch", run_batch)
     yield rec
 
 
@@ -254,6 +256,32 @@ def test_retry_with_force_reuses_persisted_results_of_completed_batches(tmp_path
     assert ("batch-1of2", "Cached") in states, states
     summary = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
     assert {p["id"]: p["status"] for p in summary["pairs"]} == {"a": "succeeded", "b": "succeeded", "c": "succeeded"}
+
+
+def test_retry_after_outputs_were_deleted_runs_them_again(tmp_path: Path, engine: EngineCalls) -> None:
+    """Cached is not done: a batch whose cached result names outputs that are gone runs again (issue 16, case 1)."""
+    broken = bad_image(tmp_path)
+    pairs = [
+        {"id": "a", "content": CHELSEA, "style": BRICK},
+        {"id": "b", "content": COFFEE, "style": HUBBLE},  # same shape as a: one batch
+        {"id": "c", "content": broken, "style": IHC},
+    ]
+    manifest = write_manifest(tmp_path, pairs)
+    first = run_as_deployment({"manifest": str(manifest), "options": {"force": True}})
+    assert first.is_failed()
+    run_id = flow_run_id(first)
+    for name in ("a.png", "a.json", "b.png", "b.json"):
+        (tmp_path / "out" / name).unlink()
+
+    shutil.copy(ASTRONAUT, broken)
+    engine.calls.clear()
+    second = retry(run_id)
+    assert second.is_completed(), second.message
+    assert sorted(engine.pairs) == ["a", "b", "c"]
+    for pair_id in ("a", "b", "c"):
+        written = record(tmp_path, pair_id)
+        png = (tmp_path / "out" / f"{pair_id}.png").read_bytes()
+        assert written["status"] == "succeeded" and written["output"]["image_sha256"] == nst.images.sha256_bytes(png)
 
 
 def test_pair_ids_and_force(tmp_path: Path, engine: EngineCalls) -> None:

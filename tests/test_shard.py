@@ -17,9 +17,9 @@ from prefect.states import Completed, Crashed
 import flows.shard
 from flows.shard import collect, pair_cost, plan_shards, split_batches
 from flows.stylize import DeviceSlots
-from nst import pipeline
+from nst import run as pipeline
 from nst.manifest import load_manifest
-from nst.results import build_record
+from nst.run.records import build_record
 from nst.run_options import RunOptions
 from tests.conftest import SAMPLES
 
@@ -35,7 +35,7 @@ def planned(tmp_path: Path, pairs: list[dict[str, Any]], max_pairs: int = 4) -> 
     path.write_text(json.dumps(doc, default=str))
     manifest = load_manifest(str(path))
     plan = pipeline.plan(manifest, RunOptions())
-    batches = pipeline.make_batches(plan.to_run, max_pairs=max_pairs, output=manifest.output, run_id="parent")
+    batches = pipeline.make_batches(plan.to_run, plan.inputs, max_pairs=max_pairs, output=manifest.output, run_id="parent")
     return manifest, plan, batches
 
 
@@ -54,7 +54,7 @@ def test_split_balances_pixels_times_iterations_and_keeps_batches_whole(tmp_path
     small = [{"id": f"s{i}", "content": CHELSEA, "style": BRICK} for i in range(4)]
     square = [{"id": f"q{i}", "content": ASTRONAUT, "style": BRICK} for i in range(4)]
     _, plan, batches = planned(tmp_path, big + small + square)
-    costs = {p.id: pair_cost(p) for p in plan.to_run}
+    costs = {p.id: pair_cost(p, plan.inputs) for p in plan.to_run}
     assert costs["big"] == 64 * 42 * 8 and costs["s0"] == 32 * 21 * 2 and costs["q0"] == 32 * 32 * 2
     shards = split_batches(batches, 2)
     # By pair count the 4+4 pairs would go to two shards and `big` (the most work) on top of one of them.
@@ -72,13 +72,13 @@ def test_retry_reruns_only_shards_with_pending_pairs_and_only_those_pairs(tmp_pa
         child("t-shard-3of3", ["s4", "s5"]),
     ]
     pending = [p for p in plan.to_run if p.id in {"s1", "s4", "s5", "new"}]
-    shards = plan_shards(pending, first, 3, "t", max_pairs=4, output="out/")
+    shards = plan_shards(pending, plan.inputs, first, 3, "t", max_pairs=4, output="out/")
     assert [(s.name, s.pair_ids) for s in shards] == [
         ("t-shard-1of3", ["s1"]),
         ("t-shard-3of3", ["s4", "s5"]),
         ("t-shard-1of1", ["new"]),  # in no earlier shard (the manifest grew): a shard of its own
     ]
-    assert plan_shards([], first, 3, "t", max_pairs=4, output="out/") == []  # nothing pending: nothing runs
+    assert plan_shards([], {}, first, 3, "t", max_pairs=4, output="out/") == []  # nothing pending: nothing runs
 
 
 def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
@@ -92,18 +92,11 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
     out = tmp_path / "out"
 
     def write(pair_id: str, run_id: str, status: Any = "succeeded") -> dict[str, Any]:
-        spec = specs[pair_id].spec
-        record = build_record(
-            pair_id=pair_id,
-            status=status,
-            params=spec.params,
-            inputs={},
-            image_uri=str(out / f"{pair_id}.png") if status == "succeeded" else None,
-            json_uri=str(out / f"{pair_id}.json"),
-            final_losses={"content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0},
-            history=[{"iteration": 1, "content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}],
-            run_id=run_id,
-        )
+        spec = specs[pair_id]
+        image = ("0" * 64, {"size": 1, "mtime_ns": 1}) if status == "succeeded" else None
+        record = build_record(spec, {}, str(out), run_id, status=status, params=spec.params, image=image)
+        record["final_losses"] = {"content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}
+        record["history"] = [{"iteration": 1, "content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}]
         (out / f"{pair_id}.json").write_text(json.dumps(record))
         return record
 
@@ -117,7 +110,7 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
     )
     write("c", str(dead.id))  # written before the shard died
     write("d", "an-earlier-run", "failed")  # an old record: not this shard's
-    records = {r.id: r for r in collect(manifest, [ok, dead], {i: p.spec for i, p in specs.items()})}
+    records = {r.id: r for r in collect(manifest, [ok, dead], specs)}
     assert {i: r.status for i, r in records.items()} == {
         "a": "succeeded",
         "b": "failed",
@@ -128,15 +121,15 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
     assert records["d"].error is not None and records["d"].error["type"] == "Crashed"
     assert str(dead.id) in records["d"].error["message"]
     monkeypatch.setattr(flows.shard, "HISTORY_PAIRS", 1)  # histories kept for the report's curves only
-    again = {r.id: r for r in collect(manifest, [ok, dead], {i: p.spec for i, p in specs.items()})}
+    again = {r.id: r for r in collect(manifest, [ok, dead], specs)}
     assert again["a"].history and not again["c"].history and again["c"].final_losses
 
 
 def test_record_names_host_and_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, plan, _ = planned(tmp_path, [{"id": "a", "content": CHELSEA, "style": BRICK}])
     monkeypatch.setenv("PREFECT__WORKER_NAME", "gpu-box-7-gpu0")  # set by every Prefect worker for its flow runs
-    spec = plan.to_run[0].spec
-    record = build_record(pair_id="a", status="failed", params=spec.params, inputs={}, image_uri=None, json_uri="x")
+    spec = plan.to_run[0]
+    record = build_record(spec, {}, "x", None, status="failed", params=spec.params)
     assert record["worker"] == "gpu-box-7-gpu0" and record["host"]
 
 

@@ -1,0 +1,172 @@
+"""Batches: same-shape pairs grouped, claimed, decoded, optimised together and written one by one.
+
+Per-pair failures (bad image, NaN, an output that cannot be written) become failed records, never exceptions: a write
+is retried on its own (transient errors only), never the optimisation; a batch that runs out of memory is halved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from nst import storage
+from nst.engine import PairJob, PairResult, Stylizer, free_memory
+from nst.errors import NSTError, OutOfMemory, StorageError
+from nst.images import load_image, resized_size
+from nst.manifest import PairSpec
+from nst.optimize import ProgressCallback
+from nst.results import exception_info
+from nst.run.claims import CLAIM_TTL_S, RunIsLive, claim_pair, release_pair
+from nst.run.inputs import InputFacts, spooled
+from nst.run.records import PairRecord, record_failure, write_pair_result
+
+HoldDevice = Callable[[], AbstractContextManager[str]]
+
+
+@dataclass
+class Batch:
+    """One unit of work, complete in itself (plain data, so it can be a task parameter): same-shape pairs to run."""
+
+    label: str
+    pairs: list[PairSpec]
+    inputs: dict[str, InputFacts]  # the facts of these pairs' inputs (sha256, pixel size), as planned
+    output: str
+    run_id: str
+    spool: str | None = None  # where plan() left the inputs' bytes, by sha256 (None: read them from storage)
+
+    def fail(self, spec: PairSpec, error: dict[str, Any]) -> PairRecord:
+        """Record one of this batch's pairs failed (best effort: storage may be what failed)."""
+        return record_failure(spec, self.inputs, self.output, self.run_id, error, best_effort=True)
+
+
+def _shape_key(spec: PairSpec, inputs: dict[str, InputFacts]) -> Any:
+    """Pairs with equal keys can share a batch: same output shape and graph parameters."""
+    facts = [inputs[u] for u in (spec.content, *spec.styles)]
+    content = facts[0]
+    if content.dims is None or any(f.error for f in facts):
+        return ("alone", spec.id)  # unreadable: fails on its own without holding up a batch
+    return (resized_size(*content.dims, spec.params.size), spec.params.graph_key())
+
+
+def make_batches(
+    pairs: Sequence[PairSpec],
+    inputs: dict[str, InputFacts],
+    *,
+    max_pairs: int,
+    output: str,
+    run_id: str,
+    spool: str | None = None,
+) -> list[Batch]:
+    """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`."""
+    groups: dict[Any, list[PairSpec]] = {}
+    for spec in pairs:
+        groups.setdefault(_shape_key(spec, inputs), []).append(spec)
+    chunks = [group[i : i + max_pairs] for group in groups.values() for i in range(0, len(group), max(1, max_pairs))]
+    n = len(chunks)
+    return [
+        Batch(f"{i}of{n}", chunk, {u: inputs[u] for p in chunk for u in (p.content, *p.styles)}, output, run_id, spool)
+        for i, chunk in enumerate(chunks, start=1)
+    ]
+
+
+def _load_job(spec: PairSpec, batch: Batch) -> PairJob:
+    """Decode a pair's images from the bytes plan() read (errors name the pair, the field and the file)."""
+    facts = [batch.inputs[u] for u in (spec.content, *spec.styles)]
+    if errors := [f.error for f in facts if f.error]:
+        raise NSTError(f"pair {spec.id}: {errors[0]}")
+
+    def image(fact: InputFacts, role: str) -> Image.Image:
+        local = batch.spool is not None and fact.sha256 is not None
+        data = storage.read_bytes(spooled(batch.spool, fact.sha256) if local else fact.uri)  # type: ignore[arg-type]
+        # `size`: an image too thin for VGG at the size it is resized to fails here, naming the pair and the file.
+        size = spec.params.size if role == "content" else (spec.params.style_size or spec.params.size)
+        label = f"pair {spec.id}: {role} {fact.uri!r}"
+        return load_image(data, label=label, max_pixels=spec.params.max_input_pixels, size=size)
+
+    return PairJob(spec.id, image(facts[0], "content"), [image(f, "style") for f in facts[1:]], spec.params)
+
+
+def run_batch(
+    batch: Batch,
+    *,
+    stylizer: Stylizer,
+    hold_device: HoldDevice | None = None,
+    on_progress: ProgressCallback | None = None,
+    run_is_live: RunIsLive | None = None,
+    claim_ttl_s: float = CLAIM_TTL_S,
+) -> list[PairRecord]:
+    """Claim, decode, stylize and write one batch; a pair another live run is producing is left `not_run`.
+
+    With `hold_device`, the optimisation (not the reading and writing) runs while holding a device, and pairs set to
+    `device: auto` run on that device.
+    """
+    records: list[PairRecord] = []
+    claimed: list[PairSpec] = []
+    for spec in batch.pairs:
+        busy = claim_pair(batch.output, spec.id, batch.run_id, ttl_s=claim_ttl_s, run_is_live=run_is_live)
+        if busy is None:
+            claimed.append(spec)
+        else:
+            records.append(PairRecord.not_run(spec, batch.output, f"pair {spec.id}: {busy}; not run, retry later"))
+    try:
+        jobs: list[tuple[PairSpec, PairJob]] = []
+        for spec in claimed:
+            try:
+                jobs.append((spec, _load_job(spec, batch)))
+            except NSTError as exc:
+                records.append(batch.fail(spec, exception_info(exc)))
+
+        def optimise(subset: list[PairJob]) -> list[PairResult]:
+            if hold_device is None:
+                return stylizer.run(subset, callback=on_progress)
+            with hold_device() as device:
+                return stylizer.run([_pinned(j, device) for j in subset], callback=on_progress)
+
+        records += _run_jobs(jobs, batch, optimise)
+    finally:
+        for spec in claimed:
+            release_pair(batch.output, spec.id, batch.run_id)
+    order = {p.id: i for i, p in enumerate(batch.pairs)}
+    return sorted(records, key=lambda r: order[r.id])
+
+
+def _pinned(job: PairJob, device: str) -> PairJob:
+    if job.params.device != "auto":
+        return job
+    return PairJob(job.id, job.content, job.styles, job.params.model_copy(update={"device": device}))
+
+
+def _run_jobs(
+    jobs: list[tuple[PairSpec, PairJob]], batch: Batch, optimise: Callable[[list[PairJob]], list[PairResult]]
+) -> list[PairRecord]:
+    if not jobs:
+        return []
+    oom: dict[str, Any] | None = None
+    try:
+        results = optimise([j for _, j in jobs])
+    except OutOfMemory as exc:
+        oom = exception_info(exc)
+    except NSTError as exc:  # a problem of the whole batch's parameters (unknown layer, missing weights...)
+        return [batch.fail(spec, exception_info(exc)) for spec, _ in jobs]
+    if oom is not None:  # out of the except block: the failed batch's tensors are unreachable now
+        free_memory()
+        if len(jobs) == 1:
+            return [batch.fail(jobs[0][0], oom)]
+        half = len(jobs) // 2
+        return _run_jobs(jobs[:half], batch, optimise) + _run_jobs(jobs[half:], batch, optimise)
+    return [_write_or_fail(spec, result, batch) for (spec, _), result in zip(jobs, results, strict=True)]
+
+
+def _write_or_fail(spec: PairSpec, result: PairResult, batch: Batch) -> PairRecord:
+    """Write a pair's outputs (retrying transient errors), then release its claim at once, not at the batch's end;
+    if they cannot be written, record the pair failed."""
+    try:
+        return write_pair_result(spec, batch.inputs, result, batch.output, batch.run_id)
+    except StorageError as exc:
+        return batch.fail(spec, exception_info(exc))
+    finally:
+        release_pair(batch.output, spec.id, batch.run_id)

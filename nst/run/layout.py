@@ -1,0 +1,52 @@
+"""Where a run's files live beside its outputs, and how they are written (transient storage errors retried)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nst import storage
+from nst.errors import StorageError
+
+# Threads for the run path's storage reads (records, inputs).
+READ_THREADS = 16
+# Waits between attempts of one output write, on transient storage errors (on top of botocore's own retries):
+# together they ride out an S3 endpoint that is down for about a minute.
+WRITE_RETRY_DELAYS_S: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
+
+
+def _in(output: str, name: str) -> str:
+    return storage.join(output.rstrip("/") + "/", name)
+
+
+def output_uris(output: str, pair_id: str) -> tuple[str, str]:
+    """(`<output>/<id>.png`, `<output>/<id>.json`)."""
+    return _in(output, f"{pair_id}.png"), _in(output, f"{pair_id}.json")
+
+
+def claim_uri(output: str, pair_id: str) -> str:
+    """`<output>/<id>.claim`: who is producing this pair right now."""
+    return _in(output, f"{pair_id}.claim")
+
+
+def summary_uri(output: str, run_id: str, suffix: str = ".json") -> str:
+    """`<output>/_runs/<run_id>.json` (or another suffix, e.g. `-losses.png`): the run's own files."""
+    return _in(output, f"_runs/{run_id}{suffix}")
+
+
+def with_retries(action: Callable[[], Any], delays: Sequence[float] = WRITE_RETRY_DELAYS_S) -> Any:
+    """Run a storage action, again after each delay while it fails with a transient StorageError."""
+    for delay in (*delays, None):
+        try:
+            return action()
+        except StorageError as exc:
+            if not exc.transient or delay is None:
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def write(uri: str, data: bytes, content_type: str) -> Any:
+    """Write one output (atomically, retrying transient errors); returns what the store says it wrote."""
+    return with_retries(lambda: storage.write_bytes(uri, data, content_type=content_type))

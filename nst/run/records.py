@@ -1,0 +1,259 @@
+"""A pair's JSON record in storage: written after its image, read back as a `PairRecord`; the run's summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nst
+from nst import storage
+from nst.engine import PairResult
+from nst.errors import NSTError
+from nst.images import encode_png, sha256_bytes
+from nst.manifest import PairSpec
+from nst.params import StyleParams
+from nst.results import Status, error_info, now_iso, runner, versions
+from nst.run.inputs import Identity, InputFacts, identity
+from nst.run.layout import output_uris, summary_uri, write
+
+RECORD_SCHEMA = 2
+
+
+@dataclass
+class PairRecord:
+    """How one pair ended: what the report and the run summary need of its JSON record (not the whole record)."""
+
+    id: str
+    status: Status
+    content_uri: str
+    style_uris: list[str]
+    image_uri: str | None
+    json_uri: str
+    final_losses: dict[str, float] | None = None
+    seconds: float = 0.0
+    error: dict[str, Any] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    image_identity: Identity | None = None  # the PNG's size + ETag/mtime as written (checks a Cached batch)
+
+    @classmethod
+    def from_json(
+        cls, spec: PairSpec, record: dict[str, Any], status: Status | None = None, *, history: bool = True
+    ) -> PairRecord:
+        """The PairRecord of a JSON record (`status` overrides the record's, e.g. `skipped`; history if asked)."""
+        status = status or record["status"]
+        output = record.get("output") or {}
+        return cls(
+            id=spec.id,
+            status=status,
+            content_uri=spec.content,
+            style_uris=list(spec.styles),
+            image_uri=output.get("image"),
+            json_uri=output.get("json") or "",
+            final_losses=record.get("final_losses"),
+            seconds=0.0 if status == "skipped" else float(record.get("seconds") or 0.0),
+            error=record.get("error"),
+            history=(record.get("history") or []) if history else [],
+            image_identity=output.get("image_identity"),
+        )
+
+    @classmethod
+    def not_run(cls, spec: PairSpec, output: str, reason: str) -> PairRecord:
+        """A pair that was never started (dry run, `max_failures` reached, claimed elsewhere): nothing is written."""
+        _, json_uri = output_uris(output, spec.id)
+        error = error_info("NotRun", reason)
+        return cls(spec.id, "not_run", spec.content, list(spec.styles), None, json_uri, error=error)
+
+
+def read_record(uri: str) -> dict[str, Any] | None:
+    """A record's JSON, or None when it cannot be read or parsed (the pair simply runs again)."""
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except (NSTError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def inputs_section(spec: PairSpec, inputs: dict[str, InputFacts]) -> dict[str, Any]:
+    """{content: {uri, sha256, identity}, styles: [{uri, sha256, identity}]}: what the pair was made from."""
+
+    def entry(uri: str) -> dict[str, Any]:
+        fact = inputs.get(uri) or InputFacts(uri)
+        return {"uri": uri, "sha256": fact.sha256, "identity": fact.identity}
+
+    return {"content": entry(spec.content), "styles": [entry(s) for s in spec.styles]}
+
+
+def build_record(
+    spec: PairSpec,
+    inputs: dict[str, InputFacts],
+    output: str,
+    run_id: str | None,
+    *,
+    status: Status,
+    params: StyleParams,
+    image: tuple[str, Identity] | None = None,
+    result: PairResult | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One pair's JSON record: what ran, on what inputs and weights, with which engine, and how it ended.
+
+    `image` is the written PNG's (sha256, identity). Non-finite numbers never reach a record (JSON has none).
+    """
+    image_uri, json_uri = output_uris(output, spec.id)
+    return {
+        "schema": RECORD_SCHEMA,
+        "id": spec.id,
+        "status": status,
+        "params": params.model_dump(mode="json"),
+        "inputs": inputs_section(spec, inputs),
+        "weights": result.weights.to_dict() if result and result.weights else None,
+        "engine_revision": nst.ENGINE_REVISION,
+        "final_losses": result.final_losses if result else None,
+        "history": [row for row in (result.history if result else []) if _all_finite(row)],
+        "iterations": result.iterations if result else 0,
+        "seconds": round(result.seconds, 3) if result else 0.0,
+        "device": result.device if result else None,
+        **runner(),
+        "versions": versions(),
+        "output": {
+            "image": image_uri if image else None,
+            "json": json_uri,
+            "image_sha256": image[0] if image else None,
+            "image_identity": image[1] if image else None,
+        },
+        "error": error,
+        "warnings": result.warnings if result else [],
+        "run_id": run_id,
+        "finished_at": now_iso(),
+    }
+
+
+def _all_finite(values: dict[str, Any] | None) -> bool:
+    return values is not None and all(
+        math.isfinite(v) for v in values.values() if isinstance(v, float | int) and not isinstance(v, bool)
+    )
+
+
+def write_pair_result(
+    spec: PairSpec, inputs: dict[str, InputFacts], result: PairResult, output: str, run_id: str | None
+) -> PairRecord:
+    """Write the image, then the JSON (each atomically), so a JSON always describes the complete pair beside it.
+
+    Intermediate images (`save_every`) go to `<id>.iter<N>.png` beside the image.
+    """
+    image = None
+    if result.image is not None:
+        if result.status == "succeeded" and not _all_finite(result.final_losses):
+            raise ValueError(f"pair {spec.id}: a succeeded record needs finite final losses")
+        image_uri, _ = output_uris(output, spec.id)
+        for iteration, img in result.intermediates:
+            write(image_uri[: -len(".png")] + f".iter{iteration:06d}.png", encode_png(img), "image/png")
+        png = encode_png(result.image)
+        image = (sha256_bytes(png), identity(write(image_uri, png, "image/png")))
+    record = build_record(
+        spec,
+        inputs,
+        output,
+        run_id,
+        status=result.status,
+        params=result.params,
+        image=image,
+        result=result,
+        error=result.error,
+    )
+    return store_record(spec, record)
+
+
+def record_failure(
+    spec: PairSpec,
+    inputs: dict[str, InputFacts],
+    output: str,
+    run_id: str | None,
+    error: dict[str, Any],
+    *,
+    best_effort: bool = False,
+) -> PairRecord:
+    """Write a failed JSON record for a pair; `best_effort` swallows write errors (storage may be what failed).
+
+    A pair whose success this run already wrote (before its batch failed) keeps it: never downgraded.
+    """
+    written = _written_success(spec, output, run_id)
+    if written is not None:
+        return written
+    record = build_record(spec, inputs, output, run_id, status="failed", params=spec.params, error=error)
+    try:
+        return store_record(spec, record)
+    except NSTError:
+        if not best_effort:
+            raise
+        return PairRecord.from_json(spec, record)
+
+
+def _written_success(spec: PairSpec, output: str, run_id: str | None) -> PairRecord | None:
+    """The success this run already wrote for the pair, if its record and the image it describes are both there."""
+    image_uri, json_uri = output_uris(output, spec.id)
+    written = read_record(json_uri)
+    if not run_id or written is None or written.get("status") != "succeeded" or written.get("run_id") != run_id:
+        return None
+    try:
+        intact = identity(storage.stat(image_uri)) == (written.get("output") or {}).get("image_identity")
+    except NSTError:
+        return None
+    return PairRecord.from_json(spec, written) if intact else None
+
+
+def verify_written(records: list[PairRecord]) -> list[PairRecord]:
+    """The succeeded records whose image or JSON is no longer what they say (e.g. deleted since a cached batch)."""
+
+    def gone(r: PairRecord) -> bool:
+        try:
+            storage.stat(r.json_uri)
+            return r.image_uri is None or identity(storage.stat(r.image_uri)) != r.image_identity
+        except NSTError:
+            return True
+
+    return [r for r in records if r.status == "succeeded" and gone(r)]
+
+
+def store_record(spec: PairSpec, record: dict[str, Any]) -> PairRecord:
+    """Write a pair's JSON record (after its image); a NaN would not be JSON: fail loudly instead."""
+    body = json.dumps(record, indent=2, allow_nan=False).encode()
+    write(record["output"]["json"], body, "application/json")
+    return PairRecord.from_json(spec, record)
+
+
+def probe_output(output: str, run_id: str) -> None:
+    """Write `_runs/<run_id>.json` (status running) before any work: no write access fails the run now, not later."""
+    body = {"run_id": run_id, "status": "running", "started_at": now_iso()}
+    write(summary_uri(output, run_id), json.dumps(body, indent=2).encode(), "application/json")
+
+
+def write_run_summary(output: str, run_id: str, records: Sequence[PairRecord], **extra: Any) -> str:
+    """Write `_runs/<run_id>.json` listing every pair's status; returns its URI."""
+    uri = summary_uri(output, run_id)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    body = {
+        "run_id": run_id,
+        "finished_at": now_iso(),
+        "counts": counts,
+        "pairs": [
+            {
+                "id": r.id,
+                "status": r.status,
+                "image": r.image_uri,
+                "json": r.json_uri,
+                "final_losses": r.final_losses,
+                "seconds": r.seconds,
+                "error": r.error,
+            }
+            for r in records
+        ],
+        **extra,
+    }
+    write(uri, json.dumps(body, indent=2, allow_nan=False).encode(), "application/json")
+    return uri
