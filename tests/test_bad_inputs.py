@@ -19,7 +19,7 @@ from nst import storage
 from nst.cli import main
 from nst.errors import ManifestError
 from nst.manifest import load_manifest
-from nst.pipeline import run
+from nst.run import run
 from nst.run_options import RunOptions
 from tests.conftest import SAMPLES
 
@@ -348,3 +348,72 @@ def test_grid_image_extensions_match_in_any_case(ws: Workspace) -> None:
         (photos / name).write_bytes(JPEG)
     ids = sorted(p.id for p in load_manifest(str(_grid(ws, "'incoming/*.jpg'"))).pairs)
     assert ids == ["Mixed__s", "PHOTO__s", "small__s"]
+
+
+# --------------------------------------------------------------------------- file contents never reach a message
+
+KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the shape of an AWS secret key: exactly 40 characters
+WORD = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"  # the same, where YAML wants a name (tag, anchor, key, id)
+BODY = "version: 1\noutput: out\npairs:\n  - {id: p1, content: c.jpg, style: s.jpg}\n"
+
+# (case id, file text): each parses far enough to reach a check, and the secret is a value, tag, anchor or key.
+LEAK_CASES: list[tuple[str, str]] = [
+    ("whole-file-scalar", f"{KEY}\n"),
+    ("env-file", f"AWS_SECRET_ACCESS_KEY={KEY}\nAWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE\n"),
+    ("top-level-list", f"- {KEY}\n"),
+    ("version", BODY.replace("version: 1", f"version: {KEY}")),
+    ("version-number", BODY.replace("version: 1", f"version: {WORD[:9]}7")),
+    ("name-not-a-string", BODY + f"name: [{KEY}]\n"),
+    ("pairs-scalar", f"version: 1\noutput: out\npairs: {KEY}\n"),
+    ("pair-scalar", f"version: 1\noutput: out\npairs:\n  - {KEY}\n"),
+    ("defaults-scalar", BODY + f"defaults: {KEY}\n"),
+    ("bad-id", BODY.replace("id: p1", f"id: '{KEY}'")),
+    ("preset", BODY.replace("style: s.jpg", f"style: s.jpg, preset: '{KEY}'")),
+    ("layer", BODY.replace("style: s.jpg", f"style: s.jpg, content_layers: ['{KEY}']")),
+    ("optimizer", BODY.replace("style: s.jpg", f"style: s.jpg, optimizer: '{KEY}'")),
+    ("size", BODY.replace("style: s.jpg", f"style: s.jpg, size: '{KEY}'")),
+    ("output-scheme", BODY.replace("output: out", f"output: 'http://{KEY}'")),
+    ("output-no-bucket", BODY.replace("output: out", f"output: 's3:///{KEY}'")),
+    ("unknown-key", BODY + f"{WORD}: 1\n"),
+    ("unknown-key-slash", BODY + f"'{KEY}': 1\n"),
+    ("tag", BODY + f"x: !{WORD} 1\n"),
+    ("undefined-alias", BODY + f"x: *{WORD}\n"),
+    ("duplicate-key", BODY + f"'{KEY}': 1\n'{KEY}': 2\n"),
+]
+
+
+@pytest.mark.parametrize(("case", "text"), LEAK_CASES, ids=[c[0] for c in LEAK_CASES])
+def test_file_contents_never_reach_a_message(
+    ws: Workspace, case: str, text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 18.1: a file that is not a manifest (or a manifest with a secret in it) is refused by type and line."""
+    manifest = ws.manifest_dir / "m.yaml"
+    manifest.write_text(text)
+    code = main(["validate", str(manifest)])
+    out, err = capsys.readouterr()
+    assert code == 1 and err.startswith(f"nst: error: {manifest}: ") and "Traceback" not in err, err
+    for piece in (KEY, WORD, KEY[:12], WORD[:12], "AKIAIOSFODNN7EXAMPLE"):
+        assert piece not in out + err, err
+
+
+def test_a_scalar_file_names_its_type_and_line(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = ws.manifest_dir / "k.yaml"
+    manifest.write_text(f"{KEY}\n")
+    assert main(["validate", str(manifest)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"nst: error: {manifest}: top level must be a mapping (version, output, pairs, ...), got a string (line 1)\n"
+    )
+
+
+@pytest.mark.parametrize("name", ["k", "k.txt", "k.json", "k.yaml.bak"])
+def test_a_manifest_must_be_yaml_by_name(ws: Workspace, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`printf '<key>' > k; nst validate k`: refused by its name, before it is read."""
+    path = ws.manifest_dir / name
+    path.write_text(f"{KEY}\n")
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"nst: error: {path}: a manifest must be a .yaml or .yml file\n"
+    for ok in ("m.yml", "M.YAML"):
+        (ws.manifest_dir / ok).write_text(HEAD + PAIR)
+        assert len(load_manifest(str(ws.manifest_dir / ok)).pairs) == 1

@@ -27,7 +27,7 @@ from nst.manifest import (
     manifest_json_schema_text,
 )
 from nst.manifest.expand import unique_suffix
-from nst.manifest.inputs import InputSettings
+from nst.manifest.inputs import InputSettings, root_env
 from nst.params import PRESETS, StyleParams
 from tests.conftest import REPO, SAMPLES
 
@@ -295,7 +295,7 @@ def test_ids_are_derived_and_made_safe(tree: Path) -> None:
 
 
 def test_demo_pairs_resolve_their_parameters(tree: Path) -> None:
-    # Selecting pairs by id moved to the run path (nst.pipeline.plan, tested in test_batch.py).
+    # Selecting pairs by id moved to the run path (nst.run.plan, tested in test_batch.py).
     pairs = {p.id: p for p in load_manifest(str(MANIFESTS / "demo.yaml")).pairs}
     assert {"astronaut__hubble", "coffee__ihc-brick"} <= set(pairs)
     assert pairs["chelsea-brick"].params.preserve_colors == "luminance"
@@ -366,14 +366,16 @@ def test_empty_manifest(tree: Path, text: str) -> None:
     assert "manifest is empty" in only_problem(write(tree, text))
 
 
-@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "got a list"), ("hello\n", "got a scalar 'hello'")])
+@pytest.mark.parametrize(
+    ("text", "kind"), [("- a\n- b\n", "got a list"), ("hello\n", "got a string"), ("42\n", "got an integer")]
+)
 def test_top_level_must_be_a_mapping(tree: Path, text: str, kind: str) -> None:
     assert kind in only_problem(write(tree, text))
 
 
 def test_unsupported_version(tree: Path) -> None:
     msg = only_problem(write(tree, PAIR.replace("version: 1", "version: 2") + "junk: 1\n"))
-    assert msg.endswith("version: unsupported version 2; this nst reads version 1 (line 1)")
+    assert msg.endswith("version: must be 1 (this nst reads version 1), got an integer (line 1)")
 
 
 def test_missing_version(tree: Path) -> None:
@@ -409,7 +411,8 @@ def test_manifest_over_the_size_limit(tree: Path) -> None:
 
 def test_python_tags_are_refused(tree: Path) -> None:
     msg = only_problem(write(tree, PAIR + "x: !!python/object/apply:os.system ['echo hi']\n"))
-    assert "invalid YAML" in msg and "python/object/apply" in msg and "(line 6" in msg
+    # The tag is the file's own text: named by position, never quoted.
+    assert msg == "invalid YAML: could not determine a constructor for the tag (not shown) (line 6, column 4)"
 
 
 def test_non_utf8_manifest(tree: Path) -> None:
@@ -478,7 +481,7 @@ def test_style_must_be_a_path_or_list(tree: Path) -> None:
 
 
 def test_pair_must_be_a_mapping(tree: Path) -> None:
-    assert only_problem(write(tree, PAIR + "  - 42\n")) == "pairs[1]: must be a mapping, got int 42 (line 6)"
+    assert only_problem(write(tree, PAIR + "  - 42\n")) == "pairs[1]: must be a mapping, got an integer (line 6)"
 
 
 @pytest.mark.parametrize("bad", ["bad id", "a/b", ".", "..", "x" * 129])
@@ -544,32 +547,169 @@ def test_input_above_the_bucket_root(s3_env: Any, s3_bucket: str) -> None:
 # ----------------------------------------------------------------------------------------------- output
 
 
+OUTSIDE = (
+    "is outside the allowed output roots: outputs must lie under the manifest's directory or a root in the worker's "
+    "NST_OUTPUT_ROOTS"
+)
+
+
 @pytest.mark.parametrize(
     ("output", "reason"),
     [
-        ("../out/demo/", "'..' is not allowed"),
-        ("a/../../b", "'..' is not allowed"),
-        ("/tmp/out", "absolute local paths are not allowed"),
-        ("~/out", "absolute local paths are not allowed"),
-        ("file:///tmp/out", "file:// URIs are not accepted"),
-        ("s3://bucket/a/../b", "'.' and '..' components are not allowed"),
-        ("s3:///x", "names no bucket"),
-        ("http://host/x", "unsupported scheme"),
-        ("out\\..\\..\\x", "backslashes"),
+        ("../out/demo/", "{parent}/out/demo " + OUTSIDE),
+        ("a/../../b", "{parent}/b " + OUTSIDE),
+        ("/tmp/out", "/tmp/out " + OUTSIDE),
+        ("s3://bucket/p", "s3://bucket/p " + OUTSIDE),
+        ("~/out", "'~' is not expanded; use a path relative to the manifest, an absolute path or s3://"),
+        (
+            "file:///tmp/out",
+            "file:// URIs are not accepted; use a path (relative to the manifest, or absolute) or s3://",
+        ),
+        ("s3://bucket/a/../b", "'.' and '..' components are not allowed in an s3:// output"),
+        ("s3:///x", "an s3:// output names no bucket"),
+        ("http://host/x", "unsupported scheme (use a path or s3://)"),
+        ("out\\..\\..\\x", "must not contain backslashes or NUL characters"),
     ],
 )
-def test_output_cannot_escape(tree: Path, output: str, reason: str) -> None:
+def test_output_cannot_escape(tree: Path, output: str, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NST_OUTPUT_ROOTS", raising=False)  # the default: only under the manifest's own directory
     msg = only_problem(write(tree, PAIR.replace("output: out", f"output: '{output}'")))
-    assert msg.startswith("output: ") and reason in msg and msg.endswith("(line 2)")
+    assert msg == f"output: {reason.format(parent=tree.parent)} (line 2)"
 
 
 @pytest.mark.parametrize(
     ("output", "expected"),
-    [("out/demo/", "{tree}/out/demo"), (".", "{tree}"), ("s3://bucket/p/q/", "s3://bucket/p/q"), ("s3://b", "s3://b")],
+    [
+        ("out/demo/", "{tree}/out/demo"),
+        (".", "{tree}"),
+        ("{tree}/abs/", "{tree}/abs"),
+        ("s3://bucket/p/q/", "s3://bucket/p/q"),
+        ("s3://b", "s3://b"),
+        ("/srv/results/night", "/srv/results/night"),
+    ],
 )
-def test_output_resolution(tree: Path, output: str, expected: str) -> None:
-    m = load_manifest(write(tree, PAIR.replace("output: out", f"output: '{output}'")))
+def test_output_resolution(tree: Path, output: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NST_OUTPUT_ROOTS", "s3://bucket/p/,s3://b,/srv/results")
+    m = load_manifest(write(tree, PAIR.replace("output: out", f"output: '{output.format(tree=tree)}'")))
     assert m.output == expected.format(tree=tree)
+
+
+def test_a_symlinked_output_folder_is_judged_by_where_it_points(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 18.2: `out -> /elsewhere` inside the manifest's directory is outside, unless a root allows /elsewhere."""
+    monkeypatch.delenv("NST_OUTPUT_ROOTS", raising=False)
+    elsewhere = tree.parent / "elsewhere"
+    elsewhere.mkdir()
+    (tree / "out").symlink_to(elsewhere)
+    (tree / "deep").mkdir()
+    (tree / "deep" / "link").symlink_to(elsewhere)
+    for output in ("out", "out/night", "deep/link/x"):
+        msg = only_problem(write(tree, PAIR.replace("output: out", f"output: {output}")))
+        assert msg == f"output: {tree}/{output} {OUTSIDE} (line 2)"
+    (tree / "inside").mkdir()
+    (tree / "ok").symlink_to(tree / "inside")  # a link that stays inside is fine
+    assert load_manifest(write(tree, PAIR.replace("output: out", "output: ok"))).output == f"{tree}/ok"
+    monkeypatch.setenv("NST_OUTPUT_ROOTS", str(elsewhere))
+    assert load_manifest(write(tree, PAIR)).output == f"{tree}/out"
+
+
+def test_s3_outputs_are_confined(s3_env: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 18.2: an S3-hosted manifest writes under its own prefix or a prefix of NST_OUTPUT_ROOTS, nowhere else."""
+    monkeypatch.delenv("NST_OUTPUT_ROOTS", raising=False)
+    monkeypatch.setenv("NST_INPUT_ROOTS", str(SAMPLES))
+    base = f"s3://{s3_bucket}/jobs/"
+    body = PAIR.replace("images/content/coffee.jpg", str(SAMPLES / "content" / "coffee.jpg"))
+    body = body.replace("images/styles/brick.jpg", str(SAMPLES / "styles" / "brick.jpg"))
+    uri = put(base, "m.yaml", body.encode())
+    assert load_manifest(uri).output == f"{base}out"
+    refused = {
+        f"s3://{s3_bucket}/other": f"s3://{s3_bucket}/other",
+        f"s3://{s3_bucket}/jobsx/": f"s3://{s3_bucket}/jobsx",  # a sibling prefix that merely starts alike
+        "s3://another-bucket/jobs/": "s3://another-bucket/jobs",
+        "../other": f"s3://{s3_bucket}/other",
+        "/tmp/out": "/tmp/out",  # a worker's local disk
+    }
+    for output, resolved in refused.items():
+        uri = put(base, "m.yaml", body.replace("output: out", f"output: '{output}'").encode())
+        assert only_problem(uri, check_inputs=False) == f"output: {resolved} {OUTSIDE} (line 2)"
+    monkeypatch.setenv("NST_OUTPUT_ROOTS", f"s3://{s3_bucket}/other/,s3://another-bucket/")
+    for output in (f"s3://{s3_bucket}/other", "s3://another-bucket/jobs/"):
+        uri = put(base, "m.yaml", body.replace("output: out", f"output: '{output}'").encode())
+        assert load_manifest(uri, check_inputs=False).output == output.rstrip("/")
+
+
+def test_a_refused_output_is_never_written(s3_env: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run path stops at the manifest: no `_runs/` record, no claim, no PNG under the refused prefix."""
+    from nst.run import run
+    from nst.run_options import RunOptions
+
+    monkeypatch.delenv("NST_OUTPUT_ROOTS", raising=False)
+    monkeypatch.setenv("NST_INPUT_ROOTS", str(SAMPLES))
+    body = PAIR.replace("images/content/coffee.jpg", str(SAMPLES / "content" / "coffee.jpg"))
+    body = body.replace("images/styles/brick.jpg", str(SAMPLES / "styles" / "brick.jpg"))
+    body = body.replace("output: out", f"output: s3://{s3_bucket}/victim/\ndefaults: {{size: 32, iterations: 1}}")
+    uri = put(f"s3://{s3_bucket}/jobs/", "m.yaml", body.encode())
+    storage.write_bytes(f"s3://{s3_bucket}/victim/coffee__brick.json", b"{}")
+    with pytest.raises(ManifestError, match="outside the allowed output roots"):
+        run(uri, RunOptions())
+    assert [i.uri for i in storage.list_prefix(f"s3://{s3_bucket}/victim/")] == [
+        f"s3://{s3_bucket}/victim/coffee__brick.json"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- confined manifests
+
+
+def test_a_confined_run_reads_manifests_only_under_its_roots(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 18.1: on a deployment (`confined=True`) the manifest lies under NST_MANIFEST_ROOTS or NST_INPUT_ROOTS."""
+    for name in ("NST_MANIFEST_ROOTS", "NST_INPUT_ROOTS"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(tree, PAIR)
+    assert load_manifest(path).pairs  # `nst validate` / `nst run` on one's own machine: not confined
+    read: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, **kw: read.append(uri) or real(uri, **kw))
+    assert only_problem(path, confined=True) == (
+        "outside the allowed manifest roots: this worker reads manifests only under NST_MANIFEST_ROOTS "
+        "(neither it nor NST_INPUT_ROOTS is set)"
+    )
+    monkeypatch.setenv("NST_MANIFEST_ROOTS", str(tree / "jobs"))
+    assert only_problem(path, confined=True) == (
+        "outside the allowed manifest roots: this worker reads manifests only under NST_MANIFEST_ROOTS or "
+        "NST_INPUT_ROOTS"
+    )
+    (tree / "jobs").mkdir()
+    (tree / "jobs" / "link.yaml").symlink_to(path)  # a link inside the root to a manifest outside it
+    assert "outside the allowed manifest roots" in only_problem(str(tree / "jobs" / "link.yaml"), confined=True)
+    assert read == []  # refused manifests are never read
+    monkeypatch.setenv("NST_MANIFEST_ROOTS", f"{tree / 'jobs'},{tree}")
+    assert load_manifest(path, confined=True).pairs
+    monkeypatch.delenv("NST_MANIFEST_ROOTS")
+    monkeypatch.setenv("NST_INPUT_ROOTS", str(tree))
+    assert load_manifest(path, confined=True).pairs
+
+
+def test_a_confined_run_on_s3(s3_env: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NST_MANIFEST_ROOTS", f"s3://{s3_bucket}/jobs/")
+    inside = put(f"s3://{s3_bucket}/jobs/", "m.yaml", PAIR.encode())
+    outside = put(f"s3://{s3_bucket}/private/", "m.yaml", PAIR.encode())
+    assert "outside the allowed manifest roots" in only_problem(outside, confined=True)
+    assert "outside the allowed manifest roots" in only_problem(
+        f"s3://{s3_bucket}/jobs/../private/m.yaml", confined=True
+    )
+    assert all("not found" in p for p in problems_of(inside, confined=True))  # read, and checked as usual
+
+
+def test_root_settings_pass_on_to_child_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NST_INPUT_ROOTS", "s3://a/")
+    monkeypatch.setenv("NST_OUTPUT_ROOTS", "s3://b/ , /srv/out")
+    monkeypatch.delenv("NST_MANIFEST_ROOTS", raising=False)
+    assert root_env() == {"NST_INPUT_ROOTS": "s3://a/", "NST_OUTPUT_ROOTS": "s3://b/ , /srv/out"}
+    settings = InputSettings.from_env()
+    assert (settings.input_roots, settings.output_roots, settings.manifest_roots) == (
+        ["s3://a/"],
+        ["s3://b/", "/srv/out"],
+        [],
+    )
 
 
 # ----------------------------------------------------------------------------------------------- every problem at once
@@ -601,7 +741,7 @@ def test_every_problem_is_listed(tree: Path) -> None:
     assert problems[2].startswith("pairs[0].style_weight: ") and problems[2].endswith(" (line 8)")
     problems[2] = "pairs[0].style_weight: (pydantic's reason) (line 8)"
     assert problems == [
-        "output: '../escape': '..' is not allowed (outputs must stay under the manifest's directory) (line 2)",
+        f"output: {tree.parent}/escape {OUTSIDE} (line 2)",
         "defaults.iterationz: unknown parameter (did you mean 'iterations'?) (line 4)",
         "pairs[0].style_weight: (pydantic's reason) (line 8)",
         f"pairs[1].content: not found: {tree}/images/content/missing.jpg (pair missing__hubble-nope) (line 9)",
@@ -679,6 +819,7 @@ def test_nightly_manifest_on_s3(s3_env: Any, monkeypatch: pytest.MonkeyPatch) ->
         client.put_object(Bucket="nst-house-styles", Key=f"{style}.jpg", Body=image_bytes(f"{style}.jpg"))
     # The nightly worker's setting (README): photos and house styles are read from their own buckets.
     monkeypatch.setenv("NST_INPUT_ROOTS", "s3://nst-photos/incoming/,s3://nst-house-styles/")
+    monkeypatch.setenv("NST_OUTPUT_ROOTS", "s3://nst-results/nightly/")
     m = load_manifest(str(MANIFESTS / "nightly.yaml"))
     assert m.output == "s3://nst-results/nightly"
     assert len(m.pairs) == 9

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
-import os
 import posixpath
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -50,12 +50,12 @@ def pydantic_problems(problems: Problems, exc: ValidationError, prefix: Loc = ()
         elif kind == "missing":
             msg = "missing: add `version: 1` at the top" if loc == ("version",) else "missing (required)"
         elif kind == "string_pattern_mismatch" and last == "id":
-            msg = f"{err.get('input')!r} is not a valid id: use 1-128 characters from A-Z a-z 0-9 . _ -"
+            msg = "not a valid id: use 1-128 characters from A-Z a-z 0-9 . _ -"
         elif kind in ("model_type", "dict_type", "model_attributes_type"):
-            msg = f"must be a mapping, got {_yaml_type(err.get('input'))}"
+            msg = f"must be a mapping, got {yaml_type(err.get('input'))}"
         elif kind == "list_type":
-            msg = f"must be a list, got {_yaml_type(err.get('input'))}"
-        problems.add(loc, msg)
+            msg = f"must be a list, got {yaml_type(err.get('input'))}"
+        problems.add(loc, hide_values(msg, err.get("input")))
 
 
 def _unknown_key_message(loc: Loc) -> str:
@@ -74,22 +74,43 @@ def _unknown_key_message(loc: Loc) -> str:
     return f"{label} (expected {', '.join(choices)})" if len(loc) == 1 else label
 
 
-def _yaml_type(value: Any) -> str:
+def yaml_type(value: Any) -> str:
+    """What a value is, by type only (file content is never quoted)."""
     if value is None:
         return "nothing (null)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
+    kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (dict, "a mapping")]
+    kinds += [(list, "a list"), (datetime.date, "a date")]
+    return next((name for kind, name in kinds if isinstance(value, kind)), "a value")
+
+
+def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
-        return f"the string {value[:40]!r}"
-    return f"{type(value).__name__} {value!r}"
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
 
 
-def _params_problems(problems: Problems, exc: ParamsError, where: Loc, lookups: Sequence[Loc]) -> None:
-    """resolve_params' problems under `where`, each with the line where its field was set (first of `lookups`)."""
+def hide_values(message: str, *values: Any) -> str:
+    """`message` without the quoted form of any string in `values`: a validator's text never quotes the file."""
+    for text in sorted(set(_strings(values)), key=len, reverse=True):
+        for quoted in {repr(text), f"'{text}'", f'"{text}"'}:
+            message = message.replace(quoted, "(value not shown)")
+    return message
+
+
+def _params_problems(
+    problems: Problems, exc: ParamsError, where: Loc, lookups: Sequence[Loc], values: dict[str, Any]
+) -> None:
+    """resolve_params' problems under `where`, each with the line where its field was set (first of `lookups`).
+
+    `values` are the parameters validated: a message quoting one of them (an unknown preset, a layer) hides it.
+    """
     for field_loc, text in exc.problems:
-        message = text.removeprefix("Value error, ")
+        message = hide_values(text.removeprefix("Value error, "), values)
         top = field_loc[0] if field_loc else ""
         named = message.split(" ", 1)[0]
         if not top and named in StyleParams.model_fields:  # a cross-field error naming its field first
@@ -155,26 +176,30 @@ def _make_id(content_stem: str, style_stems: Sequence[str], suffix: str = "") ->
 
 
 def resolve_output(raw: str, base_dir: str) -> tuple[str | None, str | None]:
-    """(output URI, None) or (None, reason). Relative output stays under the manifest's directory; s3:// is allowed."""
+    """(output URI, None) or (None, reason): relative to the manifest, an absolute path or s3://; roots checked apart.
+
+    Reasons never quote `raw` (the field and line name it).
+    """
     if "\x00" in raw or "\\" in raw:
         return None, "must not contain backslashes or NUL characters"
     if raw.startswith("file:"):
-        return None, "file:// URIs are not accepted; use a path relative to the manifest or an s3:// prefix"
+        return None, "file:// URIs are not accepted; use a path (relative to the manifest, or absolute) or s3://"
     if storage.is_s3(raw):
         rest = raw[len("s3://") :]
         bucket, _, key = rest.partition("/")
         if not bucket:
-            return None, f"{raw!r} names no bucket"
+            return None, "an s3:// output names no bucket"
         if any(part in ("..", ".") for part in key.split("/")):
-            return None, f"{raw!r}: '.' and '..' components are not allowed"
+            return None, "'.' and '..' components are not allowed in an s3:// output"
         return raw.rstrip("/") if key.strip("/") else f"s3://{bucket}", None
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", raw):
-        return None, f"{raw!r}: unsupported scheme (use a relative path or s3://)"
-    if raw.startswith(("/", "~")) or os.path.isabs(raw):
-        return None, f"{raw!r}: absolute local paths are not allowed; use a path relative to the manifest or s3://"
-    if ".." in raw.split("/"):
-        return None, f"{raw!r}: '..' is not allowed (outputs must stay under the manifest's directory)"
-    joined = storage.join(base_dir, raw)
+        return None, "unsupported scheme (use a path or s3://)"
+    if raw.startswith("~"):
+        return None, "'~' is not expanded; use a path relative to the manifest, an absolute path or s3://"
+    try:
+        joined = storage.join(base_dir, raw)
+    except StorageError:
+        return None, "goes above the bucket root"
     return (joined.rstrip("/") or joined), None
 
 
@@ -227,7 +252,7 @@ class PairBuilder:
                 resolve_params(self.defaults, context="defaults")
                 self.defaults_ok = True
             except ParamsError as exc:
-                _params_problems(self.problems, exc, ("defaults",), [("defaults",)])
+                _params_problems(self.problems, exc, ("defaults",), [("defaults",)], self.defaults)
         pairs = self.data.get("pairs")
         if isinstance(pairs, list):
             for index, raw in enumerate(pairs):
@@ -276,7 +301,7 @@ class PairBuilder:
         try:
             params = resolve_params(self.defaults, overrides, context=context)
         except ParamsError as exc:
-            _params_problems(self.problems, exc, loc, [loc, ("defaults",)])
+            _params_problems(self.problems, exc, loc, [loc, ("defaults",)], {**self.defaults, **overrides})
             return None
         if params.style_blend is not None and len(params.style_blend) != n_styles:
             where = loc if "style_blend" in overrides else ("defaults",)
@@ -334,7 +359,7 @@ class PairBuilder:
             try:
                 matches = storage.glob(case_insensitive_extension(target))
             except StorageError as exc:
-                self.problems.add((*loc, i), f"cannot expand {pattern!r}: {storage_reason(exc, target)}")
+                self.problems.add((*loc, i), f"cannot expand {target}: {storage_reason(exc, target)}")
                 continue
             if not matches:  # tonight's folder may simply be empty: the rest of the grid still runs
                 line = line_of(self.problems.root, (*loc, i)) if self.problems.root else None

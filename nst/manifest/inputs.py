@@ -1,7 +1,9 @@
-"""Input checks: every input lies under an allowed root, and each one exists within its byte limit (one stat each).
+"""Roots and input checks: every input and the output lie under allowed roots; each input exists within its limit.
 
-The allowed roots are the manifest's own directory (or S3 prefix) plus the worker's setting `NST_INPUT_ROOTS`;
-nothing outside them is opened, stat'ed or hashed, so no size or hash of such a file can reach an output.
+Inputs may come from the manifest's own directory (or S3 prefix) plus the worker's `NST_INPUT_ROOTS`; nothing outside
+them is opened, stat'ed or hashed, so no size or hash of such a file can reach an output. Outputs go under the
+manifest's directory plus `NST_OUTPUT_ROOTS`. A confined run (a deployment) reads manifests only under
+`NST_MANIFEST_ROOTS` or `NST_INPUT_ROOTS`. Local paths are compared after resolving symlinks.
 """
 
 from __future__ import annotations
@@ -22,21 +24,38 @@ from nst.manifest.source import Problems
 STAT_THREADS = 16
 
 
+# The worker's root settings: directories and s3:// prefixes, comma-separated. A parent run passes them on to its
+# children (`root_env`), which load the same manifest.
+ROOT_SETTINGS = {
+    "input_roots": "NST_INPUT_ROOTS",
+    "output_roots": "NST_OUTPUT_ROOTS",
+    "manifest_roots": "NST_MANIFEST_ROOTS",
+}
+
+
 class InputSettings(BaseModel):
-    """The worker's input limits, read from the environment (`NST_INPUT_ROOTS`, `NST_MAX_INPUT_BYTES`, ...)."""
+    """What the worker lets a manifest read and write (`NST_INPUT_ROOTS`, `NST_OUTPUT_ROOTS`, byte limits, ...)."""
 
     input_roots: list[str] = Field(
         default_factory=list, description="directories and s3:// prefixes inputs may come from, besides the manifest's"
+    )
+    output_roots: list[str] = Field(
+        default_factory=list, description="directories and s3:// prefixes outputs may go to, besides the manifest's"
+    )
+    manifest_roots: list[str] = Field(
+        default_factory=list, description="where a confined run (a deployment) reads manifests, besides input_roots"
     )
     max_input_bytes: int = Field(64 * 2**20, gt=0, description="largest content or style file, in bytes")
     max_weights_bytes: int = Field(2 * 2**30, gt=0, description="largest weights file, in bytes")
 
     @classmethod
     def from_env(cls) -> InputSettings:
-        """The settings from `NST_INPUT_ROOTS` (comma-separated), `NST_MAX_INPUT_BYTES`, `NST_MAX_WEIGHTS_BYTES`."""
+        """The settings from `NST_INPUT_ROOTS`, `NST_OUTPUT_ROOTS`, `NST_MANIFEST_ROOTS` (comma-separated) and
+        `NST_MAX_INPUT_BYTES`, `NST_MAX_WEIGHTS_BYTES`."""
         raw: dict[str, object] = {}
-        if roots := os.environ.get("NST_INPUT_ROOTS", "").strip():
-            raw["input_roots"] = [r.strip() for r in roots.split(",") if r.strip()]
+        for name, env in ROOT_SETTINGS.items():
+            if roots := os.environ.get(env, "").strip():
+                raw[name] = [r.strip() for r in roots.split(",") if r.strip()]
         for name in ("max_input_bytes", "max_weights_bytes"):
             if value := os.environ.get(f"NST_{name.upper()}", "").strip():
                 raw[name] = value
@@ -47,6 +66,11 @@ class InputSettings(BaseModel):
             raise ManifestError(f"bad worker setting {bad}") from None
 
 
+def root_env() -> dict[str, str]:
+    """This process's root settings that are set (`NST_INPUT_ROOTS`, ...), for a child run's environment."""
+    return {env: value for env in ROOT_SETTINGS.values() if (value := os.environ.get(env, "").strip())}
+
+
 def same_uri(uri: str) -> str:
     """Comparable form of a URI (local paths normalised, symlinks resolved)."""
     if storage.is_s3(uri):
@@ -54,10 +78,10 @@ def same_uri(uri: str) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(storage.local_path(uri))))
 
 
-def allowed_roots(manifest_dir: str, extra: Sequence[str]) -> list[str]:
-    """The manifest's directory plus `extra`, each in comparable form with a trailing separator."""
+def allowed_roots(manifest_dir: str | None, extra: Sequence[str]) -> list[str]:
+    """The manifest's directory (if given) plus `extra`, each in comparable form with a trailing separator."""
     roots = []
-    for root in (manifest_dir, *extra):
+    for root in (*([manifest_dir] if manifest_dir is not None else []), *extra):
         if storage.is_s3(root):
             roots.append(root if root.endswith("/") else root + "/")
         else:
@@ -72,6 +96,8 @@ def is_allowed(uri: str, roots: Sequence[str]) -> bool:
         if any(part in (".", "..") for part in uri[len("s3://") :].split("/")):
             return False
         return any(storage.is_s3(r) and (uri.startswith(r) or r == "s3://") for r in roots)
+    if "://" in uri and not uri.startswith("file://"):
+        return False
     try:
         path = same_uri(uri)
     except StorageError:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from pydantic import ValidationError
 
 from nst import storage
 from nst.errors import ManifestError, StorageError
-from nst.manifest.expand import PairBuilder, file_stem, pydantic_problems, resolve_output
-from nst.manifest.inputs import InputSettings, allowed_roots, storage_reason
+from nst.manifest.expand import PairBuilder, file_stem, pydantic_problems, resolve_output, yaml_type
+from nst.manifest.inputs import InputSettings, allowed_roots, is_allowed, storage_reason
 from nst.manifest.inputs import check_inputs as check_input_refs
 from nst.manifest.model import Manifest, ManifestFile, ParamOverrides
 from nst.manifest.source import InvalidManifestError, parse_yaml
@@ -32,6 +33,22 @@ def _read(uri: str, max_bytes: int) -> bytes:
         raise InvalidManifestError(uri, [f"cannot read the manifest: {storage_reason(exc, uri)}"]) from None
 
 
+def _check_source(source: str, settings: InputSettings, confined: bool) -> None:
+    """A manifest is a .yaml/.yml file and, for a confined run, lies under a manifest or input root; nothing is read."""
+    if not re.search(r"\.ya?ml$", source.split("?", 1)[0], re.IGNORECASE):
+        raise InvalidManifestError(source, ["a manifest must be a .yaml or .yml file"])
+    roots = [*settings.manifest_roots, *settings.input_roots]
+    if confined and not is_allowed(source, allowed_roots(None, roots)):
+        where = (
+            "NST_MANIFEST_ROOTS or NST_INPUT_ROOTS"
+            if roots
+            else "NST_MANIFEST_ROOTS (neither it nor NST_INPUT_ROOTS is set)"
+        )
+        raise InvalidManifestError(
+            source, [f"outside the allowed manifest roots: this worker reads manifests only under {where}"]
+        )
+
+
 def load_manifest(
     uri: str,
     *,
@@ -39,15 +56,19 @@ def load_manifest(
     check_inputs: bool = True,
     max_bytes: int = 1_000_000,
     settings: InputSettings | None = None,
+    confined: bool = False,
 ) -> Manifest:
     """Read, validate and resolve a manifest (local path, file:// or s3://); one ManifestError lists every problem.
 
     `overrides` (any parameters) rank above the manifest's `defaults:` and below its per-pair values. Every input
-    must lie under the manifest's directory or a root of `settings` (default: `InputSettings.from_env()`); with
-    `check_inputs`, each one is stat'ed once to exist and to be within the byte limits.
+    must lie under the manifest's directory or an input root of `settings` (default: `InputSettings.from_env()`),
+    the output under the manifest's directory or an output root; with `check_inputs`, each input is stat'ed once to
+    exist and to be within the byte limits. `confined` (a deployment's run): the manifest itself must lie under a
+    manifest or input root, or it is not read.
     """
     settings = settings if settings is not None else InputSettings.from_env()
     source = _absolute(uri)
+    _check_source(source, settings, confined)
     if overrides:
         try:
             ParamOverrides.model_validate(overrides)
@@ -60,7 +81,7 @@ def load_manifest(
         if key in data and data[key] is None:  # `pairs:` with nothing under it
             del data[key]
     if "version" in data and (data["version"] != 1 or isinstance(data["version"], bool)):
-        problems.add(("version",), f"unsupported version {data['version']!r}; this nst reads version 1")
+        problems.add(("version",), f"must be 1 (this nst reads version 1), got {yaml_type(data['version'])}")
         problems.raise_if_any(source)
     try:
         ManifestFile.model_validate(data)
@@ -73,6 +94,11 @@ def load_manifest(
     output = ""
     if isinstance(data.get("output"), str) and data["output"]:
         resolved, reason = resolve_output(data["output"], base_dir)
+        if resolved and not is_allowed(resolved + "/", allowed_roots(base_dir, settings.output_roots)):
+            reason = (
+                f"{resolved} is outside the allowed output roots: outputs must lie under the manifest's directory "
+                "or a root in the worker's NST_OUTPUT_ROOTS"
+            )
         if reason:
             problems.add(("output",), reason)
         else:

@@ -111,7 +111,7 @@ class PairFields(StrictModel):
     @classmethod
     def _not_dots(cls, value: str | None) -> str | None:
         if value in (".", ".."):
-            raise ValueError(f"{value!r} is not a valid id")
+            raise ValueError("not a valid id: '.' and '..' name directories")
         return value
 
     @field_validator("style", mode="before")

@@ -6,6 +6,8 @@ expand too far, recursive aliases and keys written twice are refused before the 
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,8 @@ from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
 from nst.errors import Loc, ManifestError
+from nst.manifest.model import GRID_KEYS, PAIR_KEYS, TOP_KEYS
+from nst.params import StyleParams
 
 MAX_LISTED_PROBLEMS = 200
 MAX_INT_DIGITS = 4000  # below Python's int-parsing limit (4,300 digits), which would escape as a bare ValueError
@@ -64,14 +68,48 @@ class Problems:
             raise InvalidManifestError(uri, self.items)
 
 
+_KNOWN_KEYS = frozenset((*TOP_KEYS, *PAIR_KEYS, *GRID_KEYS, *StyleParams.model_fields))
+# A quoted span of a YAML library message, unless it is a token name such as '<block mapping start>'.
+_QUOTED = re.compile("('<[a-z ]+>')|'[^'\\n]*'|\"[^\"\\n]*\"")
+HIDDEN_KEY = "<key>"
+_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,23}")
+
+
+def shown_key(key: str) -> str:
+    """A key as messages show it: a known name, a near miss of one, or a short plain word; any other is `<key>`.
+
+    Keys are file content too: a long token (a secret written as a key) is never shown.
+    """
+    if key in _KNOWN_KEYS or _PLAIN_KEY.fullmatch(key) or difflib.get_close_matches(key, _KNOWN_KEYS, n=1):
+        return key
+    return HIDDEN_KEY
+
+
 def fmt_loc(loc: Loc) -> str:
+    """`pairs[0].size`; keys that are neither known names nor typos of one are shown as `<key>` (never quoted)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            name = shown_key(part)
+            out += f".{name}" if out else name
     return out
+
+
+def without_quotes(text: str) -> str:
+    """A YAML library's message without the file content it quotes (tags, anchors, characters)."""
+    return _QUOTED.sub(lambda m: m.group(1) or "(not shown)", text)
+
+
+def node_kind(node: yaml.Node) -> str:
+    """What a node is, by type only: `a list`, `a mapping`, `a string`, `an integer` ..."""
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    kinds = {"int": "an integer", "float": "a number", "bool": "a boolean", "timestamp": "a date", "null": "null"}
+    return kinds.get(str(node.tag).rsplit(":", 1)[-1], "a string")
 
 
 def line_of(root: yaml.Node, loc: Loc) -> int | None:
@@ -158,16 +196,15 @@ def parse_yaml(uri: str, raw: bytes, node_budget: int) -> tuple[Problems, Any]:
         except yaml.MarkedYAMLError as exc:
             raise InvalidManifestError(uri, [f"invalid YAML: {_yaml_error(exc)}"]) from None
         except yaml.YAMLError as exc:
-            raise InvalidManifestError(uri, [f"invalid YAML: {exc}"]) from None
+            raise InvalidManifestError(uri, [f"invalid YAML: {without_quotes(str(exc))}"]) from None
         except RecursionError:
             raise InvalidManifestError(uri, ["invalid YAML: nested too deeply"]) from None
         if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
             raise InvalidManifestError(uri, ["manifest is empty: expected `version: 1`, `output:` and `pairs:`"])
         if not isinstance(root, yaml.MappingNode):
-            kind = "a list" if isinstance(root, yaml.SequenceNode) else f"a scalar {str(root.value)[:40]!r}"
             line = root.start_mark.line + 1
             raise InvalidManifestError(
-                uri, [f"top level must be a mapping (version, output, pairs, ...), got {kind} (line {line})"]
+                uri, [f"top level must be a mapping (version, output, pairs, ...), got {node_kind(root)} (line {line})"]
             )
         _check_expansion(uri, root, node_budget)
         problems = Problems(root)
@@ -179,7 +216,7 @@ def parse_yaml(uri: str, raw: bytes, node_budget: int) -> tuple[Problems, Any]:
         except yaml.MarkedYAMLError as exc:
             raise InvalidManifestError(uri, [f"invalid YAML: {_yaml_error(exc)}"]) from None
         except ValueError as exc:  # anything else a constructor refuses: still one line, never a traceback
-            raise InvalidManifestError(uri, [f"invalid YAML value: {str(exc)[:200]}"]) from None
+            raise InvalidManifestError(uri, [f"invalid YAML value: {without_quotes(str(exc))[:200]}"]) from None
         except RecursionError:
             raise InvalidManifestError(uri, ["invalid YAML: nested too deeply"]) from None
         return problems, data
@@ -189,7 +226,7 @@ def parse_yaml(uri: str, raw: bytes, node_budget: int) -> tuple[Problems, Any]:
 
 def _yaml_error(exc: yaml.MarkedYAMLError) -> str:
     mark = exc.problem_mark or exc.context_mark
-    what = ": ".join(str(p) for p in (exc.context, exc.problem) if p)
+    what = without_quotes(": ".join(str(p) for p in (exc.context, exc.problem) if p))
     return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
 
 
