@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prefect.states import Crashed
 
+from deploy.setup import load_automations
 from tests.conftest import REPO
 from tests.fixtures.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
-
-pytestmark = pytest.mark.slow
 
 
 class Receiver:
@@ -71,6 +71,19 @@ def deployment_run(server: PrefectServer, name: str, manifest: Path) -> str:
     return match.group(1)
 
 
+def test_every_nightly_deployment_is_tagged_for_the_notification() -> None:
+    """prefect.yaml's nightly deployments carry the tag the automation watches; the on-demand ones do not."""
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for dep in config["deployments"]:
+        assert ("nightly" in dep["tags"]) == (dep["name"] == "nightly"), (dep["entrypoint"], dep["name"])
+    [spec] = [a for a in load_automations() if a["name"] == "notify-nightly-failures"]
+    assert spec["trigger"]["match_related"] == {
+        "prefect.resource.role": "tag",
+        "prefect.resource.id": "prefect.tag.nightly",
+    }
+
+
+@pytest.mark.slow
 def test_a_failed_or_crashed_nightly_run_is_sent_to_the_webhook_and_other_runs_are_not(
     isolated_prefect_server: PrefectServer,
     isolated_process_worker: WorkerFactory,

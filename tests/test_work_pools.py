@@ -22,6 +22,7 @@ import jsonpatch  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from deploy.setup import load_pool_automations
 from tests.conftest import REPO, SAMPLES
 from tests.fixtures.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
 
@@ -170,6 +171,22 @@ def test_k8s_template_matches_the_image() -> None:
     assert yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["work_pools"]["gpu_pool"]["name"] == (
         "gpu-pool"
     )
+
+
+def test_late_run_automations_are_valid_for_every_pool() -> None:
+    """The per-pool template fills in to a valid Prefect automation naming its pool and the worker command."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    for pool in ("gpu-pool", "parent-pool", "gpu-k8s"):
+        [spec] = load_pool_automations(pool, 45)
+        automation = AutomationCore.model_validate(spec)
+        assert automation.name == f"late-runs-{pool}"
+        assert automation.trigger.within.total_seconds() == 45  # type: ignore[union-attr]
+        assert spec["trigger"]["match_related"] == {"prefect.resource.role": "work-pool", "prefect.resource.name": pool}
+        [action] = spec["actions"]
+        assert (action["state"], action["name"]) == ("SCHEDULED", "AwaitingWorker")  # schedulable, never final
+        assert f"prefect worker start --pool {pool}" in action["message"] and "45 s" in action["message"]
+        assert "${" not in json.dumps(spec)
 
 
 @pytest.mark.slow
