@@ -61,10 +61,10 @@ def say(message: str) -> None:
 
 
 def sample_manifest(bucket: str) -> str:
-    """The sample manifest: inputs beside it under images/ (outside its own prefix: NST_INPUT_ROOTS allows them)."""
+    """The sample manifest: inputs under images/, outputs under results/ (outside its prefix: the workers' roots)."""
     lines = [
         "# Put here by `make up` (scripts/stack.py): three small pairs, about a minute on 2 CPU cores.",
-        "# Its inputs are outside this manifest's prefix: the workers allow them with NST_INPUT_ROOTS.",
+        "# Inputs and outputs are outside its own prefix: the workers allow them (NST_INPUT_ROOTS, NST_OUTPUT_ROOTS).",
         "version: 1",
         "name: stack-sample",
         f"output: s3://{bucket}/results/sample/",
@@ -93,6 +93,15 @@ def seed(client: Any, bucket: str, *, timeout_s: float = 60.0) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def roots(bucket: str) -> dict[str, str]:
+    """The workers' root settings for the sample bucket: manifests, inputs and outputs each under their own prefix."""
+    return {
+        "NST_MANIFEST_ROOTS": f"s3://{bucket}/manifests/",
+        "NST_INPUT_ROOTS": f"s3://{bucket}/images/",
+        "NST_OUTPUT_ROOTS": f"s3://{bucket}/results/",
+    }
 
 
 def env_s3_client() -> Any:
@@ -357,7 +366,7 @@ def start(state_dir: Path) -> dict[str, Any]:
         run_logged(deploy, env=cli_env, log=setup_log, what="prefect deploy --all")
         worker_env = {k: v for k, v in cli_env.items() if k not in s3_env}
         worker_env.update({k: v for k, v in s3_env.items() if v is not None})
-        worker_env["NST_INPUT_ROOTS"] = f"s3://{state['bucket']}/images/"
+        worker_env.update(roots(state["bucket"]))
         worker_env["PREFECT_WORKER_QUERY_SECONDS"] = "5"
         for name in WORKERS:
             state["processes"][name] = start_worker(name, worker_env, state_dir)

@@ -200,7 +200,9 @@ def test_compose_file_is_valid_and_has_the_stack_layout() -> None:
         env_of = services[name]["environment"]
         assert env_of["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env_of["AWS_ENDPOINT_URL"] == "http://seaweedfs:8333"
+        assert env_of["NST_MANIFEST_ROOTS"] == "s3://nst-stack/manifests/"
         assert env_of["NST_INPUT_ROOTS"] == "s3://nst-stack/images/"
+        assert env_of["NST_OUTPUT_ROOTS"] == "s3://nst-stack/results/"
         assert services[name]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
     assert services["setup"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
     # The setup service runs what `make up` runs: prefect-setup (deploy/setup.py), then prefect deploy --all.
