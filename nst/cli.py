@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest path or s3:// URI")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each pair's resolved parameters")
 
+    p = sub.add_parser("migrate-ids", help="move outputs made under an earlier id rule to the ids derived now")
+    p.add_argument("manifest", help="manifest path or s3:// URI")
+    p.add_argument("--apply", action="store_true", help="move them (default: only list old id -> new id)")
+
     p = sub.add_parser("weights", help="which VGG weights resolve, and from where")
     p.add_argument("--network", choices=["vgg19", "vgg16"], default="vgg19")
     p.add_argument("--weights", default=None, help="an explicit weights file to check")
@@ -195,6 +199,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate_ids(args: argparse.Namespace) -> int:
+    """List (or with --apply, move) the outputs whose record's inputs are a pair's whose id is now another."""
+    from nst.manifest import load_manifest
+    from nst.manifest.migrate import apply_move, plan_moves
+
+    manifest = load_manifest(args.manifest, check_inputs=False)
+    moves, notes = plan_moves(manifest)
+    for note in notes:
+        print(note)
+    for move in moves:
+        if args.apply:
+            apply_move(manifest, move)
+        print(f"{'moved ' if args.apply else ''}{move.old} -> {move.new}")
+    n = f"{len(moves)} id{'' if len(moves) == 1 else 's'}"
+    print(f"{n} moved" if args.apply else f"{n} to move (dry run: nothing changed; --apply moves them)")
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     """Say which weights resolve and from where."""
     from nst.vgg import describe_weights, load_weights
@@ -230,6 +252,7 @@ COMMANDS = {
     "stylize": cmd_stylize,
     "run": cmd_run,
     "validate": cmd_validate,
+    "migrate-ids": cmd_migrate_ids,
     "weights": cmd_weights,
     "presets": cmd_presets,
     "schema": cmd_schema,

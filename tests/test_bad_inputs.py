@@ -324,8 +324,8 @@ def test_grid_ids_colliding_after_cleaning_are_made_unique(ws: Workspace) -> Non
     manifest = _grid(ws, "'incoming/*.jpg'")
     first = [p.id for p in load_manifest(str(manifest)).pairs]
     assert len(set(first)) == 3 and "IMG_1__s" in first and "IMG-1__s" in first
-    (suffixed,) = [i for i in first if i not in ("IMG_1__s", "IMG-1__s")]
-    assert suffixed.startswith("IMG_1__s-") and len(suffixed) == len("IMG_1__s-") + 8
+    (cleaned,) = [i for i in first if i not in ("IMG_1__s", "IMG-1__s")]
+    assert cleaned.startswith("IMG_1-") and cleaned.endswith("__s") and len(cleaned) == len("IMG_1-__s") + 8
     (photos / "IMG 2.jpg").write_bytes(JPEG)  # a new photo the next night changes no existing id
     assert set(first) < {p.id for p in load_manifest(str(manifest)).pairs}
 

@@ -26,7 +26,7 @@ from nst.manifest import (
     manifest_json_schema,
     manifest_json_schema_text,
 )
-from nst.manifest.expand import unique_suffix
+from nst.manifest.ids import unique_suffix
 from nst.manifest.inputs import InputSettings, root_env
 from nst.params import PRESETS, StyleParams
 from tests.conftest import REPO, SAMPLES
@@ -289,7 +289,7 @@ def test_ids_are_derived_and_made_safe(tree: Path) -> None:
         """,
     )
     ids = [p.id for p in load_manifest(path).pairs]
-    assert ids[0] == "my_photo_1___brick"
+    assert ids[0] == f"my_photo_1_-{unique_suffix('my photo (1)')}__brick"  # a cleaned stem: -<digest of its own name>
     assert len(ids[1]) == 128 and ids[1].startswith("x" * 100)
     assert ids[2] == "archive.tar__brick-hubble"
 

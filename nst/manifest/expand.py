@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import difflib
-import hashlib
-import posixpath
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -14,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from nst import storage
 from nst.errors import Loc, ParamsError, StorageError
+from nst.manifest.ids import check_ids, file_stem, make_id, unique_suffix
 from nst.manifest.inputs import InputRef, is_allowed, storage_reason
 from nst.manifest.model import (
     GRID_KEYS,
@@ -147,62 +146,6 @@ def case_insensitive_extension(pattern: str) -> str:
     return f"{pattern[: match.start()]}.{either}"
 
 
-def unique_suffix(*uris: str) -> str:
-    """A short, stable tag of a pair's inputs, appended to an id that collides."""
-    return hashlib.sha256("\n".join(uris).encode()).hexdigest()[:8]
-
-
-def file_stem(uri: str, base: str = "") -> str:
-    """File name without its last extension; below a glob's base directory, sub-directories are kept, joined by '.'."""
-    rel = uri[len(base) :] if base and uri.startswith(base) else posixpath.basename(uri.rstrip("/"))
-    rel = rel.strip("/")
-    head, _, name = rel.rpartition("/")
-    name = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-    return f"{head.replace('/', '.')}.{name}" if head else name
-
-
-def _make_id(content_stem: str, style_stems: Sequence[str], suffix: str = "") -> str:
-    """`<content-stem>__<style-stem>` (several styles joined by '-'), made safe for file names and at most 128 long.
-
-    A `suffix` (see `unique_suffix`) is appended as `-<suffix>`, keeping the id within 128 characters.
-    """
-    raw = f"{content_stem}__{'-'.join(style_stems)}"
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
-    limit = 128 - (len(suffix) + 1 if suffix else 0)
-    if len(safe) > limit:
-        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-        safe = f"{safe[: limit - 9]}-{digest}"
-    return f"{safe}-{suffix}" if suffix else safe
-
-
-def resolve_output(raw: str, base_dir: str) -> tuple[str | None, str | None]:
-    """(output URI, None) or (None, reason): relative to the manifest, an absolute path or s3://; roots checked apart.
-
-    Reasons never quote `raw` (the field and line name it).
-    """
-    if "\x00" in raw or "\\" in raw:
-        return None, "must not contain backslashes or NUL characters"
-    if raw.startswith("file:"):
-        return None, "file:// URIs are not accepted; use a path (relative to the manifest, or absolute) or s3://"
-    if storage.is_s3(raw):
-        rest = raw[len("s3://") :]
-        bucket, _, key = rest.partition("/")
-        if not bucket:
-            return None, "an s3:// output names no bucket"
-        if any(part in ("..", ".") for part in key.split("/")):
-            return None, "'.' and '..' components are not allowed in an s3:// output"
-        return raw.rstrip("/") if key.strip("/") else f"s3://{bucket}", None
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", raw):
-        return None, "unsupported scheme (use a path or s3://)"
-    if raw.startswith("~"):
-        return None, "'~' is not expanded; use a path relative to the manifest, an absolute path or s3://"
-    try:
-        joined = storage.join(base_dir, raw)
-    except StorageError:
-        return None, "goes above the bucket root"
-    return (joined.rstrip("/") or joined), None
-
-
 def _valid_part(model: type[ModelT], raw: dict[str, Any], *, whole: bool = False) -> ModelT | None:
     """`raw` validated; unless `whole`, keys with errors are dropped (already reported) and the rest kept."""
     data = dict(raw)
@@ -330,7 +273,7 @@ class PairBuilder:
         if content is None or None in styles:
             return
         style_uris = [s for s in styles if s is not None]
-        pair_id = core.id or _make_id(file_stem(content), [file_stem(s) for s in style_uris])
+        pair_id = core.id or make_id(file_stem(content), [file_stem(s) for s in style_uris])
         where_each = [(content, (*loc, "content")), *zip(style_uris, style_locs, strict=True)]
         if not all([self._allowed(uri, where, pair_id) for uri, where in where_each]):  # every refusal reported
             return
@@ -394,25 +337,19 @@ class PairBuilder:
     def _unique_grid_ids(
         self, contents: list[tuple[str, str]], styles: list[tuple[str, str]]
     ) -> list[tuple[str, str, str]]:
-        """(id, content, style) per grid combination; ids that collide (`IMG 1.jpg`, `IMG_1.jpg`) made unique.
+        """(id, content, style) per grid combination (ids.make_id: from its own names only).
 
-        An id taken by `pairs:`, or by a combination whose file names needed no cleaning, stays; every other member
-        of a collision gets `-<8 hex of sha256 of its input URIs>`: stable across nights whatever else arrives.
+        An id a `pairs:` entry already holds gets `-<unique_suffix of the input URIs>` (the manifest decides that, never
+        the files that happen to exist); any other collision is reported by check_ids.
         """
         taken = {pair_id for pair_id, _, _ in self.ids}
-        combos = [(_make_id(cstem, [sstem]), c, s, f"{cstem}__{sstem}") for c, cstem in contents for s, sstem in styles]
-        groups: dict[str, list[int]] = {}
-        for index, (pair_id, *_rest) in enumerate(combos):
-            groups.setdefault(pair_id, []).append(index)
         out = []
-        for pair_id, content, style, raw in combos:
-            members = groups[pair_id]
-            clean = [i for i in members if combos[i][3] == combos[i][0]]
-            keeps = pair_id not in taken and (len(members) == 1 or (len(clean) == 1 and raw == pair_id))
-            if not keeps:
-                cstem, _, sstem = raw.partition("__")
-                pair_id = _make_id(cstem, [sstem], unique_suffix(content, style))
-            out.append((pair_id, content, style))
+        for content, cstem in contents:
+            for style, sstem in styles:
+                pair_id = make_id(cstem, [sstem])
+                if pair_id in taken:
+                    pair_id = make_id(cstem, [sstem], unique_suffix(content, style))
+                out.append((pair_id, content, style))
         return out
 
     def _add_spec(
@@ -432,19 +369,5 @@ class PairBuilder:
         self.specs.append(spec)
 
     def check_ids(self) -> None:
-        """Every pair id (given or derived) is unique."""
-        first: dict[str, str] = {}
-        for pair_id, where, described in self.ids:
-            if pair_id in first:
-                message = f"duplicate id {pair_id!r}"
-                if where == ("grid",):
-                    message += (
-                        f" for {described.removeprefix('grid: ')} (also {first[pair_id]}); file stems must differ"
-                    )
-                elif where[-1] != "id":
-                    message += f" (also {first[pair_id]}), derived from the file names; set `id:` to tell them apart"
-                else:
-                    message += f" (also {first[pair_id]})"
-                self.problems.add(where, message)
-            else:
-                first[pair_id] = described
+        """Every pair id (given or derived) is unique, also in letter case, and not named like an intermediate image."""
+        check_ids(self.problems, self.ids)

@@ -105,6 +105,34 @@ def is_allowed(uri: str, roots: Sequence[str]) -> bool:
     return any(not storage.is_s3(r) and (path + os.sep).startswith(r) for r in roots)
 
 
+def resolve_output(raw: str, base_dir: str) -> tuple[str | None, str | None]:
+    """(output URI, None) or (None, reason): relative to the manifest, an absolute path or s3://; roots checked apart.
+
+    Reasons never quote `raw` (the field and line name it).
+    """
+    if "\x00" in raw or "\\" in raw:
+        return None, "must not contain backslashes or NUL characters"
+    if raw.startswith("file:"):
+        return None, "file:// URIs are not accepted; use a path (relative to the manifest, or absolute) or s3://"
+    if storage.is_s3(raw):
+        rest = raw[len("s3://") :]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            return None, "an s3:// output names no bucket"
+        if any(part in ("..", ".") for part in key.split("/")):
+            return None, "'.' and '..' components are not allowed in an s3:// output"
+        return raw.rstrip("/") if key.strip("/") else f"s3://{bucket}", None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", raw):
+        return None, "unsupported scheme (use a path or s3://)"
+    if raw.startswith("~"):
+        return None, "'~' is not expanded; use a path relative to the manifest, an absolute path or s3://"
+    try:
+        joined = storage.join(base_dir, raw)
+    except StorageError:
+        return None, "goes above the bucket root"
+    return (joined.rstrip("/") or joined), None
+
+
 @dataclass
 class InputRef:
     uri: str

@@ -11,8 +11,9 @@ from pydantic import ValidationError
 
 from nst import storage
 from nst.errors import ManifestError, StorageError
-from nst.manifest.expand import PairBuilder, file_stem, pydantic_problems, resolve_output, yaml_type
-from nst.manifest.inputs import InputSettings, allowed_roots, is_allowed, storage_reason
+from nst.manifest.expand import PairBuilder, pydantic_problems, yaml_type
+from nst.manifest.ids import file_stem
+from nst.manifest.inputs import InputSettings, allowed_roots, is_allowed, resolve_output, storage_reason
 from nst.manifest.inputs import check_inputs as check_input_refs
 from nst.manifest.model import Manifest, ManifestFile, ParamOverrides
 from nst.manifest.source import InvalidManifestError, parse_yaml

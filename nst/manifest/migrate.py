@@ -1,0 +1,109 @@
+"""`nst migrate-ids`: move outputs made under an earlier id rule to the ids this manifest derives now.
+
+A record names the inputs it was made from, so each `<old>.json` is matched to this manifest's pair with the same
+content and style URIs, whatever rule (and whatever other files) made its old id. Its `<old>.png`, intermediates
+(`<old>.iter<N>.png`) and JSON move to the new id: copies first, the rewritten JSON last, then the old files go.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from nst import storage
+from nst.errors import NSTError
+from nst.manifest.model import Manifest
+
+READ_THREADS = 16
+MAX_RECORD_BYTES = 64 * 2**20
+
+
+@dataclass
+class Move:
+    """One pair's outputs from `old` to `new`: (from, to) URIs, the JSON last."""
+
+    old: str
+    new: str
+    files: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(storage.read_bytes(uri, max_bytes=MAX_RECORD_BYTES))
+    except (NSTError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _inputs_key(record: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """(content URI, style URIs) a record names, or None if it names none."""
+    inputs = record.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("content"), dict):
+        return None
+    styles = inputs.get("styles")
+    content = inputs["content"].get("uri")
+    style_uris = tuple(
+        uri
+        for s in (styles if isinstance(styles, list) else [])
+        if isinstance(s, dict) and isinstance(uri := s.get("uri"), str)
+    )
+    return (content, style_uris) if isinstance(content, str) and style_uris else None
+
+
+def plan_moves(manifest: Manifest) -> tuple[list[Move], list[str]]:
+    """The moves this manifest's output needs, and a line for each record left where it is (and why)."""
+    prefix = manifest.output.rstrip("/") + "/"
+    names = {info.uri[len(prefix) :] for info in storage.list_prefix(prefix)}
+    stems = sorted(n[: -len(".json")] for n in names if n.endswith(".json") and "/" not in n)
+    with ThreadPoolExecutor(min(READ_THREADS, max(1, len(stems)))) as pool:
+        records = dict(
+            zip(stems, pool.map(lambda s: _read_json(storage.join(prefix, f"{s}.json")), stems), strict=True)
+        )
+    new_ids = {(p.content, tuple(p.styles)): p.id for p in manifest.pairs}
+    moves: list[Move] = []
+    notes: list[str] = []
+    taken = set(stems)
+    for old, record in records.items():
+        key = _inputs_key(record) if record is not None else None
+        new = new_ids.get(key) if key is not None else None
+        if new is None or new == old:
+            continue
+        if new in taken:
+            notes.append(f"left {old}: {new} already has a record")
+            continue
+        if f"{old}.claim" in names:
+            notes.append(f"left {old}: claimed by a run ({old}.claim); try again when it is over")
+            continue
+        taken.add(new)
+        own = re.compile(re.escape(old) + r"(\.iter\d+)?\.png")
+        files = sorted(n for n in names if own.fullmatch(n))
+        moves.append(Move(old, new, [(f, new + f[len(old) :]) for f in files] + [(f"{old}.json", f"{new}.json")]))
+    return moves, notes
+
+
+def _moved_record(record: dict[str, Any], move: Move, prefix: str) -> dict[str, Any]:
+    """The record with its id and its own URIs (and the image's stored identity, if it keeps one) for the new id."""
+    uris = {storage.join(prefix, a): storage.join(prefix, b) for a, b in move.files}
+    output = dict(record.get("output") or {})
+    for key, value in output.items():
+        if isinstance(value, str) and value in uris:
+            output[key] = uris[value]
+    if output.get("image_identity") is not None and isinstance(output.get("image"), str):
+        output["image_identity"] = storage.stat(output["image"]).identity()
+    return {**record, "id": move.new, "output": output}
+
+
+def apply_move(manifest: Manifest, move: Move) -> None:
+    """Copy the images, write the rewritten JSON (a complete pair under the new id), then delete the old files."""
+    prefix = manifest.output.rstrip("/") + "/"
+    *images, (old_json, new_json) = move.files
+    for old, new in images:
+        storage.write_bytes(storage.join(prefix, new), storage.read_bytes(storage.join(prefix, old)))
+    record = json.loads(storage.read_bytes(storage.join(prefix, old_json), max_bytes=MAX_RECORD_BYTES))
+    body = json.dumps(_moved_record(record, move, prefix), indent=2).encode()
+    storage.write_bytes(storage.join(prefix, new_json), body, content_type="application/json")
+    for old, _ in [(old_json, new_json), *images]:
+        storage.delete(storage.join(prefix, old))
