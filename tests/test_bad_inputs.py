@@ -392,6 +392,9 @@ def test_file_contents_never_reach_a_message(
     code = main(["validate", str(manifest)])
     out, err = capsys.readouterr()
     assert code == 1 and err.startswith(f"nst: error: {manifest}: ") and "Traceback" not in err, err
+    with pytest.raises(ManifestError) as info:  # the run path (and so the flow's Failed state) says the same
+        run(str(manifest), RunOptions())
+    assert f"nst: error: {info.value}\n" == err
     for piece in (KEY, WORD, KEY[:12], WORD[:12], "AKIAIOSFODNN7EXAMPLE"):
         assert piece not in out + err, err
 
