@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deploy.setup import SERVER_SETTINGS
 from tests.conftest import REPO
 from tests.fixtures.prefect import PrefectServer, base_env, process_tree, wait_for_flow_run
 from tests.fixtures.s3 import S3Server
@@ -205,6 +206,8 @@ def test_compose_file_is_valid_and_has_the_stack_layout() -> None:
         assert env_of["NST_OUTPUT_ROOTS"] == "s3://nst-stack/results/"
         assert services[name]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
     assert services["setup"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    server_env = services["prefect-server"]["environment"]
+    assert all(server_env.get(name) == value for name, value in SERVER_SETTINGS.items()), server_env
     # The setup service runs what `make up` runs: prefect-setup (deploy/setup.py), then prefect deploy --all.
     setup_cmd = " ".join(services["setup"]["command"])
     assert "deploy/setup.py" in setup_cmd and "deploy --all" in setup_cmd
