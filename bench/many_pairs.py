@@ -46,14 +46,14 @@ def main() -> None:
 
     from prefect.client.orchestration import get_client
 
-    import nst.pipeline
+    import nst.run
     from flows.stylize import stylize_manifest
     from nst.manifest import load_manifest
     from nst.run_options import RunOptions
 
     options = RunOptions(max_batch_pairs=args.max_batch_pairs)
     started = time.perf_counter()
-    plan = nst.pipeline.plan(load_manifest(str(manifest)), options)
+    plan = nst.run.plan(load_manifest(str(manifest)), options)
     plan_s = time.perf_counter() - started
 
     latencies: list[float] = []
@@ -74,8 +74,8 @@ def main() -> None:
     done.set()
     prober.join(timeout=10)
     result = state.result(raise_on_failure=False) if state.is_completed() else None
-    batches = nst.pipeline.make_batches(
-        plan.to_run, max_pairs=options.max_batch_pairs, output=plan.manifest.output, run_id="count"
+    batches = nst.run.make_batches(
+        plan.to_run, plan.inputs, max_pairs=options.max_batch_pairs, output=plan.manifest.output, run_id="count"
     )
     print(
         json.dumps(

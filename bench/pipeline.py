@@ -9,7 +9,7 @@ too: `busy_fraction_steady` counts it as idle, `busy_fraction` as busy.
 
 GPU:        python bench/pipeline.py --out docs/bench/pipeline-h100.jsonl
 CPU proxy:  python bench/pipeline.py --cpu
-Runners: `batch` (nst.pipeline.run, the plain run path: one batch after another) and `flow` (the Prefect flow
+Runners: `batch` (nst.run.run, the plain run path: one batch after another) and `flow` (the Prefect flow
 flows.stylize.stylize_manifest, which overlaps one batch's I/O with another's optimisation).
 """
 
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 stylize_manifest(manifest=str(manifest), options=options, return_state=True)
             else:
-                from nst.pipeline import run as run_path
+                from nst.run import run as run_path
 
                 run_path(str(manifest), options)
             wall = time.perf_counter() - start

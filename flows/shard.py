@@ -13,7 +13,6 @@ returns an old finished child). Children of earlier attempts still running are w
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowR
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
+from prefect.runtime import deployment as runtime_deployment
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Completed, State
 from pydantic import Field
@@ -36,17 +36,17 @@ from flows import outcome, report
 from nst.errors import NSTError
 from nst.images import resized_size
 from nst.manifest import Manifest, PairSpec, ParamOverrides, load_manifest, override_values
+from nst.manifest.inputs import root_env
 from nst.results import error_info
 from nst.run import Batch, PairRecord, make_batches, new_run_id, plan, summary_uri, write_run_summary
 from nst.run.inputs import InputFacts
 from nst.run.layout import READ_THREADS, output_uris
 from nst.run.records import read_record
-from nst.run.run import IDS_IN_A_MESSAGE
+from nst.run.runner import IDS_IN_A_MESSAGE
 from nst.run_options import RunOptions
 
 POLL_S = 3.0
 HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
-INPUT_ROOTS_ENV = "NST_INPUT_ROOTS"  # nst.manifest.inputs.InputSettings reads it
 SHARD_TAG = "shard"
 
 
@@ -150,9 +150,9 @@ def start_shard(
 
 
 def child_job_variables() -> dict[str, Any]:
-    """The parent's input roots (NST_INPUT_ROOTS), passed on so that children may read what the parent planned."""
-    roots = os.environ.get(INPUT_ROOTS_ENV)
-    return {"env": {INPUT_ROOTS_ENV: roots}} if roots else {}
+    """The parent's root settings (NST_INPUT_ROOTS, ...), passed on so that children may read what it planned."""
+    roots = root_env()
+    return {"env": roots} if roots else {}
 
 
 def wait_for(client: SyncPrefectClient, runs: Sequence[FlowRun], timeout_s: float) -> list[FlowRun] | None:
@@ -251,7 +251,7 @@ def shard_manifest(
     attempt = max(1, int(runtime_flow_run.run_count or 1))
     explicit = override_values(overrides)
     try:
-        loaded = load_manifest(manifest, overrides=explicit)
+        loaded = load_manifest(manifest, overrides=explicit, confined=runtime_deployment.id is not None)
         planned = plan(loaded, options)
     except NSTError as exc:
         return outcome.failed(str(exc))

@@ -301,13 +301,11 @@ def stylize_manifest(
     limit = GPU_SHARDS_LIMIT if runtime_deployment.id else None
     _RUNS[run_id] = _RunParts(DeviceSlots(visible_devices(options.cpu_slots), limit=limit))
     try:
-        summary = nst.run.run(
-            manifest,
-            options,
-            overrides=override_values(overrides),
-            run_id=run_id,
-            hooks=flow_hooks(run_id, options),
+        # A deployment's manifest parameter may name any file the worker can read: only those under its roots.
+        loaded = load_manifest(
+            manifest, overrides=override_values(overrides), confined=runtime_deployment.id is not None
         )
+        summary = nst.run.run(loaded, options, run_id=run_id, hooks=flow_hooks(run_id, options))
     except NSTError as exc:  # the user's to fix: the message says what and where; a traceback would not help
         return outcome.failed(str(exc))
     finally:

@@ -116,14 +116,16 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from nst.engine import PairJob, Stylizer, canonical_params
     from nst.images import load_image, sha256_bytes
     from nst.manifest import PairSpec
-    from nst.pipeline import PlannedPair, write_pair_result
+    from nst.run.inputs import InputFacts, identity
+    from nst.run.records import write_pair_result
 
     params = canonical_params(resolve_params(model_values(args, StyleParams), context="parameters"))
     output = args.output
     if not output.lower().endswith(".png"):
         raise OutputError(f"output {output!r}: must end in .png")
     _check_output_writable(output)
-    data = {u: storage.read_bytes(u) for u in [args.content, *args.styles]}
+    read = {u: storage.read_with_info(u) for u in [args.content, *args.styles]}
+    data = {u: d for u, (d, _) in read.items()}
     content = load_image(data[args.content], label=f"content {args.content!r}", max_pixels=params.max_input_pixels)
     styles = [load_image(data[s], label=f"style {s!r}", max_pixels=params.max_input_pixels) for s in args.styles]
     pair_id = Path(output).stem
@@ -144,9 +146,9 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     spec = PairSpec(id=pair_id, content=args.content, styles=list(args.styles), params=params)
-    pair = PlannedPair(spec, {u: sha256_bytes(d) for u, d in data.items()})
-    # Same writer as manifest runs, with the image at the requested path and the JSON beside it.
-    record = write_pair_result(pair, result, output, output[: -len(".png")] + ".json", None)
+    inputs = {u: InputFacts(u, identity(info), sha256_bytes(d)) for u, (d, info) in read.items()}
+    # Same writer as manifest runs: the image at the requested path, the JSON beside it.
+    record = write_pair_result(spec, inputs, result, os.path.dirname(output) or ".", None)
     if record.status != "succeeded":
         print(f"nst: error: {record.error['message'] if record.error else 'failed'}", file=sys.stderr)
         return 1
@@ -171,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.stylize import run_from_cli  # lazily: `import nst` stays free of prefect
 
         return run_from_cli(args.manifest, options, overrides)
-    from nst.pipeline import run
+    from nst.run import run
 
     for name in ("batch_timeout_s", "cpu_slots"):
         if name in model_values(args, RunOptions):
@@ -184,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"run   {pair_id}")
         for pair_id in summary.ids("skipped"):
             print(f"skip  {pair_id} (up to date)")
+        if summary.older_engine:
+            print(f"{summary.older_engine} skipped pairs were made by an older engine revision (--rerun-older-engine)")
         return 0
     print(f"outputs in {summary.manifest.output}; run summary {summary.summary_uri}")
     print(", ".join(f"{n} {s}" for s, n in summary.counts().items()))
@@ -219,7 +223,7 @@ def cmd_migrate_ids(args: argparse.Namespace) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     """Say which weights resolve and from where."""
-    from nst.vgg import describe_weights, load_weights
+    from nst.weights import describe_weights, load_weights
 
     print("\n".join(describe_weights(args.network, args.weights)))
     _, info = load_weights(args.network, args.weights)

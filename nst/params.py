@@ -82,13 +82,13 @@ class StyleParams(BaseModel):
         1e-8, gt=0, description="Adam epsilon, in gradient units of the network's input space"
     )
     init: Init = Field("content", description="starting image: content, noise (white noise) or style")
-    content_weight: float = Field(1e4, gt=0, description="weight of the content loss (alpha)")
+    content_weight: float = Field(1.0, gt=0, description="weight of the content loss (alpha)")
     style_weight: float = Field(3.0, gt=0, description="weight of the style loss (beta)")
     tv_weight: Annotated[float, Role.GRAPH_SWITCH] = Field(
         0.0, ge=0, description="weight of the total-variation smoothness loss"
     )
     normalization: Annotated[Normalization, Role.GRAPH] = Field(
-        "mean",
+        "relative",
         description="loss scaling: gatys (content 1/2 sum, style 1/(4N^2M^2) sum), mean (MSE of features, Gram/M) or "
         "relative (each term's squared error over its target's: one style weight means the same for every painting)",
     )
@@ -130,7 +130,9 @@ class StyleParams(BaseModel):
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="random seed for noise init and anything random")
     precision: Annotated[Precision, Role.GRAPH] = Field(
-        "auto", description="fp32, bf16 (autocast, fp32 Gram and losses) or auto (bf16 on CUDA, fp32 elsewhere)"
+        "auto",
+        description="fp32, bf16 (autocast, fp32 Gram and losses) or auto (bf16 on CUDA and on CPUs with native bf16 "
+        "(AVX-512 BF16), fp32 elsewhere)",
     )
     compile: Annotated[CompileMode, Role.GRAPH] = Field(
         "auto",
@@ -209,11 +211,12 @@ class StyleParams(BaseModel):
     @model_validator(mode="after")
     def _few_saved_images(self) -> StyleParams:
         # Intermediate images stay in memory until the pair is written: bound how many.
-        if self.save_every and self.iterations // self.save_every > MAX_SAVED_IMAGES:
-            least = -(-self.iterations // MAX_SAVED_IMAGES)
+        steps = self.iterations * self.scales  # every scale runs `iterations` steps
+        if self.save_every and steps // self.save_every > MAX_SAVED_IMAGES:
+            least = -(-steps // MAX_SAVED_IMAGES)
             raise ValueError(
-                f"save_every {self.save_every} keeps {self.iterations // self.save_every} intermediate images per pair "
-                f"in memory; at most {MAX_SAVED_IMAGES}: use save_every >= {least} for {self.iterations} iterations"
+                f"save_every {self.save_every} keeps {steps // self.save_every} intermediate images per pair "
+                f"in memory; at most {MAX_SAVED_IMAGES}: use save_every >= {least} for {steps} iterations in all"
             )
         return self
 

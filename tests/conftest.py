@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "manifests" / "images"
 # Tests name the sample images by absolute path from manifests in temporary directories: allow them as inputs.
 os.environ.setdefault("NST_INPUT_ROOTS", str(SAMPLES))
+# Deployment runs read manifests only under their roots: the tests' manifests live in temporary directories and buckets.
+os.environ.setdefault("NST_MANIFEST_ROOTS", f"{tempfile.gettempdir()},s3://")
 
 # Fixture modules, one per concern (each file owns its fixtures).
 pytest_plugins: list[str] = ["tests.fixtures.s3", "tests.fixtures.prefect"]

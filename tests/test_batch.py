@@ -18,8 +18,8 @@ from nst import storage
 from nst.cli import main
 from nst.errors import ManifestError, StorageError
 from nst.manifest import load_manifest
-from nst.run import RunSummary, run
 from nst.results import error_info
+from nst.run import RunSummary, run
 from nst.run_options import RunOptions
 from tests.conftest import SAMPLES, FaultyStylizer
 from tests.tiny_extractor import TinyExtractor

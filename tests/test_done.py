@@ -1,4 +1,4 @@
-""""Done" is exact and cheap (issue 16): the truth table of what a rerun runs, on local disk and on real S3.
+""" "Done" is exact and cheap (issue 16): the truth table of what a rerun runs, on local disk and on real S3.
 
 Each case changes one thing after a first run, then asserts exactly which pairs the next run runs, and that every
 record describes the PNG beside it (sha256). The engine runs for real (32 px, 2 iterations).
@@ -196,3 +196,22 @@ def test_weights_changed_at_the_same_path_are_not_done(tmp_path: Path) -> None:
     weights.unlink()
     weights.write_bytes(data + b"\0")  # other content at the same path (the dry run only hashes it)
     assert run(uri, RunOptions(dry_run=True)).ids("not_run") == IDS
+
+
+def test_the_index_replaces_reading_the_records_and_a_bad_index_only_costs_reads(
+    storage_root: str, done: str, reads: Counter[str]
+) -> None:
+    from nst.run.index import index_uri
+
+    run(done)  # reads the three records, then stores the index
+    reads.clear()
+    assert run(done).ids("skipped") == IDS
+    assert [u for u in reads if u.endswith(("a.json", "b.json", "c.json"))] == []  # no record was read
+    assert [u.rsplit("/", 1)[-1] for u in reads if u.endswith(".gz")] == ["records-index.json.gz"]
+    # A record rewritten since (another run, other parameters): its entry no longer matches, so it is read again.
+    put(storage_root, MANIFEST.replace("style: styles/hubble.jpg}", "style: styles/hubble.jpg, style_weight: 7}"))
+    assert ran(run(done)) == ["b"]
+    storage.write_bytes(index_uri(storage.join(storage_root, "out/")), b"not gzip")
+    put(storage_root)
+    assert ran(run(done)) == ["b"]  # the original parameters again: b runs, a and c are read and skipped
+    assert_records_describe_their_pngs(storage_root)

@@ -1,7 +1,7 @@
 """The `stylize-manifest` flow on a real (in-process) Prefect API with the real engine: tiny images, 2 iterations.
 
-Engine calls are counted by wrapping `nst.run.batches.run_batch` (it still runs); faults the real parts cannot produce on
-demand (out of memory on CPU, a hung batch, a storage blip) come through a `FaultyStylizer` or the wrapper.
+Engine calls are counted by wrapping `nst.run.batches.run_batch` (it still runs); faults the real parts cannot produce
+on demand (out of memory on CPU, a hung batch, a storage blip) come through a `FaultyStylizer` or the wrapper.
 """
 
 import json
@@ -444,12 +444,16 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
             with lock:
                 events.append(("end", ids, time.monotonic()))
 
-    def loaded(jobs: Sequence[Any]) -> None:  # run_batch calls the fault hook once the images are decoded
+    real_load = nst.run.batches._load_job
+
+    def loaded(spec: Any, batch: Any) -> Any:  # a pair's images decoded (before its batch waits for a slot)
+        job = real_load(spec, batch)
         with lock:
-            events.append(("loaded", ",".join(j.id for j in jobs), time.monotonic()))
+            events.append(("loaded", spec.id, time.monotonic()))
+        return job
 
     monkeypatch.setattr(nst.engine.Stylizer, "run", optimise)
-    engine.fault_hook = loaded
+    monkeypatch.setattr(nst.run.batches, "_load_job", loaded)
     pairs = [{"id": "wide", "content": CHELSEA, "style": BRICK}, {"id": "square", "content": ASTRONAUT, "style": IHC}]
     state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=RunOptions(cpu_slots=1), return_state=True)
     assert state.is_completed(), state.message
@@ -491,7 +495,7 @@ def test_a_timeout_right_after_taking_a_slot_does_not_leak_it(
         device = real(self, *args)
         if not stalled:  # the thread is descheduled right here, past its time budget
             stalled.append(device)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 40
             while time.monotonic() < deadline:
                 time.sleep(0.05)
         return device
@@ -502,7 +506,8 @@ def test_a_timeout_right_after_taking_a_slot_does_not_leak_it(
         {"id": "wide", "content": CHELSEA, "style": BRICK},
         {"id": "tall", "content": HUBBLE, "style": IHC},
     ]
-    options = RunOptions(batch_timeout_s=4, cpu_slots=1, max_batch_pairs=1)
+    # 12 s: room for the next batch to load the network on a loaded machine
+    options = RunOptions(batch_timeout_s=12, cpu_slots=1, max_batch_pairs=1)
     state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=options, return_state=True)
     assert stalled and state.is_failed()
     statuses = {p["id"]: record(tmp_path, str(p["id"]))["status"] for p in pairs}

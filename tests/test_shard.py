@@ -35,7 +35,9 @@ def planned(tmp_path: Path, pairs: list[dict[str, Any]], max_pairs: int = 4) -> 
     path.write_text(json.dumps(doc, default=str))
     manifest = load_manifest(str(path))
     plan = pipeline.plan(manifest, RunOptions())
-    batches = pipeline.make_batches(plan.to_run, plan.inputs, max_pairs=max_pairs, output=manifest.output, run_id="parent")
+    batches = pipeline.make_batches(
+        plan.to_run, plan.inputs, max_pairs=max_pairs, output=manifest.output, run_id="parent"
+    )
     return manifest, plan, batches
 
 
@@ -149,9 +151,13 @@ def test_device_slot_holds_a_gpu_shards_slot_and_runs_without_the_limit() -> Non
         assert device == "cpu"
 
 
-def test_children_get_the_parents_input_roots(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A child refuses inputs outside the manifest's location unless its worker has the roots the parent planned with.
-    monkeypatch.delenv("NST_INPUT_ROOTS", raising=False)
+def test_children_get_the_parents_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child refuses manifests, inputs and outputs outside its roots: it gets the roots the parent planned with.
+    for name in ("NST_INPUT_ROOTS", "NST_OUTPUT_ROOTS", "NST_MANIFEST_ROOTS"):
+        monkeypatch.delenv(name, raising=False)
     assert flows.shard.child_job_variables() == {}
     monkeypatch.setenv("NST_INPUT_ROOTS", "s3://photos/incoming/,s3://styles/")
-    assert flows.shard.child_job_variables() == {"env": {"NST_INPUT_ROOTS": "s3://photos/incoming/,s3://styles/"}}
+    monkeypatch.setenv("NST_MANIFEST_ROOTS", "s3://photos/manifests/")
+    assert flows.shard.child_job_variables() == {
+        "env": {"NST_INPUT_ROOTS": "s3://photos/incoming/,s3://styles/", "NST_MANIFEST_ROOTS": "s3://photos/manifests/"}
+    }

@@ -2,18 +2,18 @@
 
 - `layout`: where a run's files live beside the outputs (`<id>.png/.json/.claim`, `_runs/`), writes with retries;
 - `inputs`: each input's identity (size + ETag/mtime), sha256 and pixel size, read once and only when needed;
-- `plan`: which pairs are done and which run;
+- `planner`: which pairs are done and which run (`plan`);
 - `claims`: per-pair claims, so two runs never interleave one pair's outputs;
 - `batches`: same-shape pairs claimed, decoded, optimised and written;
 - `records`: the per-pair JSON record and the run summary;
-- `run`: the whole run, with hooks for the caller (the CLI, the Prefect flow).
+- `runner`: the whole run (`run`), with hooks for the caller (the CLI, the Prefect flow).
 """
 
 from nst.run.batches import Batch, make_batches, run_batch
 from nst.run.layout import output_uris, summary_uri
-from nst.run.plan import Plan, plan
+from nst.run.planner import Plan, plan
 from nst.run.records import PairRecord, record_failure, verify_written, write_run_summary
-from nst.run.run import RunHooks, RunSummary, local_hooks, new_run_id, run, some_ids
+from nst.run.runner import RunHooks, RunSummary, local_hooks, new_run_id, run, some_ids
 
 __all__ = [
     "Batch",

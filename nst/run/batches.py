@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -37,6 +37,7 @@ class Batch:
     output: str
     run_id: str
     spool: str | None = None  # where plan() left the inputs' bytes, by sha256 (None: read them from storage)
+    leftovers: dict[str, list[str]] = field(default_factory=dict)  # earlier runs' intermediate images, by pair
 
     def fail(self, spec: PairSpec, error: dict[str, Any]) -> PairRecord:
         """Record one of this batch's pairs failed (best effort: storage may be what failed)."""
@@ -60,6 +61,7 @@ def make_batches(
     output: str,
     run_id: str,
     spool: str | None = None,
+    leftovers: dict[str, list[str]] | None = None,
 ) -> list[Batch]:
     """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`."""
     groups: dict[Any, list[PairSpec]] = {}
@@ -67,8 +69,17 @@ def make_batches(
         groups.setdefault(_shape_key(spec, inputs), []).append(spec)
     chunks = [group[i : i + max_pairs] for group in groups.values() for i in range(0, len(group), max(1, max_pairs))]
     n = len(chunks)
+    left = leftovers or {}
     return [
-        Batch(f"{i}of{n}", chunk, {u: inputs[u] for p in chunk for u in (p.content, *p.styles)}, output, run_id, spool)
+        Batch(
+            f"{i}of{n}",
+            chunk,
+            {u: inputs[u] for p in chunk for u in (p.content, *p.styles)},
+            output,
+            run_id,
+            spool,
+            {p.id: left[p.id] for p in chunk if p.id in left},
+        )
         for i, chunk in enumerate(chunks, start=1)
     ]
 
@@ -165,7 +176,8 @@ def _write_or_fail(spec: PairSpec, result: PairResult, batch: Batch) -> PairReco
     """Write a pair's outputs (retrying transient errors), then release its claim at once, not at the batch's end;
     if they cannot be written, record the pair failed."""
     try:
-        return write_pair_result(spec, batch.inputs, result, batch.output, batch.run_id)
+        leftovers = batch.leftovers.get(spec.id, [])
+        return write_pair_result(spec, batch.inputs, result, batch.output, batch.run_id, leftovers=leftovers)
     except StorageError as exc:
         return batch.fail(spec, exception_info(exc))
     finally:

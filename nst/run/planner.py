@@ -9,6 +9,7 @@ unchanged; only new or changed inputs, and the inputs of pairs that will run, ar
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,8 +21,8 @@ from nst.errors import ManifestError, NSTError
 from nst.images import sha256_bytes
 from nst.manifest import Manifest, PairSpec
 from nst.manifest.inputs import InputSettings
-from nst.params import Role, StyleParams, fields_with
-from nst.run.inputs import InputFacts, identity, read_inputs, stat_inputs
+from nst.run.index import Index, Written, params_digest, read_index
+from nst.run.inputs import Identity, InputFacts, identity, read_inputs, stat_inputs
 from nst.run.layout import READ_THREADS, claim_uri, output_uris
 from nst.run.records import PairRecord, read_record
 from nst.run_options import RunOptions
@@ -29,8 +30,7 @@ from nst.weights import weights_digest
 
 # Records written before image identities were recorded: their PNG is read (at most this many bytes) and hashed once.
 MAX_LEGACY_PNG_BYTES = 512 * 2**20
-# A record without an engine revision was made before revisions were counted.
-FIRST_REVISION = 1
+ITERATION_PNG = re.compile(r"([^/]+)\.iter\d{6}\.png")
 Verdict = Literal["run", "done", "older_engine", "check_inputs"]
 
 
@@ -44,6 +44,8 @@ class Plan:
     skipped: list[PairRecord]
     older_engine: list[str] = field(default_factory=list)  # done by an older ENGINE_REVISION (skipped unless asked)
     claimed_done: list[str] = field(default_factory=list)  # done pairs whose claim file is still there
+    leftovers: dict[str, list[str]] = field(default_factory=dict)  # intermediate images earlier runs left, by pair
+    index: Index = field(default_factory=dict)  # to store when the run ends (if new)
 
 
 @dataclass
@@ -73,8 +75,9 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
     """Decide which pairs run; read (into `spool`) only the inputs of pairs that run or whose identity changed."""
     specs = selected(manifest, options)
     inputs = stat_inputs(sorted({u for p in specs for u in (p.content, *p.styles)}))
-    listing = {} if options.force else {i.uri: i for i in _list_output(manifest.output)}
-    found = {} if options.force else _existing(manifest.output, specs, listing)
+    listing = {i.uri: i for i in _list_output(manifest.output)}
+    index = {} if options.force else read_index(manifest.output)
+    found, seen = ({}, {}) if options.force else _existing(manifest.output, specs, listing, index)
     settings = InputSettings.from_env()
     max_pixels = max((p.params.max_input_pixels for p in specs), default=1)
 
@@ -91,7 +94,9 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
         if ident is None or ident != inputs[u].identity
     }
     read(changed)
-    to_run, skipped, older = [], [], []
+    to_run: list[PairSpec] = []
+    skipped: list[PairRecord] = []
+    older: list[str] = []
     for spec in specs:
         verdict = _with_inputs(found[spec.id], inputs) if spec.id in found else "run"
         if verdict == "older_engine" and options.rerun_older_engine:
@@ -99,12 +104,27 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
         if verdict == "run":
             to_run.append(spec)
             continue
-        skipped.append(found[spec.id].skipped)  # type: ignore[arg-type]
+        record = found[spec.id].skipped
+        assert record is not None  # a record judged done or older has its skipped record
+        skipped.append(record)
         if verdict == "older_engine":
             older.append(spec.id)
     read({u for p in to_run for u in (p.content, *p.styles)})
     claims = [r.id for r in skipped if claim_uri(manifest.output, r.id) in listing]
-    return Plan(manifest, to_run, inputs, skipped, older_engine=older, claimed_done=claims)
+    leftovers = _intermediates(manifest.output, listing, {p.id for p in to_run})
+    fresh = {**index, **seen} if any(index.get(i) != entry for i, entry in seen.items()) else {}
+    return Plan(manifest, to_run, inputs, skipped, older, claims, leftovers, index=fresh)
+
+
+def _intermediates(output: str, listing: dict[str, storage.ObjectInfo], ids: set[str]) -> dict[str, list[str]]:
+    """The intermediate images (`<id>.iter<N>.png`) earlier runs left for these pairs."""
+    base = output_uris(output, "x")[0][: -len("x.png")]
+    found: dict[str, list[str]] = {}
+    for uri in listing:
+        match = ITERATION_PNG.fullmatch(uri[len(base) :]) if uri.startswith(base) else None
+        if match and match.group(1) in ids:
+            found.setdefault(match.group(1), []).append(uri)
+    return found
 
 
 def _list_output(output: str) -> list[storage.ObjectInfo]:
@@ -120,17 +140,22 @@ def _with_inputs(found: _Found, inputs: dict[str, InputFacts]) -> Verdict:
         return found.verdict
     for uri, (sha, ident) in found.hashes.items():
         fact = inputs[uri]
-        if fact.sha256 is not None:
-            current = fact.sha256  # read this run
-        else:
-            current = sha if ident is not None and ident == fact.identity else None
+        current: str | None = fact.sha256  # read this run
+        if current is None and ident is not None and ident == fact.identity:
+            current = sha
         if current is None or current != sha:
             return "run"
     return "older_engine" if found.older else "done"
 
 
-def _existing(output: str, specs: list[PairSpec], listing: dict[str, storage.ObjectInfo]) -> dict[str, _Found]:
-    """Each pair's existing record, judged on everything but the input hashes (read in parallel, then dropped)."""
+def _existing(
+    output: str,
+    specs: list[PairSpec],
+    listing: dict[str, storage.ObjectInfo],
+    index: Index,
+) -> tuple[dict[str, _Found], Index]:
+    """Each pair's existing record judged on all but the input hashes (facts from the index while the record's
+    identity is unchanged, else read in parallel), and the index entries of every record seen."""
     digests: dict[tuple[str, str | None], str | None] = {}
     for spec in specs:
         key = (spec.params.network, spec.params.weights)
@@ -140,64 +165,64 @@ def _existing(output: str, specs: list[PairSpec], listing: dict[str, storage.Obj
             except NSTError:
                 digests[key] = None  # the pair runs, and fails there saying why
 
-    def one(spec: PairSpec) -> tuple[str, _Found] | None:
-        image_uri, json_uri = output_uris(output, spec.id)
-        if json_uri not in listing:
+    def one(spec: PairSpec) -> tuple[PairSpec, Identity, Written] | None:
+        info = listing.get(output_uris(output, spec.id)[1])
+        if info is None:
             return None
-        record = read_record(json_uri)
-        if record is None:
-            return None
-        weights = digests.get((spec.params.network, spec.params.weights))
-        return spec.id, _judge(spec, record, weights, listing.get(image_uri))
+        ident = identity(info)
+        cached = index.get(spec.id)
+        if cached is not None and cached[0] == ident:
+            return spec, ident, cached[1]
+        record = read_record(info.uri)
+        written = Written.of(record) if record is not None else None
+        return (spec, ident, written) if written is not None else None
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return dict(item for item in pool.map(one, specs) if item is not None)
+        seen = [item for item in pool.map(one, specs) if item is not None]
+    judged = {}
+    for spec, _, written in seen:
+        weights = digests.get((spec.params.network, spec.params.weights))
+        judged[spec.id] = _judge(spec, written, weights, listing.get(output_uris(output, spec.id)[0]))
+    return judged, {spec.id: (ident, written) for spec, ident, written in seen}
 
 
-def _judge(spec: PairSpec, record: dict[str, Any], weights: str | None, png: storage.ObjectInfo | None) -> _Found:
+def _judge(spec: PairSpec, written: Written, weights: str | None, png: storage.ObjectInfo | None) -> _Found:
     """A record judged on status, parameters, weights, revision and the PNG beside it (inputs come after)."""
-    output = record.get("output") or {}
-    recorded = _recorded_inputs(spec, record)
     ok = (
-        record.get("status") == "succeeded"
-        and record.get("id") == spec.id
-        and recorded is not None
+        written.status == "succeeded"
+        and written.id == spec.id
+        and [uri for uri, _, _ in written.inputs] == [spec.content, *spec.styles]
         and weights is not None
-        and (record.get("weights") or {}).get("sha256") == weights
-        and _same_params(spec, record)
+        and written.weights_sha256 == weights
+        and written.params_digest == params_digest(spec.params.model_dump(mode="json"))
         and png is not None
-        and output.get("image") == png.uri
-        and _png_intact(output, png)
+        and written.image == png.uri
+        and _png_intact(written, png)
     )
-    if not ok or recorded is None:
+    if not ok or png is None:
         return _Found("run", {})
-    older = record.get("engine_revision", FIRST_REVISION) != nst.ENGINE_REVISION
-    return _Found("check_inputs", recorded, PairRecord.from_json(spec, record, "skipped", history=False), older)
+    json_uri = png.uri[: -len(".png")] + ".json"
+    skipped = PairRecord(
+        spec.id,
+        "skipped",
+        spec.content,
+        list(spec.styles),
+        written.image,
+        json_uri,
+        final_losses=written.final_losses,
+        image_identity=written.image_identity,
+    )
+    hashes = {uri: (sha, ident) for uri, sha, ident in written.inputs}
+    return _Found("check_inputs", hashes, skipped, written.engine_revision != nst.ENGINE_REVISION)
 
 
-def _recorded_inputs(spec: PairSpec, record: dict[str, Any]) -> dict[str, tuple[str | None, Any]] | None:
-    """Input URI -> (sha256, identity) as the record has them; None unless it names exactly this pair's inputs."""
-    section = record.get("inputs") or {}
-    entries = [section.get("content") or {}, *(section.get("styles") or [])]
-    if [e.get("uri") for e in entries if isinstance(e, dict)] != [spec.content, *spec.styles]:
-        return None
-    return {e["uri"]: (e.get("sha256"), e.get("identity")) for e in entries}
-
-
-def _same_params(spec: PairSpec, record: dict[str, Any]) -> bool:
-    """Whether the record was made with the same result parameters (device, logging... may differ)."""
-    skip = set(fields_with(StyleParams, Role.NOT_RESULT))
-    old = {k: v for k, v in (record.get("params") or {}).items() if k not in skip}
-    return old == spec.params.result_values()
-
-
-def _png_intact(output: dict[str, Any], png: storage.ObjectInfo) -> bool:
+def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
     """Whether the PNG is the one the record describes: its listed identity, or (older records) its sha256."""
-    if output.get("image_identity") is not None:
-        return bool(output["image_identity"] == identity(png))
-    if not output.get("image_sha256"):
+    if written.image_identity is not None:
+        return bool(written.image_identity == identity(png))
+    if not written.image_sha256:
         return False
     try:
-        return sha256_bytes(storage.read_bytes(png.uri, max_bytes=MAX_LEGACY_PNG_BYTES)) == output["image_sha256"]
+        return bool(sha256_bytes(storage.read_bytes(png.uri, max_bytes=MAX_LEGACY_PNG_BYTES)) == written.image_sha256)
     except NSTError:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from nst.run.inputs import Identity, InputFacts, identity
 from nst.run.layout import output_uris, summary_uri, write
 
 RECORD_SCHEMA = 2
+# Loss rows a record keeps (evenly thinned past this): the curve, not every iteration of a 100,000-iteration run.
+MAX_HISTORY_ROWS = 1000
 
 
 @dataclass
@@ -112,7 +115,7 @@ def build_record(
         "weights": result.weights.to_dict() if result and result.weights else None,
         "engine_revision": nst.ENGINE_REVISION,
         "final_losses": result.final_losses if result else None,
-        "history": [row for row in (result.history if result else []) if _all_finite(row)],
+        "history": _bounded([row for row in (result.history if result else []) if _all_finite(row)]),
         "iterations": result.iterations if result else 0,
         "seconds": round(result.seconds, 3) if result else 0.0,
         "device": result.device if result else None,
@@ -131,6 +134,14 @@ def build_record(
     }
 
 
+def _bounded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most MAX_HISTORY_ROWS rows, evenly spaced, the last one kept: records do not grow with iterations."""
+    if len(rows) <= MAX_HISTORY_ROWS:
+        return rows
+    step = -(-(len(rows) - 1) // (MAX_HISTORY_ROWS - 1))
+    return [*rows[:-1:step], rows[-1]]
+
+
 def _all_finite(values: dict[str, Any] | None) -> bool:
     return values is not None and all(
         math.isfinite(v) for v in values.values() if isinstance(v, float | int) and not isinstance(v, bool)
@@ -138,19 +149,24 @@ def _all_finite(values: dict[str, Any] | None) -> bool:
 
 
 def write_pair_result(
-    spec: PairSpec, inputs: dict[str, InputFacts], result: PairResult, output: str, run_id: str | None
+    spec: PairSpec,
+    inputs: dict[str, InputFacts],
+    result: PairResult,
+    output: str,
+    run_id: str | None,
+    *,
+    leftovers: Sequence[str] = (),
 ) -> PairRecord:
     """Write the image, then the JSON (each atomically), so a JSON always describes the complete pair beside it.
 
-    Intermediate images (`save_every`) go to `<id>.iter<N>.png` beside the image.
+    Then, best effort, the intermediate images (`save_every`: `<id>.iter<N>.png`) and the removal of `leftovers`
+    (an earlier run's intermediates) that this run did not write again: they never fail a written pair.
     """
     image = None
+    image_uri, _ = output_uris(output, spec.id)
     if result.image is not None:
         if result.status == "succeeded" and not _all_finite(result.final_losses):
             raise ValueError(f"pair {spec.id}: a succeeded record needs finite final losses")
-        image_uri, _ = output_uris(output, spec.id)
-        for iteration, img in result.intermediates:
-            write(image_uri[: -len(".png")] + f".iter{iteration:06d}.png", encode_png(img), "image/png")
         png = encode_png(result.image)
         image = (sha256_bytes(png), identity(write(image_uri, png, "image/png")))
     record = build_record(
@@ -164,7 +180,17 @@ def write_pair_result(
         result=result,
         error=result.error,
     )
-    return store_record(spec, record)
+    stored = store_record(spec, record)
+    written = set()
+    for iteration, img in result.intermediates if result.image is not None else []:
+        uri = image_uri[: -len(".png")] + f".iter{iteration:06d}.png"
+        with contextlib.suppress(NSTError):
+            write(uri, encode_png(img), "image/png")
+            written.add(uri)
+    for uri in set(leftovers) - written:
+        with contextlib.suppress(NSTError):
+            storage.delete(uri)
+    return stored
 
 
 def record_failure(

@@ -27,7 +27,8 @@ from nst.results import STATUSES, Status, exception_info
 from nst.run import batches
 from nst.run.batches import Batch, make_batches
 from nst.run.claims import RunIsLive, clear_stale_claims
-from nst.run.plan import Plan, plan
+from nst.run.index import write_index
+from nst.run.planner import Plan, plan
 from nst.run.records import PairRecord, probe_output, write_run_summary
 from nst.run_options import RunOptions
 
@@ -125,6 +126,7 @@ def run(
             output=output,
             run_id=run_id,
             spool=spool,
+            leftovers=the_plan.leftovers,
         )
         if hooks.planned is not None:
             hooks.planned(the_plan, planned)
@@ -138,6 +140,8 @@ def run(
             storage.remove_stale_temp(output, older_than_s=STALE_TEMP_S)
         clear_stale_claims(output, the_plan.claimed_done, run_id, hooks.run_is_live)
         records, left = _run_batches(planned, hooks, options.max_failures)
+        if the_plan.index:
+            write_index(output, the_plan.index)
     reason = f"not started: max_failures={options.max_failures} reached"
     records += [PairRecord.not_run(p, output, reason) for batch in left for p in batch.pairs]
     records = _in_manifest_order(loaded, [*records, *the_plan.skipped])

@@ -72,6 +72,9 @@ def _make_client() -> Any:
 
     try:
         core = botocore.session.get_session()
+        # Listings carry a LastModified per key: botocore's default parser (dateutil) costs ~0.3 ms each, most of a
+        # 10,000-key listing's time; ISO-8601 is parsed directly, anything else falls back to the default.
+        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
         session = boto3.session.Session(botocore_session=core)
         options: dict[str, Any] = {"signature_version": "s3v4", "connect_timeout": 10, "read_timeout": 60}
         if core.get_config_variable("max_attempts") is None:
@@ -86,6 +89,18 @@ def _make_client() -> Any:
         return client
     except botocore.exceptions.BotoCoreError as exc:
         raise StorageError(f"cannot set up the S3 client: {exc}") from None
+
+
+def _timestamp(value: str) -> Any:
+    """An S3 timestamp: ISO-8601 (listings) parsed directly, other forms (HTTP dates) by botocore's parser."""
+    import datetime
+
+    from botocore.utils import parse_timestamp
+
+    try:
+        return datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return parse_timestamp(value)
 
 
 def _is_custom_endpoint(endpoint_url: str | None) -> bool:

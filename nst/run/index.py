@@ -1,0 +1,102 @@
+"""The record index: what each pair's JSON record says, cached by the record's identity, in one object per output.
+
+A nightly over N done pairs reads this one object and the listing instead of N records. An entry counts only while
+the record's listed identity (size + ETag, or size + mtime) is the one it was taken from, so a stale, missing or
+corrupt index costs reads, never a wrong skip. Runs rewrite it when they end (the last writer wins).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nst.errors import NSTError
+from nst.params import Role, StyleParams, fields_with
+from nst.run.inputs import Identity
+from nst.run.layout import summary_uri, write
+
+INDEX_SCHEMA = 1
+MAX_INDEX_BYTES = 2**30
+# A record without an engine revision was made before revisions were counted.
+FIRST_REVISION = 1
+
+
+@dataclass
+class Written:
+    """The facts of one stored record that decide whether its pair is done (the rest of the record is not kept)."""
+
+    id: str
+    status: str
+    params_digest: str
+    weights_sha256: str | None
+    engine_revision: int
+    inputs: list[tuple[str, str | None, Identity | None]]  # (uri, sha256, identity): the content, then each style
+    image: str | None
+    image_sha256: str | None
+    image_identity: Identity | None
+    final_losses: dict[str, float] | None
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Written | None:
+        """The facts of a record's JSON; None if it is not shaped like one of ours."""
+        try:
+            section = record.get("inputs") or {}
+            entries = [section["content"], *section["styles"]]
+            output = record.get("output") or {}
+            return cls(
+                id=str(record["id"]),
+                status=str(record["status"]),
+                params_digest=params_digest(record.get("params") or {}),
+                weights_sha256=(record.get("weights") or {}).get("sha256"),
+                engine_revision=int(record.get("engine_revision", FIRST_REVISION)),
+                inputs=[(str(e["uri"]), e.get("sha256"), e.get("identity")) for e in entries],
+                image=output.get("image"),
+                image_sha256=output.get("image_sha256"),
+                image_identity=output.get("image_identity"),
+                final_losses=record.get("final_losses"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+Index = dict[str, tuple[Identity, Written]]  # pair id -> (its record's identity, the record's facts)
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """A digest of the parameters that decide the image (all but Role.NOT_RESULT), as JSON values."""
+    skip = set(fields_with(StyleParams, Role.NOT_RESULT))
+    kept = {k: v for k, v in params.items() if k not in skip}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def index_uri(output: str) -> str:
+    """`<output>/_runs/records-index.json.gz`."""
+    return summary_uri(output, "records-index", ".json.gz")
+
+
+def read_index(output: str) -> Index:
+    """Pair id -> (the record's identity, its facts); empty when there is no usable index."""
+    from nst import storage
+
+    try:
+        body = json.loads(gzip.decompress(storage.read_bytes(index_uri(output), max_bytes=MAX_INDEX_BYTES)))
+        if body.get("schema") != INDEX_SCHEMA:
+            return {}
+        entries = {}
+        for pair_id, (ident, facts) in body["records"].items():
+            facts["inputs"] = [tuple(i) for i in facts["inputs"]]
+            entries[pair_id] = (ident, Written(**facts))
+        return entries
+    except (NSTError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def write_index(output: str, entries: Index) -> None:
+    """Store the index (best effort: without it the next run reads the records instead)."""
+    body = {"schema": INDEX_SCHEMA, "records": {i: [ident, asdict(w)] for i, (ident, w) in entries.items()}}
+    with contextlib.suppress(NSTError):
+        write(index_uri(output), gzip.compress(json.dumps(body).encode(), compresslevel=5), "application/gzip")
