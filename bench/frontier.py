@@ -36,9 +36,15 @@ from bench.gallery import THUMB, thumbnail
 Point = tuple[float, float]  # (content_err, style_err)
 
 
-def interpolate(frontier: Sequence[Point], content_err: float) -> float | None:
-    """Our style_err at this content_err along the frontier (log-log, piecewise linear); None outside its range."""
+def interpolate(frontier: Sequence[Point], content_err: float, *, bound: bool = False) -> float | None:
+    """Our style_err at this content_err along the frontier (log-log, piecewise linear); None outside its range.
+
+    With `bound`, a content_err beyond our largest gets the style_err of our point there: an upper bound, since
+    allowing more content error never needs more style error.
+    """
     pts = sorted(frontier)
+    if bound and pts and content_err > pts[-1][0]:
+        return min(s for _, s in pts)
     if not pts or not pts[0][0] <= content_err <= pts[-1][0]:
         return None
     for (c0, s0), (c1, s1) in itertools.pairwise(pts):
@@ -62,14 +68,14 @@ def run_series(args: argparse.Namespace, pairs: list[quality.Pair], workdir: Pat
     by_id = {p.id: p for p in pairs}
     runs: list[tuple[str, float, list[dict[str, Any]]]] = []
     every = max(1, args.iterations // 10)
-    for config in args.configs.split(","):
+    for config in filter(None, args.configs.split(",")):
         for w in args.weights:
             records = quality.run_ours(
                 f"{config}:style_weight={w}", args.init, pairs, args.size, args.iterations, every
             )
             runs.append((f"ours {config}", w, records))
     if args.neural_style_pt is not None:
-        for init in args.nspt_inits.split(","):
+        for init in filter(None, args.nspt_inits.split(",")):
             for w in args.nspt_weights:
                 records = quality.run_neural_style_pt(
                     args.neural_style_pt, pairs, args.size, args.iterations, every, workdir, style_weight=w, init=init
@@ -109,13 +115,13 @@ def pair_summary(rows: list[dict[str, Any]], pair: str, iterations: int, time_ra
         for r in mine:
             if not r["series"].startswith("neural-style-pt"):
                 continue
-            at = interpolate(frontier, r["content_err"])
+            at = interpolate(frontier, r["content_err"], bound=True)
             ratios["equal_iterations"].append(at / r["style_err"] if at is not None else None)
             if time_ratio is not None:
                 curve = [quality.Checkpoint(it, sec, math.nan, c, s) for it, sec, c, s in r["curve"]]
                 point = at_iteration(curve, iterations * min(1.0, time_ratio))
                 # Ours slower than it (ratio > 1) would need our intermediates; recorded as not measured.
-                at_t = interpolate(frontier, point.content_err) if time_ratio <= 1 else None
+                at_t = interpolate(frontier, point.content_err, bound=True) if time_ratio <= 1 else None
                 ratios["equal_time"].append(at_t / point.style_err if at_t is not None else None)
         summary["ours"][series] = {
             key: {"ratios": v, "max": max((x for x in v if x is not None), default=None), "outside": v.count(None)}
@@ -177,23 +183,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--only", default=",".join(quality.FRONTIER_PAIRS), help="pair ids, comma-separated")
-    parser.add_argument("--configs", default="defaults", help="our configurations (style_weight is swept)")
+    parser.add_argument("--configs", default="defaults", help="our configurations (style_weight is swept; '' none)")
     parser.add_argument("--init", default="content", help="our init (default content)")
     parser.add_argument("--weights", type=_floats, default=[1.0, 3.0, 10.0, 30.0], help="our style weights")
     parser.add_argument("--neural-style-pt", type=Path, help="a neural-style-pt checkout")
     parser.add_argument("--nspt-weights", type=_floats, default=[25.0, 100.0, 400.0, 1600.0])
-    parser.add_argument("--nspt-inits", default="random,image")
+    parser.add_argument("--nspt-inits", default="random,image", help="random and/or image ('' none)")
     parser.add_argument("--time-ratio", type=float, help="our whole-process seconds / neural-style-pt's (cpu_ab)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nst-frontier"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plots", type=Path, help="folder for one JPEG per pair (plot + contact sheet)")
-    parser.add_argument("--replot", type=Path, help="only summarise and plot the frontier_run lines of this file")
+    parser.add_argument("--replot", type=Path, nargs="+", help="only summarise and plot these files' runs")
     args = parser.parse_args(argv)
     wanted = args.only.split(",")
     pairs = [p for p in quality.benchmark_pairs(quality.ALL_PAIRS) if p.id in wanted]
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        rows = [json.loads(line) for line in args.replot.read_text().splitlines()]
+        rows = [json.loads(line) for path in args.replot for line in path.read_text().splitlines()]
         rows = [r for r in rows if r["kind"] == "frontier_run"]
     else:
         rows = run_series(args, pairs, args.workdir)
@@ -207,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v[key]["max"] is not None
     ]
     lines.append({"kind": "summary", "size": args.size, "iterations": args.iterations, "max_ratio": max(maxima or [0])})
-    text = "\n".join(json.dumps(line) for line in lines if not args.replot or line["kind"] != "frontier_run")
+    text = "\n".join(json.dumps(line) for line in lines if line["kind"] != "frontier_run")
     print(text)
-    if args.out and not args.replot:
+    if args.out:
         args.out.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     if args.plots:
         args.plots.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmarks, one section per call (each fits a 10-minute command limit on an H100), from the repository root:
-#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|quality|all
+#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|all
 # Writes JSON lines (and the sweep's plot) to $OUT if set (the lent-device tool), else docs/bench/, named after the
 # GPU (h100.jsonl, h100-sweep.jsonl, h100.png, ...). `python -m bench.report FILE...` turns them into tables.
 # Packages the machine lacks travel as wheels in .whl/ (see docs/performance.md, "Running on a GPU").
@@ -30,12 +30,16 @@ run() {
     pipeline) $py -m bench.pipeline --out "$out/$gpu-pipeline.jsonl" ;;
     # 512 px, 200 iterations; NSPT=/path/to/neural-style-pt adds it beside ours (docs/quality.md)
     quality) $py -m bench.quality ${NSPT:+--neural-style-pt "$NSPT"} --out "$out/quality-$gpu.jsonl" ;;
-    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|all)" >&2; exit 2 ;;
+    # the two-axis frontiers at 512 px / 200 iterations (docs/quality.md section 3); NSPT adds neural-style-pt's
+    frontier) $py -m bench.frontier --size 512 --iterations 200 ${NSPT:+--neural-style-pt "$NSPT"} \
+                --configs defaults --weights 0.3,1,3,10,30 --out "$out/quality-frontier-$gpu.jsonl" \
+                --plots "$out/frontier-$gpu" ;;
+    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|all)" >&2; exit 2 ;;
   esac
 }
 
 if [ "$section" = all ]; then
-  for s in throughput defaults sweep ttq coldstart pipeline quality; do run "$s"; done
+  for s in throughput defaults sweep ttq coldstart pipeline quality frontier; do run "$s"; done
 else
   run "$section"
 fi

@@ -37,9 +37,19 @@ class FeatureExtractor(Protocol):
     def input_range(self) -> tuple[Tensor, Tensor]: ...
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16; AMX CPUs have it too), where bf16 autocast pays off.
+
+    torch exposes the check only as a private probe; without it the answer is no (fp32, the safe default).
+    """
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe is not None and probe())
+
+
 def _autocast_dtype(params: StyleParams, device: torch.device) -> torch.dtype | None:
-    """bf16 under autocast for `bf16`, or for `auto` on CUDA; None means plain fp32."""
-    if params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda"):
+    """bf16 under autocast for `bf16`, or for `auto` on CUDA and on CPUs with native bf16; None means plain fp32."""
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    if params.precision == "bf16" or (params.precision == "auto" and native):
         return torch.bfloat16
     return None
 
@@ -50,7 +60,8 @@ class FastPath:
 
     `for_params` gives the default: on CUDA bf16 autocast (for precision auto/bf16), channels_last, torch.compile
     (compile auto -> "default"), cuDNN autotuning with a capped workspace, TF32 Gram products (exact: their inputs are
-    bf16 features, and bf16 fits in TF32) and fused Adam; on CPU plain eager (fp32 unless bf16 is asked for).
+    bf16 features, and bf16 fits in TF32) and fused Adam; on CPU eager, bf16 autocast where the CPU has native bf16
+    (precision auto), else fp32.
     """
 
     amp: torch.dtype | None = None  # autocast dtype, None: plain fp32

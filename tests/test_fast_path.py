@@ -136,10 +136,14 @@ def test_lbfgs_first_step_max_makes_the_first_step_visible() -> None:
     torch.testing.assert_close(x.abs().amax(1), torch.full((3,), 4.0))
 
 
-def test_fast_path_defaults_per_device() -> None:
+def test_fast_path_defaults_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     params = resolve_params({})
-    cpu = FastPath.for_params(params, "cpu")
-    assert cpu == FastPath()  # fp32 eager on CPU
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: False)
+    assert FastPath.for_params(params, "cpu") == FastPath()  # fp32 eager on a CPU without native bf16
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: True)
+    assert FastPath.for_params(params, "cpu") == FastPath(amp=torch.bfloat16)  # bf16 autocast where it is native
+    fp32 = params.model_copy(update={"precision": "fp32"})
+    assert FastPath.for_params(fp32, "cpu") == FastPath()
     cuda = FastPath.for_params(params, torch.device("cuda"))
     assert cuda.amp == torch.bfloat16 and cuda.compile == "default" and cuda.channels_last and cuda.cudnn_benchmark
     assert cuda.tf32_gram and cuda.fused_adam

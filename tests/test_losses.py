@@ -2,7 +2,7 @@
 
 import torch
 
-from nst.losses import blended_gram, content_loss, gram_matrix, style_layer_loss, tv_loss
+from nst.losses import RELATIVE_SCALE, blended_gram, content_loss, gram_matrix, style_layer_loss, tv_loss
 
 
 def _features(seed: int, shape: tuple[int, ...] = (2, 3, 4, 5)) -> torch.Tensor:
@@ -71,10 +71,9 @@ def test_blended_gram_gives_the_gradient_of_the_weighted_sum_of_losses() -> None
 def test_relative_normalisation_is_the_relative_squared_error() -> None:
     f, p = _features(9), _features(10)
     expected = ((f - p) ** 2).flatten(1).sum(1) / (p**2).flatten(1).sum(1)
-    torch.testing.assert_close(content_loss(f, p, "relative"), expected)
+    torch.testing.assert_close(content_loss(f, p, "relative"), RELATIVE_SCALE * expected)
     g, a = gram_matrix(f), gram_matrix(p)
-    torch.testing.assert_close(
-        style_layer_loss(g, a, "relative"), ((g - a) ** 2).flatten(1).sum(1) / (a**2).flatten(1).sum(1)
-    )
+    style = ((g - a) ** 2).flatten(1).sum(1) / (a**2).flatten(1).sum(1)
+    torch.testing.assert_close(style_layer_loss(g, a, "relative"), RELATIVE_SCALE * style)
     # Scale-free: the same relative error for a style ten times brighter in feature space.
     torch.testing.assert_close(style_layer_loss(100 * g, 100 * a, "relative"), style_layer_loss(g, a, "relative"))

@@ -16,7 +16,8 @@ from nst.params import resolve_params
 def test_the_judge_scores_the_gatys_preset_as_the_engine_does() -> None:
     """Independent code, same objective: the judged total of the saved image is the engine's final total."""
     pair = quality.benchmark_pairs(1)[0]
-    params = canonical_params(resolve_params({"preset": "gatys", "size": 48, "iterations": 3, "log_every": 1}))
+    values = {"preset": "gatys", "size": 48, "iterations": 3, "log_every": 1, "precision": "fp32"}
+    params = canonical_params(resolve_params(values))
     [result] = Stylizer().run([PairJob(pair.id, pair.content, [pair.style], params)])
     assert result.image is not None and result.final_losses is not None
     judge = quality.GatysJudge(torch.device("cpu"))
