@@ -4,8 +4,8 @@
 
 Real SeaweedFS on localhost; `--rtt-ms` adds a sleep before each HTTP response is read (a remote S3's round trip).
 Set-up: a grid of ~200 KB JPEG photos x 4 styles; one pair is stylized for real (32 px, 1 iteration) and its PNG and
-record are copied, with each pair's own ids, inputs and hashes, to make the N done pairs (the run itself is not what
-is measured). Then `plan` runs in a fresh process, which prints one JSON line: plan seconds, peak RSS, requests, and
+record are copied, with each pair's own ids, inputs and hashes, to make the N done pairs, and a run over them stands
+for last night (it leaves the record index behind). The k new pairs are tonight's photos. Then `plan` runs in a fresh process, which prints one JSON line: plan seconds, peak RSS, requests, and
 bytes read by kind (inputs, PNGs, records, manifest) plus listings. Works on older checkouts too (`nst.pipeline`).
 """
 
@@ -118,6 +118,8 @@ def set_up(bucket_uri: str, pairs: int, new: int) -> str:
         for p in done[1:]
     }
     put_all(records)
+    # Last night's run over the done pairs: it stores what a nightly starts from (the record index, where there is one).
+    run.run(manifest, RunOptions(pair_ids=[p.id for p in done]))
     return manifest
 
 

@@ -113,9 +113,10 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nst import storage
-    from nst.engine import PairJob, Stylizer, canonical_params
+    from nst.engine import PairJob, Stylizer
     from nst.images import load_image, sha256_bytes
     from nst.manifest import PairSpec
+    from nst.params import canonical_params
     from nst.run.inputs import InputFacts, identity
     from nst.run.records import write_pair_result
 

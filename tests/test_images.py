@@ -14,19 +14,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from nst.color import image_to_tensor, luminance_transfer, match_color, rgb_to_yiq, tensor_to_image
 from nst.errors import ImageError
-from nst.images import (
-    _to_rgb,
-    encode_png,
-    image_to_tensor,
-    load_image,
-    luminance_transfer,
-    match_color,
-    resize_long_side,
-    rgb_to_yiq,
-    sha256_bytes,
-    tensor_to_image,
-)
+from nst.images import _to_rgb, encode_png, load_image, resize_long_side, sha256_bytes
 
 SAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "images"
 LABEL = "pair astronaut__hubble: content 'content/astronaut.png'"

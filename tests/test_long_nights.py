@@ -128,3 +128,18 @@ def test_a_records_history_is_bounded() -> None:
     kept = _bounded(rows)
     assert len(kept) <= MAX_HISTORY_ROWS and kept[0] == rows[0] and kept[-1] == rows[-1]
     assert _bounded(rows[:10]) == rows[:10]
+
+
+def test_a_read_with_a_large_limit_allocates_only_what_the_object_holds(storage_root: str) -> None:
+    """read(n) allocates n bytes up front: 16 reader threads x a 64 MB input limit once made plan peak at 1 GB."""
+    import tracemalloc
+
+    uri = storage.join(storage_root, "small.json")
+    storage.write_bytes(uri, b"{}" * 1000)
+    tracemalloc.start()
+    try:
+        assert storage.read_bytes(uri, max_bytes=256 * 2**20) == b"{}" * 1000
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20

@@ -9,20 +9,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from nst import storage
-from nst.engine import PairJob, PairResult, Stylizer, free_memory
 from nst.errors import NSTError, OutOfMemory, StorageError
 from nst.images import load_image, resized_size
 from nst.manifest import PairSpec
-from nst.optimize import ProgressCallback
 from nst.results import exception_info
 from nst.run.claims import CLAIM_TTL_S, RunIsLive, claim_pair, release_pair
 from nst.run.inputs import InputFacts, spooled
 from nst.run.records import PairRecord, record_failure, write_pair_result
+
+if TYPE_CHECKING:  # the engine (torch) is imported when a batch runs, not when a run is planned
+    from nst.engine import PairJob, PairResult, Stylizer
+    from nst.optimize import ProgressCallback
 
 HoldDevice = Callable[[], AbstractContextManager[str]]
 
@@ -86,6 +88,8 @@ def make_batches(
 
 def _load_job(spec: PairSpec, batch: Batch) -> PairJob:
     """Decode a pair's images from the bytes plan() read (errors name the pair, the field and the file)."""
+    from nst.engine import PairJob
+
     facts = [batch.inputs[u] for u in (spec.content, *spec.styles)]
     if errors := [f.error for f in facts if f.error]:
         raise NSTError(f"pair {spec.id}: {errors[0]}")
@@ -148,6 +152,8 @@ def run_batch(
 def _pinned(job: PairJob, device: str) -> PairJob:
     if job.params.device != "auto":
         return job
+    from nst.engine import PairJob
+
     return PairJob(job.id, job.content, job.styles, job.params.model_copy(update={"device": device}))
 
 
@@ -164,6 +170,8 @@ def _run_jobs(
     except NSTError as exc:  # a problem of the whole batch's parameters (unknown layer, missing weights...)
         return [batch.fail(spec, exception_info(exc)) for spec, _ in jobs]
     if oom is not None:  # out of the except block: the failed batch's tensors are unreachable now
+        from nst.engine import free_memory
+
         free_memory()
         if len(jobs) == 1:
             return [batch.fail(jobs[0][0], oom)]

@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 import nst
 from nst import storage
-from nst.engine import canonical_params
 from nst.errors import ManifestError, NSTError
 from nst.images import sha256_bytes
 from nst.manifest import Manifest, PairSpec
 from nst.manifest.inputs import InputSettings
+from nst.params import StyleParams, canonical_params
 from nst.run.index import Index, Written, params_digest, read_index
 from nst.run.inputs import Identity, InputFacts, identity, read_inputs, stat_inputs
 from nst.run.layout import READ_THREADS, claim_uri, output_uris
@@ -68,7 +68,14 @@ def selected(manifest: Manifest, options: RunOptions) -> list[PairSpec]:
             shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
             raise ManifestError(f"{manifest.source}: pair_ids not in the manifest: {shown}")
         specs = [p for p in specs if p.id in wanted]
-    return [p.model_copy(update={"params": canonical_params(p.params)}) for p in specs]
+    canonical: dict[int, StyleParams] = {}  # pairs of a grid share one parameters object: canonicalise it once
+    out = []
+    for spec in specs:
+        params = canonical.get(id(spec.params))
+        if params is None:
+            params = canonical[id(spec.params)] = canonical_params(spec.params)
+        out.append(spec if params == spec.params else spec.model_copy(update={"params": params}))
+    return out
 
 
 def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -> Plan:

@@ -7,11 +7,10 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nst
 from nst import storage
-from nst.engine import PairResult
 from nst.errors import NSTError
 from nst.images import encode_png, sha256_bytes
 from nst.manifest import PairSpec
@@ -19,6 +18,9 @@ from nst.params import StyleParams
 from nst.results import Status, error_info, now_iso, runner, versions
 from nst.run.inputs import Identity, InputFacts, identity
 from nst.run.layout import output_uris, summary_uri, write
+
+if TYPE_CHECKING:
+    from nst.engine import PairResult
 
 RECORD_SCHEMA = 2
 # Loss rows a record keeps (evenly thinned past this): the curve, not every iteration of a 100,000-iteration run.

@@ -16,13 +16,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nst import storage
-from nst.engine import Stylizer
 from nst.errors import NSTError
 from nst.manifest import Manifest, load_manifest
-from nst.optimize import ProgressCallback
 from nst.results import STATUSES, Status, exception_info
 from nst.run import batches
 from nst.run.batches import Batch, make_batches
@@ -31,6 +29,10 @@ from nst.run.index import write_index
 from nst.run.planner import Plan, plan
 from nst.run.records import PairRecord, probe_output, write_run_summary
 from nst.run_options import RunOptions
+
+if TYPE_CHECKING:
+    from nst.engine import Stylizer
+    from nst.optimize import ProgressCallback
 
 # Ids named in one message (a state, a log line): the first ones, then a count; the full list is in the summary.
 IDS_IN_A_MESSAGE = 20
@@ -77,7 +79,11 @@ def some_ids(ids: list[str]) -> str:
 
 def local_hooks(stylizer: Stylizer | None = None, on_progress: ProgressCallback | None = None) -> RunHooks:
     """Run batches one after another in this process (`nst run --no-prefect`); any error fails the batch's pairs."""
-    engine = stylizer or Stylizer(read_bytes=storage.read_bytes)
+    if stylizer is None:
+        from nst.engine import Stylizer
+
+        stylizer = Stylizer(read_bytes=storage.read_bytes)
+    engine = stylizer
 
     def run_one(batch: Batch) -> list[PairRecord]:
         try:

@@ -121,7 +121,10 @@ class LocalStore:
                 st = os.fstat(fh.fileno())
                 if max_bytes is not None and st.st_size > max_bytes:
                     raise too_big(uri, st.st_size, max_bytes)
-                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+                # read(n) allocates n bytes up front: ask for what the file holds (+1 to see it grow past the limit).
+                data = fh.read() if max_bytes is None else fh.read(min(st.st_size, max_bytes) + 1)
+                if max_bytes is not None and st.st_size < len(data) <= max_bytes:  # written to since: read on
+                    data += fh.read(max_bytes + 1 - len(data))
         except OSError as exc:
             raise _os_error(exc, uri, "read") from None
         return data, _info(uri, st)

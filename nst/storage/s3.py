@@ -124,7 +124,8 @@ class S3Store:
                 size = int(resp.get("ContentLength", 0))
                 if max_bytes is not None and size > max_bytes:
                     raise too_big(uri, size, max_bytes)
-                data: bytes = body.read() if max_bytes is None else body.read(max_bytes + 1)
+                # read(n) allocates n bytes up front: ask for what the object holds (+1 to see a longer body).
+                data: bytes = body.read() if max_bytes is None else body.read(min(size, max_bytes) + 1)
             finally:
                 body.close()
         return data, ObjectInfo(uri, len(data), _etag(resp.get("ETag")), _mtime_ns(resp.get("LastModified")))
