@@ -193,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nst-frontier"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plots", type=Path, help="folder for one JPEG per pair (plot + contact sheet)")
+    parser.add_argument("--markdown", action="store_true", help="print the per-pair table for docs/quality.md")
+    parser.add_argument("--default-weight", type=float, default=3.0, help="our point shown in the table")
     parser.add_argument("--replot", type=Path, nargs="+", help="only summarise and plot these files' runs")
     args = parser.parse_args(argv)
     wanted = args.only.split(",")
@@ -204,24 +206,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         rows = run_series(args, pairs, args.workdir)
     lines = [*rows, *(pair_summary(rows, p.id, args.iterations, args.time_ratio) for p in pairs)]
-    maxima = [
-        v[key]["max"]
-        for s in lines
-        if s["kind"] == "frontier_pair"
-        for v in s["ours"].values()
-        for key in ("equal_iterations", "equal_time")
-        if v[key]["max"] is not None
-    ]
-    lines.append({"kind": "summary", "size": args.size, "iterations": args.iterations, "max_ratio": max(maxima or [0])})
+    maxima: dict[str, list[float]] = {}
+    for line in lines:
+        if line["kind"] == "frontier_pair":
+            for series, v in line["ours"].items():
+                for key in ("equal_iterations", "equal_time"):
+                    if v[key]["max"] is not None:
+                        maxima.setdefault(series, []).append(v[key]["max"])
+    worst = {series: max(values) for series, values in maxima.items()}
+    lines.append({"kind": "summary", "size": args.size, "iterations": args.iterations, "worst_ratio": worst})
     text = "\n".join(json.dumps(line) for line in lines if line["kind"] != "frontier_run")
     print(text)
     if args.out:
         args.out.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    if args.markdown:
+        summaries = [line for line in lines if line["kind"] == "frontier_pair"]
+        print(markdown(rows, summaries, args.default_weight, 100.0))
     if args.plots:
         args.plots.mkdir(parents=True, exist_ok=True)
         for pair in pairs:
             plot_pair(rows, pair, args.workdir, args.plots / f"{pair.id}.jpg")
     return 0
+
+
+def markdown(
+    rows: list[dict[str, Any]], summaries: list[dict[str, Any]], ours_weight: float, nspt_weight: float
+) -> str:
+    """Per pair: our default point, neural-style-pt's default points, and the worst frontier ratio per init."""
+    head = "| pair | ours (w {ow:g}) c / s / SSIM(Y) | nspt random (w {nw:g}) | nspt -init image (w {nw:g}) |"
+    lines = [head.format(ow=ours_weight, nw=nspt_weight) + " worst ratio vs random / image, equal it. | equal time |"]
+    lines.append("|---|---|---|---|---|---|")
+    for summary in summaries:
+        pair = summary["pair"]
+
+        def point(series: str, weight: float, pair: str = pair) -> str:
+            found = [r for r in rows if r["pair"] == pair and r["series"] == series and r["weight"] == weight]
+            if not found or found[0].get("content_err") is None:
+                return "–"
+            r = found[0]
+            return f"{r['content_err']:.2f} / {r['style_err']:.3f} / {r['ssim_y']:.2f}"
+
+        ours = next(iter(summary["ours"]), None)
+        worst = {}
+        for key in ("equal_iterations", "equal_time"):
+            for init in ("random", "image"):
+                inits = [r for r in rows if r["pair"] == pair and r["series"] == f"neural-style-pt {init}"]
+                ratios = summary["ours"][ours][key]["ratios"] if ours else []
+                mine = [x for r, x in zip(_nspt_rows(rows, pair), ratios, strict=False) if r in inits]
+                known = [x for x in mine if x is not None]
+                worst[(key, init)] = f"{max(known):.2f}" if known else "–"
+        lines.append(
+            f"| {pair.replace('__', ' / ')} | {point(ours or '', ours_weight)} | "
+            f"{point('neural-style-pt random', nspt_weight)} | {point('neural-style-pt image', nspt_weight)} | "
+            f"{worst[('equal_iterations', 'random')]} / {worst[('equal_iterations', 'image')]} | "
+            f"{worst[('equal_time', 'random')]} / {worst[('equal_time', 'image')]} |"
+        )
+    return "\n".join(lines)
+
+
+def _nspt_rows(rows: list[dict[str, Any]], pair: str) -> list[dict[str, Any]]:
+    """The neural-style-pt rows of a pair in the order pair_summary visits them."""
+    return [r for r in rows if r["pair"] == pair and r.get("content_err") is not None and "neural" in r["series"]]
 
 
 def _floats(text: str) -> list[float]:
