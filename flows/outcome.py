@@ -7,6 +7,7 @@ plain dict there makes a worker's engine log a traceback).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,18 @@ CURVES_PAIRS = 50  # pairs whose loss curves the report plots
 
 class RunFailed(Exception):
     """The data of a Failed flow run state: its message (the pairs' details are in the run summary)."""
+
+
+def _not_our_failure(record: logging.LogRecord) -> bool:
+    """Drop the engine's "unexpected exception" record for a run that ended Failed by our own hand.
+
+    In a worker's flow-run process Prefect's engine re-raises a Failed run's exception and logs it with a traceback of
+    its own frames. Our failures were already logged once, with their message; real crashes keep their traceback.
+    """
+    return not (record.exc_info and isinstance(record.exc_info[1], RunFailed))
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_not_our_failure)
 
 
 def failed(message: str) -> State[Any]:

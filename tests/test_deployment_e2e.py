@@ -132,6 +132,14 @@ def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
     assert (cat["params"]["iterations"], cat["params"]["style_weight"], cat["params"]["size"]) == (3, 7, 32)
     assert get_json("out/coffee.json")["run_id"] == first  # not in pair_ids: untouched
 
+    # 5. A user error (no such manifest) fails the run with its message; the worker logs no traceback (a Failed state
+    #    whose data Prefect cannot resolve into an exception made its engine log one).
+    fifth = run_deployment_cli(prefect_server, f"manifest=s3://{s3_bucket}/missing.yaml")
+    run = wait_for_flow_run(prefect_server, fifth, worker=worker)
+    assert run.state.is_failed() and "missing.yaml" in (run.state.message or "")
+    log = worker.log.read_text(errors="replace")
+    assert "Traceback" not in log and "cannot be resolved into an exception" not in log, worker.log_tail()
+
 
 def test_prefect_yaml_deploys_without_network(prefect_server: PrefectServer) -> None:
     """Both deployments, their pool and entrypoint, from `prefect deploy --all` (no push steps, local pull)."""

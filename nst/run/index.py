@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ MAX_INDEX_BYTES = 2**30
 FIRST_REVISION = 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Written:
-    """The facts of one stored record that decide whether its pair is done (the rest of the record is not kept)."""
+    """The facts of one stored record that decide whether its pair is done (the rest, losses included, is not kept:
+    a skipped pair's losses are in its own JSON)."""
 
     id: str
     status: str
@@ -38,7 +40,6 @@ class Written:
     image: str | None
     image_sha256: str | None
     image_identity: Identity | None
-    final_losses: dict[str, float] | None
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Written | None:
@@ -47,17 +48,18 @@ class Written:
             section = record.get("inputs") or {}
             entries = [section["content"], *section["styles"]]
             output = record.get("output") or {}
+            # Strings most records share (status, digests, style URIs) are interned: 100,000 of them cost one each.
+            weights = (record.get("weights") or {}).get("sha256")
             return cls(
                 id=str(record["id"]),
-                status=str(record["status"]),
-                params_digest=params_digest(record.get("params") or {}),
-                weights_sha256=(record.get("weights") or {}).get("sha256"),
+                status=sys.intern(str(record["status"])),
+                params_digest=sys.intern(params_digest(record.get("params") or {})),
+                weights_sha256=sys.intern(weights) if isinstance(weights, str) else None,
                 engine_revision=int(record.get("engine_revision", FIRST_REVISION)),
-                inputs=[(str(e["uri"]), e.get("sha256"), e.get("identity")) for e in entries],
+                inputs=[(sys.intern(str(e["uri"])), e.get("sha256"), e.get("identity")) for e in entries],
                 image=output.get("image"),
                 image_sha256=output.get("image_sha256"),
                 image_identity=output.get("image_identity"),
-                final_losses=record.get("final_losses"),
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             return None

@@ -23,7 +23,7 @@ LIST_AT = 8
 Identity = dict[str, Any]  # {"size": n, "etag": "..."} (S3) or {"size": n, "mtime_ns": n} (local)
 
 
-@dataclass
+@dataclass(slots=True)
 class InputFacts:
     """One input as this run saw it; `sha256`/`dims` are filled once it is read, `error` if it cannot be."""
 

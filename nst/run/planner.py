@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import nst
 from nst import storage
@@ -48,12 +48,12 @@ class Plan:
     index: Index = field(default_factory=dict)  # to store when the run ends (if new)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Found:
     """What plan needs of one existing record (the record itself is not kept: it may hold a long history)."""
 
     verdict: Verdict
-    hashes: dict[str, tuple[str | None, Any]]  # input URI -> (recorded sha256, recorded identity)
+    unverified: dict[str, str | None]  # input URI -> recorded sha256, for inputs whose identity is not the recorded one
     skipped: PairRecord | None = None
     older: bool = False  # made by another engine revision
 
@@ -84,7 +84,7 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
     inputs = stat_inputs(sorted({u for p in specs for u in (p.content, *p.styles)}))
     listing = {i.uri: i for i in _list_output(manifest.output)}
     index = {} if options.force else read_index(manifest.output)
-    found, seen = ({}, {}) if options.force else _existing(manifest.output, specs, listing, index)
+    found, seen = ({}, {}) if options.force else _existing(manifest.output, specs, listing, index, inputs)
     settings = InputSettings.from_env()
     max_pixels = max((p.params.max_input_pixels for p in specs), default=1)
 
@@ -93,14 +93,7 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
             [inputs[u] for u in sorted(uris)], spool=spool, max_bytes=settings.max_input_bytes, max_pixels=max_pixels
         )
 
-    changed = {
-        u
-        for f in found.values()
-        if f.verdict == "check_inputs"
-        for u, (_, ident) in f.hashes.items()
-        if ident is None or ident != inputs[u].identity
-    }
-    read(changed)
+    read({u for f in found.values() if f.verdict == "check_inputs" for u in f.unverified})
     to_run: list[PairSpec] = []
     skipped: list[PairRecord] = []
     older: list[str] = []
@@ -145,12 +138,8 @@ def _with_inputs(found: _Found, inputs: dict[str, InputFacts]) -> Verdict:
     """The verdict once inputs are known: a recorded sha256 holds while the identity is unchanged, else the new one."""
     if found.verdict != "check_inputs":
         return found.verdict
-    for uri, (sha, ident) in found.hashes.items():
-        fact = inputs[uri]
-        current: str | None = fact.sha256  # read this run
-        if current is None and ident is not None and ident == fact.identity:
-            current = sha
-        if current is None or current != sha:
+    for uri, sha in found.unverified.items():
+        if sha is None or inputs[uri].sha256 != sha:  # read this run (None: unreadable)
             return "run"
     return "older_engine" if found.older else "done"
 
@@ -160,6 +149,7 @@ def _existing(
     specs: list[PairSpec],
     listing: dict[str, storage.ObjectInfo],
     index: Index,
+    inputs: dict[str, InputFacts],
 ) -> tuple[dict[str, _Found], Index]:
     """Each pair's existing record judged on all but the input hashes (facts from the index while the record's
     identity is unchanged, else read in parallel), and the index entries of every record seen."""
@@ -187,21 +177,33 @@ def _existing(
     with ThreadPoolExecutor(READ_THREADS) as pool:
         seen = [item for item in pool.map(one, specs) if item is not None]
     judged = {}
+    wanted: dict[int, str] = {}  # params digest per parameters object (a grid's pairs share one)
     for spec, _, written in seen:
         weights = digests.get((spec.params.network, spec.params.weights))
-        judged[spec.id] = _judge(spec, written, weights, listing.get(output_uris(output, spec.id)[0]))
+        if id(spec.params) not in wanted:
+            wanted[id(spec.params)] = params_digest(spec.params.model_dump(mode="json"))
+        png = listing.get(output_uris(output, spec.id)[0])
+        judged[spec.id] = _judge(spec, written, (weights, wanted[id(spec.params)]), png, inputs)
     return judged, {spec.id: (ident, written) for spec, ident, written in seen}
 
 
-def _judge(spec: PairSpec, written: Written, weights: str | None, png: storage.ObjectInfo | None) -> _Found:
-    """A record judged on status, parameters, weights, revision and the PNG beside it (inputs come after)."""
+def _judge(
+    spec: PairSpec,
+    written: Written,
+    wanted: tuple[str | None, str],
+    png: storage.ObjectInfo | None,
+    inputs: dict[str, InputFacts],
+) -> _Found:
+    """A record judged on status, parameters, weights (`wanted`: their digests now), revision and the PNG beside it;
+    inputs whose identity is the recorded one are the recorded ones, the others are hashed and compared after."""
+    weights, params = wanted
     ok = (
         written.status == "succeeded"
         and written.id == spec.id
         and [uri for uri, _, _ in written.inputs] == [spec.content, *spec.styles]
         and weights is not None
         and written.weights_sha256 == weights
-        and written.params_digest == params_digest(spec.params.model_dump(mode="json"))
+        and written.params_digest == params
         and png is not None
         and written.image == png.uri
         and _png_intact(written, png)
@@ -216,11 +218,10 @@ def _judge(spec: PairSpec, written: Written, weights: str | None, png: storage.O
         list(spec.styles),
         written.image,
         json_uri,
-        final_losses=written.final_losses,
         image_identity=written.image_identity,
     )
-    hashes = {uri: (sha, ident) for uri, sha, ident in written.inputs}
-    return _Found("check_inputs", hashes, skipped, written.engine_revision != nst.ENGINE_REVISION)
+    unverified = {uri: sha for uri, sha, ident in written.inputs if ident is None or ident != inputs[uri].identity}
+    return _Found("check_inputs", unverified, skipped, written.engine_revision != nst.ENGINE_REVISION)
 
 
 def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:

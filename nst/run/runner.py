@@ -78,16 +78,19 @@ def some_ids(ids: list[str]) -> str:
 
 
 def local_hooks(stylizer: Stylizer | None = None, on_progress: ProgressCallback | None = None) -> RunHooks:
-    """Run batches one after another in this process (`nst run --no-prefect`); any error fails the batch's pairs."""
-    if stylizer is None:
-        from nst.engine import Stylizer
+    """Run batches one after another in this process (`nst run --no-prefect`); any error fails the batch's pairs.
 
-        stylizer = Stylizer(read_bytes=storage.read_bytes)
-    engine = stylizer
+    The engine (torch) is loaded with the first batch: a run with nothing to do never loads it.
+    """
+    engines = [stylizer] if stylizer is not None else []
 
     def run_one(batch: Batch) -> list[PairRecord]:
         try:
-            return batches.run_batch(batch, stylizer=engine, on_progress=on_progress)
+            if not engines:
+                from nst.engine import Stylizer
+
+                engines.append(Stylizer(read_bytes=storage.read_bytes))
+            return batches.run_batch(batch, stylizer=engines[0], on_progress=on_progress)
         except Exception as exc:  # a torch RuntimeError, an OSError...: the batch fails, the run goes on
             return [batch.fail(spec, exception_info(exc)) for spec in batch.pairs]
 

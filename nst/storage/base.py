@@ -21,7 +21,7 @@ TMP_SUFFIX = ".nst-tmp"
 MAX_PRESIGN_S = 7 * 24 * 3600
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """One file or object: its URI, size in bytes, ETag (S3) and modification time in ns (local; S3: LastModified).
 
