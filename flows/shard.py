@@ -13,6 +13,7 @@ returns an old finished child). Children of earlier attempts still running are w
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -40,7 +41,8 @@ from nst.manifest.inputs import root_env
 from nst.results import error_info
 from nst.run import Batch, PairRecord, make_batches, new_run_id, plan, summary_uri, write_run_summary
 from nst.run.inputs import InputFacts
-from nst.run.layout import READ_THREADS, output_uris
+from nst.run.layout import READ_THREADS, output_uris, write
+from nst.run.planner import listed_ids
 from nst.run.records import read_record
 from nst.run.runner import IDS_IN_A_MESSAGE
 from nst.run_options import RunOptions
@@ -48,6 +50,7 @@ from nst.run_options import RunOptions
 POLL_S = 3.0
 HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
 SHARD_TAG = "shard"
+IDS_IN_A_PARAMETER = 200  # a child's pair ids inline in its options up to this many, else in a file (~40 B each)
 
 
 @dataclass
@@ -89,7 +92,21 @@ def child_runs(client: SyncPrefectClient, parent_id: str) -> list[FlowRun]:
 
 
 def _run_pair_ids(run: FlowRun) -> list[str]:
-    return list((run.parameters.get("options") or {}).get("pair_ids") or [])
+    """The pairs a child run was given: in its options, or in the ids file they name."""
+    options = run.parameters.get("options") or {}
+    return list(options.get("pair_ids") or []) + (
+        listed_ids(options["pair_ids_file"]) if options.get("pair_ids_file") else []
+    )
+
+
+def child_options(shard: Shard, options: RunOptions, output: str, parent: str, attempt: int) -> RunOptions:
+    """The child's run options: its pair ids inline, or (many of them) in `_runs/<parent>-<shard>.ids.json`, so
+    that no flow run parameter grows with the manifest."""
+    if len(shard.pair_ids) <= IDS_IN_A_PARAMETER:
+        return options.model_copy(update={"pair_ids": shard.pair_ids, "pair_ids_file": None})
+    uri = summary_uri(output, f"{parent}-{shard.name}-attempt{attempt}", ".ids.json")
+    write(uri, json.dumps(shard.pair_ids).encode(), "application/json")
+    return options.model_copy(update={"pair_ids": None, "pair_ids_file": uri})
 
 
 def plan_shards(
@@ -126,6 +143,7 @@ def start_shard(
     options: RunOptions,
     parent: str,
     attempt: int,
+    output: str,
 ) -> FlowRun:
     """One child flow run of `deployment` for the shard's pairs; the idempotency key holds the parent's attempt."""
     ids = ",".join(sorted(shard.pair_ids))
@@ -138,7 +156,7 @@ def start_shard(
             parameters={
                 "manifest": manifest,
                 "overrides": overrides,
-                "options": options.model_copy(update={"pair_ids": shard.pair_ids}).model_dump(mode="json"),
+                "options": child_options(shard, options, output, parent, attempt).model_dump(mode="json"),
             },
             flow_run_name=name,
             idempotency_key=key,
@@ -284,6 +302,7 @@ def shard_manifest(
             options=options,
             parent=parent,
             attempt=attempt,
+            output=loaded.output,
         )
         logger.info("shard %s: flow run %s with %d pairs", shard.name, shard.run.id, len(shard.pair_ids))
     runs = [*running, *(cast(FlowRun, s.run) for s in shard_plan)]

@@ -17,6 +17,11 @@ class RunOptions(BaseModel):
     pair_ids: list[str] | None = Field(
         None, description="run only these pair ids (default: every pair); unknown ids fail the run before any work"
     )
+    pair_ids_file: str | None = Field(
+        None,
+        description="run only the pair ids listed (JSON) in this file under the output's _runs/ "
+        "(the shard flow writes one per child whose list is long)",
+    )
     force: bool = Field(
         False, description="run pairs even if their outputs already say succeeded with the same inputs and parameters"
     )

@@ -233,19 +233,23 @@ def test_retry_runs_only_the_failed_pairs(tmp_path: Path, engine: EngineCalls) -
         assert client.read_flow_run(run_id).run_count == 2
 
 
-def test_retry_with_force_reuses_persisted_results_of_completed_batches(tmp_path: Path, engine: EngineCalls) -> None:
-    """With force, plan() skips nothing; the batch that completed returns its persisted result (Cached)."""
-    broken = bad_image(tmp_path)
+def forced_run_with_a_broken_input(root: Path) -> tuple[Any, Path]:
+    """A forced deployment run of a and b (one batch) and c (a broken input), ended Failed: (its id, the bad file)."""
+    broken = bad_image(root)
     pairs = [
         {"id": "a", "content": CHELSEA, "style": BRICK},
         {"id": "b", "content": COFFEE, "style": HUBBLE},  # same shape as a: one batch
         {"id": "c", "content": broken, "style": IHC},
     ]
-    manifest = write_manifest(tmp_path, pairs)
-    first = run_as_deployment({"manifest": str(manifest), "options": {"force": True}})
+    first = run_as_deployment({"manifest": str(write_manifest(root, pairs)), "options": {"force": True}})
     assert first.is_failed()
+    return flow_run_id(first), broken
+
+
+def test_retry_with_force_reuses_persisted_results_of_completed_batches(tmp_path: Path, engine: EngineCalls) -> None:
+    """With force, plan() skips nothing; the batch that completed returns its persisted result (Cached)."""
+    run_id, broken = forced_run_with_a_broken_input(tmp_path)
     assert sorted(engine.calls) == [["a", "b"], ["c"]]
-    run_id = flow_run_id(first)
 
     shutil.copy(ASTRONAUT, broken)  # square: still a batch of its own
     engine.calls.clear()
@@ -260,16 +264,7 @@ def test_retry_with_force_reuses_persisted_results_of_completed_batches(tmp_path
 
 def test_retry_after_outputs_were_deleted_runs_them_again(tmp_path: Path, engine: EngineCalls) -> None:
     """Cached is not done: a batch whose cached result names outputs that are gone runs again (issue 16, case 1)."""
-    broken = bad_image(tmp_path)
-    pairs = [
-        {"id": "a", "content": CHELSEA, "style": BRICK},
-        {"id": "b", "content": COFFEE, "style": HUBBLE},  # same shape as a: one batch
-        {"id": "c", "content": broken, "style": IHC},
-    ]
-    manifest = write_manifest(tmp_path, pairs)
-    first = run_as_deployment({"manifest": str(manifest), "options": {"force": True}})
-    assert first.is_failed()
-    run_id = flow_run_id(first)
+    run_id, broken = forced_run_with_a_broken_input(tmp_path)
     for name in ("a.png", "a.json", "b.png", "b.json"):
         (tmp_path / "out" / name).unlink()
 

@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed, Crashed
 
 import flows.shard
+import nst.run.planner
 from flows.shard import collect, pair_cost, plan_shards, split_batches
 from flows.stylize import DeviceSlots
 from nst import run as pipeline
@@ -161,3 +162,30 @@ def test_children_get_the_parents_roots(monkeypatch: pytest.MonkeyPatch) -> None
     assert flows.shard.child_job_variables() == {
         "env": {"NST_INPUT_ROOTS": "s3://photos/incoming/,s3://styles/", "NST_MANIFEST_ROOTS": "s3://photos/manifests/"}
     }
+
+
+def test_a_long_shard_passes_its_pair_ids_in_a_file_and_its_child_reads_them(tmp_path: Path) -> None:
+    """No flow run parameter grows with the manifest: 300 ids go to `_runs/` and the child plans exactly those."""
+    pairs = [{"id": f"p{i:03d}", "content": CHELSEA, "style": BRICK} for i in range(300)]
+    manifest, _, _ = planned(tmp_path, pairs)
+    shard = flows.shard.Shard("t-shard-1of1", [p["id"] for p in pairs[:250]])
+    options = flows.shard.child_options(shard, RunOptions(), manifest.output, "parent", 1)
+    assert options.pair_ids is None and options.pair_ids_file is not None
+    assert len(json.dumps(options.model_dump(mode="json"))) < 10_000
+    assert [p.id for p in nst.run.planner.selected(manifest, options)] == shard.pair_ids
+    assert flows.shard._run_pair_ids(child("t-shard-1of1", [])) == []
+    run = child("t-shard-1of1", [])
+    run.parameters["options"] = options.model_dump(mode="json")
+    assert flows.shard._run_pair_ids(run) == shard.pair_ids
+    few = flows.shard.child_options(flows.shard.Shard("s", ["p000"]), RunOptions(), manifest.output, "parent", 1)
+    assert few.pair_ids == ["p000"] and few.pair_ids_file is None
+
+
+def test_a_pair_ids_file_outside_the_outputs_runs_is_refused(tmp_path: Path) -> None:
+    from nst.errors import ManifestError
+
+    manifest, _, _ = planned(tmp_path, [{"id": "a", "content": CHELSEA, "style": BRICK}])
+    secret = tmp_path / "ids.json"
+    secret.write_text('["a"]')
+    with pytest.raises(ManifestError, match="pair_ids_file"):
+        nst.run.planner.selected(manifest, RunOptions(pair_ids_file=str(secret)))

@@ -9,6 +9,7 @@ unchanged; only new or changed inputs, and the inputs of pairs that will run, ar
 
 from __future__ import annotations
 
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,13 +24,14 @@ from nst.manifest.inputs import InputSettings
 from nst.params import StyleParams, canonical_params
 from nst.run.index import Index, Written, params_digest, read_index
 from nst.run.inputs import Identity, InputFacts, identity, read_inputs, stat_inputs
-from nst.run.layout import READ_THREADS, claim_uri, output_uris
+from nst.run.layout import READ_THREADS, claim_uri, output_uris, summary_uri
 from nst.run.records import PairRecord, read_record
 from nst.run_options import RunOptions
 from nst.weights import weights_digest
 
 # Records written before image identities were recorded: their PNG is read (at most this many bytes) and hashed once.
 MAX_LEGACY_PNG_BYTES = 512 * 2**20
+MAX_IDS_FILE_BYTES = 64 * 2**20
 ITERATION_PNG = re.compile(r"([^/]+)\.iter\d{6}\.png")
 Verdict = Literal["run", "done", "older_engine", "check_inputs"]
 
@@ -61,8 +63,8 @@ class _Found:
 def selected(manifest: Manifest, options: RunOptions) -> list[PairSpec]:
     """The manifest's pairs that `options.pair_ids` selects (unknown ids are an error), layer names canonical."""
     specs = manifest.pairs
-    if options.pair_ids is not None:
-        wanted = set(options.pair_ids)
+    if options.pair_ids is not None or options.pair_ids_file is not None:
+        wanted = set(options.pair_ids or []) | set(_listed_ids(manifest.output, options.pair_ids_file))
         unknown = sorted(wanted - {p.id for p in specs})
         if unknown:
             shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
@@ -76,6 +78,33 @@ def selected(manifest: Manifest, options: RunOptions) -> list[PairSpec]:
             params = canonical[id(spec.params)] = canonical_params(spec.params)
         out.append(spec if params == spec.params else spec.model_copy(update={"params": params}))
     return out
+
+
+def _listed_ids(output: str, uri: str | None) -> list[str]:
+    """The pair ids a `pair_ids_file` lists; it must lie under the output's `_runs/` (a parameter is not a path to
+    open anywhere)."""
+    if uri is None:
+        return []
+    runs = summary_uri(output, "")[: -len(".json")]
+    if not uri.startswith(runs) or ".." in uri[len(runs) :].split("/"):
+        raise ManifestError(f"options.pair_ids_file: {uri} is not under {runs}")
+    try:
+        return listed_ids(uri, strict=True)
+    except (NSTError, ValueError, TypeError) as exc:
+        raise ManifestError(f"options.pair_ids_file: {uri} is not a readable JSON list of pair ids ({exc})") from None
+
+
+def listed_ids(uri: str, *, strict: bool = False) -> list[str]:
+    """The JSON list of pair ids in a shard's ids file; [] if unreadable (an error with `strict`)."""
+    try:
+        ids = json.loads(storage.read_bytes(uri, max_bytes=MAX_IDS_FILE_BYTES))
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise TypeError("not a list of strings")
+        return ids
+    except (NSTError, ValueError, TypeError):
+        if strict:
+            raise
+        return []
 
 
 def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -> Plan:
