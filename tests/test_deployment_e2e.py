@@ -13,7 +13,7 @@ from prefect.states import AwaitingRetry
 from nst.params import StyleParams
 from nst.run_options import RunOptions
 from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, deploy_all, wait_for_flow_run
+from tests.fixtures.prefect import PrefectServer, Worker, WorkerFactory, deploy_all, wait_for_flow_run
 from tests.fixtures.s3 import S3Server, s3_settings_of_this_process
 
 pytestmark = pytest.mark.slow
@@ -131,12 +131,15 @@ def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
     assert cat["run_id"] == fourth and cat["iterations"] == 3
     assert (cat["params"]["iterations"], cat["params"]["style_weight"], cat["params"]["size"]) == (3, 7, 32)
     assert get_json("out/coffee.json")["run_id"] == first  # not in pair_ids: untouched
+    assert_a_user_error_logs_no_traceback(prefect_server, worker, f"s3://{s3_bucket}/missing.yaml")
 
-    # 5. A user error (no such manifest) fails the run with its message; the worker logs no traceback (a Failed state
-    #    whose data Prefect cannot resolve into an exception made its engine log one).
-    fifth = run_deployment_cli(prefect_server, f"manifest=s3://{s3_bucket}/missing.yaml")
-    run = wait_for_flow_run(prefect_server, fifth, worker=worker)
-    assert run.state.is_failed() and "missing.yaml" in (run.state.message or "")
+
+def assert_a_user_error_logs_no_traceback(prefect_server: PrefectServer, worker: Worker, manifest: str) -> None:
+    """A user error (no such manifest) fails the run with its message; the worker logs no traceback (a Failed state
+    whose data Prefect cannot resolve into an exception, or Prefect's engine re-raising ours, made it log one)."""
+    failed = run_deployment_cli(prefect_server, f"manifest={manifest}")
+    run = wait_for_flow_run(prefect_server, failed, worker=worker)
+    assert run.state is not None and run.state.is_failed() and manifest in (run.state.message or "")
     log = worker.log.read_text(errors="replace")
     assert "Traceback" not in log and "cannot be resolved into an exception" not in log, worker.log_tail()
 
