@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from nst.engine import PairJob, Stylizer, canonical_params
+from nst.engine import PairJob, Stylizer
 from nst.images import load_image
-from nst.params import resolve_params
+from nst.params import canonical_params, resolve_params
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "manifests" / "images"

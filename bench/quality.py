@@ -42,10 +42,11 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 from torch import Tensor
 
-from nst.engine import PairJob, Stylizer, canonical_params
-from nst.images import image_to_tensor, load_image, resize_long_side
+from nst.color import image_to_tensor
+from nst.engine import PairJob, Stylizer
+from nst.images import load_image, resize_long_side
 from nst.optimize import ProgressEvent
-from nst.params import resolve_params
+from nst.params import canonical_params, resolve_params
 from nst.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,7 +49,8 @@ from typing import Any, TextIO
 import torch
 from PIL import Image, ImageOps
 
-from nst.images import image_to_tensor, load_image
+from nst.color import image_to_tensor
+from nst.images import load_image
 from nst.memory import auto_batch_pairs, step_memory
 from nst.optimize import FastPath, PairOutcome, PairProblem, ProgressEvent, stylize_batch
 from nst.params import StyleParams, resolve_params

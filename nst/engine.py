@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from nst import optimize
+from nst.color import image_to_tensor, luminance_transfer, match_color, tensor_to_image
 from nst.errors import NSTError, OutOfMemory
-from nst.images import image_to_tensor, luminance_transfer, match_color, resize_long_side, tensor_to_image
-from nst.layers import canonical_layer
+from nst.images import resize_long_side
 from nst.optimize import PairProblem, ProgressCallback
-from nst.params import StyleParams
+from nst.params import StyleParams, canonical_params
 from nst.results import Status
 from nst.vgg import VGGFeatures, load_vgg, resolve_device
 from nst.weights import ReadBytes, WeightsInfo
@@ -51,16 +51,6 @@ class PairResult:
     error: dict[str, Any] | None = None
     intermediates: list[tuple[int, Image.Image]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
-
-
-def canonical_params(params: StyleParams) -> StyleParams:
-    """The same parameters with layer names in canonical form (raises ParamsError listing valid names)."""
-    return params.model_copy(
-        update={
-            "content_layers": [canonical_layer(n, params.network) for n in params.content_layers],
-            "style_layers": [canonical_layer(n, params.network) for n in params.style_layers],
-        }
-    )
 
 
 def device_name(device: torch.device) -> str:

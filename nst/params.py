@@ -236,6 +236,16 @@ class StyleParams(BaseModel):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 
+def canonical_params(params: StyleParams) -> StyleParams:
+    """The same parameters with layer names in canonical form (raises ParamsError listing valid names)."""
+    return params.model_copy(
+        update={
+            "content_layers": [canonical_layer(n, params.network) for n in params.content_layers],
+            "style_layers": [canonical_layer(n, params.network) for n in params.style_layers],
+        }
+    )
+
+
 PARAM_NAMES: tuple[str, ...] = tuple(StyleParams.model_fields)
 
 # Presets: named bundles of values. Anything not listed takes the model's default.

@@ -35,7 +35,8 @@ def vgg() -> VGGFeatures:
 def _sample(name: str, size: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    from nst.images import image_to_tensor, load_image
+    from nst.color import image_to_tensor
+    from nst.images import load_image
 
     img = load_image(SAMPLES / name, label=name, max_pixels=10**8)
     return image_to_tensor(ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC))

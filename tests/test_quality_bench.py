@@ -8,9 +8,9 @@ import torch
 
 from bench import quality
 from bench.gallery import THUMB
-from nst.engine import PairJob, Stylizer, canonical_params
-from nst.images import image_to_tensor
-from nst.params import resolve_params
+from nst.color import image_to_tensor
+from nst.engine import PairJob, Stylizer
+from nst.params import canonical_params, resolve_params
 
 
 def test_the_judge_scores_the_gatys_preset_as_the_engine_does() -> None:
