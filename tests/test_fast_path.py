@@ -143,8 +143,7 @@ def test_fast_path_defaults_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert FastPath.for_params(params, "cpu") == FastPath()  # fp32 eager on a CPU without native bf16
     monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: True)
     assert FastPath.for_params(params, "cpu") == FastPath(amp=torch.bfloat16)  # bf16 autocast where it is native
-    fp32 = params.model_copy(update={"precision": "fp32"})
-    assert FastPath.for_params(fp32, "cpu") == FastPath()
+    assert FastPath.for_params(params.model_copy(update={"precision": "fp32"}), "cpu") == FastPath()
     cuda = FastPath.for_params(params, torch.device("cuda"))
     assert cuda.amp == torch.bfloat16 and cuda.compile == "default" and cuda.channels_last and cuda.cudnn_benchmark
     assert cuda.tf32_gram and cuda.fused_adam
