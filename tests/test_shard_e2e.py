@@ -202,3 +202,5 @@ def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
     assert outputs() == after
     summary = get_json(f"out/_runs/{parent_id}.json")
     assert summary["counts"] == {"skipped": len(PAIRS)}
+    # 5. The parent ended Failed in step 2 by our own hand: its worker logged that message, not an engine traceback.
+    assert "Traceback" not in parent_worker.log.read_text(errors="replace"), parent_worker.log_tail()
