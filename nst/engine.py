@@ -163,15 +163,6 @@ def free_memory(device: torch.device | str | None = None) -> None:
         torch.cuda.empty_cache()
 
 
-def output_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) after `resize_long_side(img, size)`."""
-    if max(width, height) == size:
-        return width, height
-    if width >= height:
-        return size, max(1, round(height * size / width))
-    return max(1, round(width * size / height)), size
-
-
 def stylize(
     content: Image.Image,
     styles: Sequence[Image.Image],

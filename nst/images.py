@@ -14,12 +14,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nst.errors import ImageError
+from nst.layers import MIN_SIDE
 
 # The only decoders Pillow may use on input bytes (JPEG includes the multi-picture MPO files phones write).
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 # VGG pools four times: an image more than 32 times wider than high (or the reverse) has no deep features.
 MAX_ASPECT = 32
-MIN_SIDE = 16  # VGG pools four times before block5: a shorter side leaves no deep features
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:

@@ -12,6 +12,8 @@ Network = Literal["vgg19", "vgg16"]
 # Convolutions per block and output channels per block.
 BLOCKS: dict[str, tuple[int, ...]] = {"vgg19": (2, 2, 4, 4, 4), "vgg16": (2, 2, 3, 3, 3)}
 CHANNELS = (64, 128, 256, 512, 512)
+# VGG pools four times before block5: an image side under this has no block5 features.
+MIN_SIDE = 16
 
 
 def _layer_names(network: str) -> list[str]:

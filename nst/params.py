@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nst.errors import Loc, ParamsError
-from nst.layers import Network, canonical_layer
+from nst.layers import MIN_SIDE, Network, canonical_layer
 
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "style"]
@@ -22,7 +22,6 @@ ColorMode = Literal["none", "luminance", "histogram"]
 Normalization = Literal["gatys", "mean", "relative"]
 CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune"]
 
-MIN_SIZE = 16  # VGG pools four times before block5: a side under 16 px has no block5 features
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit value
 MAX_SAVED_IMAGES = 20  # intermediate images a pair keeps in memory (iterations / save_every)
 
@@ -65,10 +64,10 @@ class StyleParams(BaseModel):
         "vgg19", description="loss network: vgg19 or vgg16 (vgg16 needs a weights file)"
     )
     size: Annotated[int, Role.GRAPH] = Field(
-        512, ge=MIN_SIZE, le=16384, description="output long side in pixels (content image is resized to it)"
+        512, ge=MIN_SIDE, le=16384, description="output long side in pixels (content image is resized to it)"
     )
     style_size: int | None = Field(
-        None, ge=MIN_SIZE, le=16384, description="style image long side in pixels; default: same as size"
+        None, ge=MIN_SIDE, le=16384, description="style image long side in pixels; default: same as size"
     )
     iterations: Annotated[int, Role.GRAPH] = Field(
         500, gt=0, le=100_000, description="optimisation steps at the final scale"
