@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.nightly import STYLES, clone
+from bench.nightly import STYLES, clone, peak_rss_mb
 
 TINY_PX = 16
 
@@ -70,14 +70,6 @@ def set_up(root: Path, pairs: int) -> str:
         record = clone(template, spec, sha, ident, (png_sha, {"size": st.st_size, "mtime_ns": st.st_mtime_ns}))
         (out / f"{spec.id}.json").write_text(json.dumps(record))
     return str(manifest)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux keeps that across exec, so a child started by a big
-    parent reports the parent's size."""
-    with open("/proc/self/status") as fh:
-        kib = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    return round(kib / 1024, 1)
 
 
 def measure(manifest: str, engine: bool) -> dict[str, Any]:
