@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from nst.engine import PairJob, Stylizer
+from nst.engine import Stylizer
 from nst.images import load_image
+from nst.pairs import PairProblem
 from nst.params import canonical_params, resolve_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,9 @@ class Gallery:
             values.pop("size")  # the preset's own content size (384) / style size (256), scaled below
             values["size"], values["style_size"] = self.size, max(1, self.size * 2 // 3)
         params = canonical_params(resolve_params(values))
-        job = PairJob(f"{pair[0]}__{pair[1]}", self.image("content", pair[0]), [self.image("styles", pair[1])], params)
+        job = PairProblem(
+            self.image("content", pair[0]), [self.image("styles", pair[1])], params, f"{pair[0]}__{pair[1]}"
+        )
         seconds_at: dict[int, float] = {}
         (result,) = self.stylizer.run([job], callback=lambda e: seconds_at.__setitem__(e.iteration, e.seconds))
         if result.image is None or result.final_losses is None:

@@ -43,9 +43,10 @@ from skimage.metrics import structural_similarity
 from torch import Tensor
 
 from nst.color import image_to_tensor
-from nst.engine import PairJob, Stylizer
+from nst.engine import Stylizer
 from nst.images import load_image, resize_long_side
 from nst.optimize import ProgressEvent
+from nst.pairs import PairProblem
 from nst.params import canonical_params, resolve_params
 from nst.weights import load_weights
 
@@ -240,8 +241,8 @@ def run_ours(
     if init is not None:
         values["init"] = init
     params = canonical_params(resolve_params(values))
-    jobs = [PairJob(p.id, p.content, [p.style], params) for p in pairs]
-    groups: dict[tuple[int, int], list[PairJob]] = {}  # same parameters: same output shape = one batch
+    jobs = [PairProblem(p.content, [p.style], params, p.id) for p in pairs]
+    groups: dict[tuple[int, int], list[PairProblem[Image.Image]]] = {}  # same parameters: same output shape = one batch
     for job in jobs:
         groups.setdefault(resize_long_side(job.content, size).size, []).append(job)
     stylizer = Stylizer()

@@ -73,8 +73,9 @@ def write_manifest(directory: Path, pairs: int, size: int, iterations: int) -> P
 def calibrate(size: int, iterations: int, batch: int) -> dict[str, float]:
     """Seconds of a cold batch (network load + optimisation) and a warm one (optimisation) in this process."""
     from nst import storage
-    from nst.engine import PairJob, Stylizer
+    from nst.engine import Stylizer
     from nst.images import load_image
+    from nst.pairs import PairProblem
     from nst.params import StyleParams
 
     def image(path: Path) -> Any:
@@ -86,7 +87,7 @@ def calibrate(size: int, iterations: int, batch: int) -> dict[str, float]:
     times = []
     for _ in range(4):  # cold, then warm three times (the best of them: this machine is shared)
         start = time.perf_counter()
-        stylizer.run([PairJob(f"p{i}", content, [style], params) for i in range(batch)])
+        stylizer.run([PairProblem(content, [style], params, f"p{i}") for i in range(batch)])
         times.append(time.perf_counter() - start)
     warm = min(times[1:])
     return {"cold_s": times[0], "warm_s": warm, "model_load_s": max(0.0, times[0] - warm)}

@@ -48,11 +48,12 @@ from typing import Any, TextIO
 
 import torch
 from PIL import Image, ImageOps
+from torch import Tensor
 
 from nst.color import image_to_tensor
 from nst.images import load_image
 from nst.memory import auto_batch_pairs, step_memory
-from nst.optimize import FastPath, PairOutcome, PairProblem, ProgressEvent, stylize_batch
+from nst.optimize import FastPath, PairProblem, PairResult, ProgressEvent, stylize_batch
 from nst.params import StyleParams, resolve_params
 from nst.vgg import VGGFeatures, load_vgg
 
@@ -239,7 +240,7 @@ class RunResult:
     image_iterations: int = 0  # in the timed window
     first_step_s: float = math.inf  # from the first batch's start to its first step done (compile included)
     peak_memory_bytes: int | None = None
-    outcomes: list[PairOutcome] = field(default_factory=list)
+    outcomes: list[PairResult[Tensor]] = field(default_factory=list)
     histories: list[list[tuple[float, int, int, float]]] = field(default_factory=list)
 
     @property

@@ -113,9 +113,10 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nst import storage
-    from nst.engine import PairJob, Stylizer
+    from nst.engine import Stylizer
     from nst.images import load_image, sha256_bytes
     from nst.manifest import PairSpec
+    from nst.pairs import PairProblem
     from nst.params import canonical_params
     from nst.run.inputs import InputFacts, identity
     from nst.run.records import write_pair_result
@@ -142,7 +143,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
     try:
         (result,) = Stylizer(read_bytes=storage.read_bytes).run(
-            [PairJob(pair_id, content, styles, params)], callback=progress
+            [PairProblem(content, styles, params, pair_id)], callback=progress
         )
     finally:
         bar.close()

@@ -7,50 +7,21 @@ import platform
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 
 from nst import optimize
 from nst.color import image_to_tensor, luminance_transfer, match_color, tensor_to_image
 from nst.errors import NSTError, OutOfMemory
 from nst.images import resize_long_side
-from nst.optimize import PairProblem, ProgressCallback
+from nst.optimize import ProgressCallback
+from nst.pairs import PairProblem, PairResult
 from nst.params import StyleParams, canonical_params
-from nst.results import Status
 from nst.vgg import VGGFeatures, load_vgg, resolve_device
 from nst.weights import ReadBytes, WeightsInfo
-
-
-@dataclass
-class PairJob:
-    """One pair to stylize: decoded images (any size) and its resolved parameters."""
-
-    id: str
-    content: Image.Image
-    styles: list[Image.Image]
-    params: StyleParams
-
-
-@dataclass
-class PairResult:
-    """What came of one pair; `image` is None when it failed."""
-
-    id: str
-    status: Status  # succeeded | failed
-    params: StyleParams
-    image: Image.Image | None
-    final_losses: dict[str, float] | None
-    history: list[dict[str, float]]
-    iterations: int
-    seconds: float
-    device: str
-    weights: WeightsInfo | None
-    error: dict[str, Any] | None = None
-    intermediates: list[tuple[int, Image.Image]] = field(default_factory=list)
-    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def device_name(device: torch.device) -> str:
@@ -60,8 +31,8 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()})"
 
 
-def prepare_problem(job: PairJob) -> tuple[PairProblem, torch.Tensor]:
-    """Resize and convert one job to tensors; returns the problem and the content tensor at output size."""
+def prepare_problem(job: PairProblem[Image.Image]) -> tuple[PairProblem[Tensor], Tensor]:
+    """Resize and convert one pair's images to tensors; returns the problem and the content tensor at output size."""
     p = job.params
     content = image_to_tensor(resize_long_side(job.content, p.size))
     style_size = p.style_size or p.size
@@ -71,7 +42,7 @@ def prepare_problem(job: PairJob) -> tuple[PairProblem, torch.Tensor]:
         styles = [match_color(s, content) for s in styles]
     if p.style_blend is not None and len(p.style_blend) != len(styles):
         raise NSTError(f"style_blend: {len(p.style_blend)} weights for {len(styles)} style images")
-    return PairProblem(content=content, styles=styles, params=p), content
+    return PairProblem(content, styles, p, job.id), content
 
 
 class Stylizer:
@@ -99,7 +70,9 @@ class Stylizer:
                 )
             return self._networks[key]
 
-    def run(self, jobs: Sequence[PairJob], *, callback: ProgressCallback | None = None) -> list[PairResult]:
+    def run(
+        self, jobs: Sequence[PairProblem[Image.Image]], *, callback: ProgressCallback | None = None
+    ) -> list[PairResult[Image.Image]]:
         """Stylize jobs that share shape and graph parameters in one batch (one forward/backward per step).
 
         Layer names must be canonical (`canonical_params`): the pipeline and `stylize` resolve them once.
@@ -128,6 +101,7 @@ class Stylizer:
             free_memory(device)
             raise OutOfMemory(oom)
         seconds = (time.perf_counter() - start) / len(jobs)
+        device_label = device_name(device)
         results = []
         for job, (_, content), outcome, inter in zip(jobs, prepared, outcomes, intermediates, strict=True):
             image = None
@@ -138,19 +112,19 @@ class Stylizer:
                 image = tensor_to_image(out)
             results.append(
                 PairResult(
-                    id=job.id,
-                    status="succeeded" if outcome.status == "succeeded" else "failed",
-                    params=job.params,
-                    image=image,
-                    final_losses=outcome.final_losses,
-                    history=outcome.history,
-                    iterations=outcome.iterations,
+                    outcome.id,
+                    outcome.status,
+                    outcome.params,
+                    image,
+                    outcome.final_losses,
+                    outcome.history,
+                    outcome.iterations,
+                    outcome.error,
+                    outcome.warnings,
                     seconds=seconds,
-                    device=device_name(device),
+                    device=device_label,
                     weights=weights,
-                    error=outcome.error,
                     intermediates=inter,
-                    warnings=outcome.warnings,
                 )
             )
         return results
@@ -170,7 +144,7 @@ def stylize(
     *,
     callback: ProgressCallback | None = None,
     stylizer: Stylizer | None = None,
-) -> PairResult:
+) -> PairResult[Image.Image]:
     """Stylize one pair (the library's simplest entry point)."""
-    job = PairJob("pair", content, list(styles), canonical_params(params))
+    job = PairProblem(content, list(styles), canonical_params(params))
     return (stylizer or Stylizer()).run([job], callback=callback)[0]

@@ -60,8 +60,8 @@ class FastPath:
 
     `for_params` gives the default: on CUDA bf16 autocast (for precision auto/bf16), channels_last, torch.compile
     (compile auto -> "default"), cuDNN autotuning with a capped workspace, TF32 Gram products (exact: their inputs are
-    bf16 features, and bf16 fits in TF32) and fused Adam; on CPU eager, bf16 autocast where the CPU has native bf16
-    (precision auto), else fp32.
+    bf16 features, and bf16 fits in TF32) and fused Adam; on CPU eager, and where the CPU has native bf16 (precision
+    auto) bf16 autocast with channels_last and bf16 Gram products, else fp32.
     """
 
     amp: torch.dtype | None = None  # autocast dtype, None: plain fp32
@@ -70,6 +70,7 @@ class FastPath:
     cudnn_benchmark: bool = False  # autotune convolution algorithms per shape (workspace capped)
     tf32_gram: bool = False  # TF32 matmuls, i.e. the Gram products (exact for bf16 features)
     fused_adam: bool = False  # one fused kernel per Adam step (CUDA)
+    low_precision_gram: bool = False  # Gram products in the features' bf16 (CPU: fp32 products cost ~12 % of a step)
 
     @classmethod
     def for_params(cls, params: StyleParams, device: torch.device | str) -> FastPath:
@@ -80,11 +81,12 @@ class FastPath:
         mode = params.compile if params.compile != "auto" else ("default" if cuda else "off")
         return cls(
             amp=amp,
-            channels_last=cuda,
+            channels_last=cuda or amp is not None,
             compile=mode,
             cudnn_benchmark=cuda,
             tf32_gram=cuda and amp is not None,
             fused_adam=cuda,
+            low_precision_gram=not cuda and amp is not None,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -132,13 +134,13 @@ def _features_and_losses(
     x: Tensor,
     targets: LossTargets,
     normalization: str,
-    amp: torch.dtype | None,
-    channels_last: bool,
+    fast: FastPath,
 ) -> dict[str, Tensor]:
     """One forward pass of the loss network and the per-pair losses (the part torch.compile compiles)."""
+    amp = fast.amp
     with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-        feats = extractor(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-    return total_losses(feats, x, targets, normalization)
+        feats = extractor(x.contiguous(memory_format=torch.channels_last) if fast.channels_last else x)
+    return total_losses(feats, x, targets, normalization, fast.low_precision_gram)
 
 
 _compiled: dict[str, Callable[..., dict[str, Tensor]]] = {}
@@ -192,6 +194,6 @@ class LossStep:
     ) -> dict[str, Tensor]:
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-        losses = fn(self.extractor, x, targets, self.normalization, self.fast.amp, self.fast.channels_last)
+        losses = fn(self.extractor, x, targets, self.normalization, self.fast)
         torch.where(alive & torch.isfinite(losses["total"]), losses["total"], 0.0).sum().backward()  # type: ignore[no-untyped-call]
         return losses

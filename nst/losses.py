@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,12 +22,34 @@ from torch import Tensor
 RELATIVE_SCALE = 1e6  # `relative` terms are in parts per million (see the module docstring)
 
 
-def gram_matrix(features: Tensor) -> Tensor:
-    """Gram matrices FFᵀ/M of features [B,C,H,W] → [B,C,C], computed in fp32 (never under autocast)."""
+class _Gram(torch.autograd.Function):
+    """G = F Fᵀ / M of rows F [B,C,M] as fp32, with a one-product backward: dF = (dG + dGᵀ) F / M."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        return torch.bmm(rows, rows.transpose(1, 2)).float() / rows.shape[-1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (rows,) = ctx.saved_tensors
+        return torch.bmm(((grad + grad.transpose(1, 2)) / rows.shape[-1]).to(rows.dtype), rows)
+
+
+def gram_matrix(features: Tensor, low_precision: bool = False) -> Tensor:
+    """Gram matrices FFᵀ/M of features [B,C,H,W] → [B,C,C] in fp32.
+
+    The product runs in fp32 unless `low_precision`, where it runs in the features' own dtype (bf16 under autocast).
+    """
     b, c, h, w = features.shape
     with torch.autocast(device_type=features.device.type, enabled=False):
-        flat = features.float().reshape(b, c, h * w)
-        return torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
+        if not low_precision:
+            features = features.float()
+        # NHWC features flatten to [B, HW, C] without a copy; the product takes the transposed view.
+        nhwc = features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+        rows = features.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2) if nhwc else features.reshape(b, c, -1)
+        gram: Tensor = _Gram.apply(rows)
+        return gram
 
 
 def content_loss(features: Tensor, target: Tensor, normalization: str) -> Tensor:
@@ -85,12 +108,19 @@ def blended_gram(grams: Sequence[Tensor], blend: Sequence[float]) -> Tensor:
 
 
 def total_losses(
-    features: dict[str, Tensor], image: Tensor, targets: LossTargets, normalization: str
+    features: dict[str, Tensor],
+    image: Tensor,
+    targets: LossTargets,
+    normalization: str,
+    low_precision_gram: bool = False,
 ) -> dict[str, Tensor]:
-    """Weighted per-image losses {content, style, tv, total}, each [B] fp32."""
+    """Weighted per-image losses {content, style, tv, total}, each [B] fp32 (`gram_matrix` says what the flag does)."""
     content_terms = [content_loss(features[name], t, normalization) for name, t in targets.content.items()]
     content = torch.stack(content_terms, 0).mean(0)
-    style_terms = [style_layer_loss(gram_matrix(features[name]), t, normalization) for name, t in targets.style.items()]
+    style_terms = [
+        style_layer_loss(gram_matrix(features[name], low_precision_gram), t, normalization)
+        for name, t in targets.style.items()
+    ]
     style = (torch.stack(style_terms, 1) * targets.style_layer_weights).sum(1)
     tv = tv_loss(image, normalization) if targets.use_tv else torch.zeros_like(content)
     weighted_content = targets.content_weight * content

@@ -8,7 +8,6 @@ runs on a device a `FastPath` (nst.fastpath).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +15,8 @@ from torch import Tensor
 
 from nst.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, backend_flags
 from nst.losses import LossTargets, blended_gram, gram_matrix, total_losses
-from nst.params import StyleParams
-from nst.recorder import LOSS_TERMS, PairOutcome, ProgressCallback, ProgressEvent, Recorder, read_losses, stack_losses
+from nst.pairs import PairProblem, PairResult
+from nst.recorder import LOSS_TERMS, ProgressCallback, ProgressEvent, Recorder, read_losses, stack_losses
 from nst.steppers import AdamStepper, ProjectedLBFGS, Stepper
 
 __all__ = [
@@ -25,8 +24,8 @@ __all__ = [
     "LOSS_TERMS",
     "FastPath",
     "FeatureExtractor",
-    "PairOutcome",
     "PairProblem",
+    "PairResult",
     "ProgressCallback",
     "ProgressEvent",
     "build_targets",
@@ -40,15 +39,6 @@ MIN_SCALE_SIDE = 32  # the coarsest scale keeps at least this many pixels on its
 # L-BFGS's tiny first step (torch: 1/|g|_1) moves nothing it can see and its first curvature pair is noise. Under
 # autocast the first step instead moves the largest pixel by this fraction of the input range (Caffe: 255/64 = 4).
 LOW_PRECISION_FIRST_STEP = 1 / 64
-
-
-@dataclass
-class PairProblem:
-    """One content/style pair: content [1,3,H,W] at the output size, styles [1,3,h,w] at the style size, in [0,1]."""
-
-    content: Tensor
-    styles: list[Tensor]
-    params: StyleParams
 
 
 def scale_sizes(height: int, width: int, scales: int) -> list[tuple[int, int, float]]:
@@ -69,7 +59,7 @@ def resize(x: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
 
 
-def _batch_key_check(problems: Sequence[PairProblem]) -> None:
+def _batch_key_check(problems: Sequence[PairProblem[Tensor]]) -> None:
     first = problems[0]
     for p in problems[1:]:
         if p.content.shape != first.content.shape or p.params.graph_key() != first.params.graph_key():
@@ -77,7 +67,7 @@ def _batch_key_check(problems: Sequence[PairProblem]) -> None:
 
 
 def build_targets(
-    problems: Sequence[PairProblem],
+    problems: Sequence[PairProblem[Tensor]],
     extractor: FeatureExtractor,
     height: int,
     width: int,
@@ -116,7 +106,7 @@ def build_targets(
     )
 
 
-def initial_images(problems: Sequence[PairProblem], height: int, width: int, device: torch.device) -> Tensor:
+def initial_images(problems: Sequence[PairProblem[Tensor]], height: int, width: int, device: torch.device) -> Tensor:
     """The starting images [B,3,H,W] in [0,1]: content, white noise (seeded per pair) or the first style image."""
     images = []
     for p in problems:
@@ -132,13 +122,13 @@ def initial_images(problems: Sequence[PairProblem], height: int, width: int, dev
 
 
 def stylize_batch(
-    problems: Sequence[PairProblem],
+    problems: Sequence[PairProblem[Tensor]],
     extractor: FeatureExtractor,
     *,
     device: torch.device | str = "cpu",
     callback: ProgressCallback | None = None,
     fast: FastPath | None = None,
-) -> list[PairOutcome]:
+) -> list[PairResult[Tensor]]:
     """Optimise every pair of a same-shape batch at once; each pair's result equals its single-pair run.
 
     `fast` overrides how the batch runs (default: `FastPath.for_params(params, device)`); benchmarks use it.
@@ -157,7 +147,7 @@ class _Batch:
 
     def __init__(
         self,
-        problems: Sequence[PairProblem],
+        problems: Sequence[PairProblem[Tensor]],
         extractor: FeatureExtractor,
         device: torch.device,
         fast: FastPath,
@@ -181,7 +171,7 @@ class _Batch:
             callback=callback,
         )
 
-    def run(self) -> list[PairOutcome]:
+    def run(self) -> list[PairResult[Tensor]]:
         """Optimise at each scale from the previous scale's result; judge the final images."""
         x01 = initial_images(self.problems, *self.sizes[0][:2], self.device)
         rescued = torch.zeros(len(self.problems), dtype=torch.bool, device=self.device)
@@ -192,12 +182,12 @@ class _Batch:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             final = self.extractor.to_model(x01)
             losses = total_losses(self.extractor(final), final, targets, self.params.normalization)
-        return self.recorder.outcomes(x01, read_losses(stack_losses(losses)), rescued)
+        return self.recorder.outcomes(self.problems, x01, read_losses(stack_losses(losses)), rescued)
 
     def _run_scale(self, scale: int, targets: LossTargets, x01: Tensor) -> tuple[Tensor, Tensor]:
         """`iterations` steps at one scale; returns the kept images in [0,1] and the pairs rescued from a NaN."""
         h, w = self.sizes[scale][:2]
-        # x stays NCHW-contiguous so L-BFGS can treat each image as one flat row; the network sees channels_last on GPU.
+        # x stays NCHW-contiguous so L-BFGS treats each image as one flat row; the network sees channels_last if asked.
         # Bicubic resizing overshoots [0, 1] a little: the start, like every iterate, lies inside the valid range.
         x = self.extractor.to_model(resize(x01, h, w).clamp(0, 1)).detach().contiguous().requires_grad_(True)
         stepper = self._stepper(x)

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from nst.pairs import PairProblem, PairResult
 from nst.results import error_info
 
 LOSS_TERMS = ("content", "style", "tv", "total")
-
-
-@dataclass
-class PairOutcome:
-    """The result of one pair: the image ([1,3,H,W] in [0,1]) or the error that stopped it."""
-
-    status: str  # "succeeded" | "failed"
-    image: Tensor | None
-    final_losses: dict[str, float] | None
-    history: list[dict[str, float]]
-    iterations: int
-    error: dict[str, Any] | None = None
-    warnings: list[dict[str, Any]] = field(default_factory=list)  # e.g. a later step went NaN; best iterate kept
 
 
 @dataclass
@@ -135,23 +122,37 @@ class Recorder:
         """Pairs that went non-finite at this scale but whose kept iterate had a finite loss: not lost [B]."""
         return kept_finite & (self.failed_at > self.scale_start)
 
-    def outcomes(self, images: Tensor, final_losses: list[dict[str, float]], rescued: Tensor) -> list[PairOutcome]:
-        """One outcome per pair; a success never has a non-finite final loss."""
+    def outcomes(
+        self,
+        problems: Sequence[PairProblem[Tensor]],
+        images: Tensor,
+        final_losses: list[dict[str, float]],
+        rescued: Tensor,
+    ) -> list[PairResult[Tensor]]:
+        """One result per pair; a success never has a non-finite final loss."""
         failed_list = self.failed_at.cpu().tolist()
         rescued_list = rescued.cpu().tolist()
-        return [self._outcome(i, images, final_losses[i], failed_list[i], rescued_list[i]) for i in range(self.batch)]
+        return [
+            self._outcome(problem, i, images, final_losses[i], failed_list[i], rescued_list[i])
+            for i, problem in enumerate(problems)
+        ]
 
-    def _outcome(self, i: int, images: Tensor, losses: dict[str, float], failed: int, rescued: bool) -> PairOutcome:
+    def _outcome(
+        self, problem: PairProblem[Tensor], i: int, images: Tensor, losses: dict[str, float], failed: int, rescued: bool
+    ) -> PairResult[Tensor]:
+        pair, history = problem.id, self.histories[i]
         finite = all(math.isfinite(v) for v in losses.values())
         if failed >= 0 and not (rescued and finite):
             error = error_info("NonFiniteLoss", f"loss became NaN/inf at iteration {failed}", failed)
-            return PairOutcome("failed", None, None, self.histories[i], failed, error=error)
+            return PairResult(pair, "failed", problem.params, None, None, history, failed, error=error)
         if not finite:  # e.g. the last step's image evaluates to NaN
             error = error_info("NonFiniteLoss", "the final image's loss is NaN/inf", self.total_iterations)
-            return PairOutcome("failed", None, None, self.histories[i], self.total_iterations, error=error)
+            return PairResult(pair, "failed", problem.params, None, None, history, self.total_iterations, error=error)
         warnings = []
         if failed >= 0:
             message = f"loss became NaN/inf at iteration {failed}; kept the best iterate"
             warnings.append(error_info("NonFiniteLoss", message, failed))
         image = images[i : i + 1].detach().cpu()
-        return PairOutcome("succeeded", image, losses, self.histories[i], self.total_iterations, warnings=warnings)
+        return PairResult(
+            pair, "succeeded", problem.params, image, losses, history, self.total_iterations, warnings=warnings
+        )

@@ -142,11 +142,12 @@ def test_fast_path_defaults_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: False)
     assert FastPath.for_params(params, "cpu") == FastPath()  # fp32 eager on a CPU without native bf16
     monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: True)
-    assert FastPath.for_params(params, "cpu") == FastPath(amp=torch.bfloat16)  # bf16 autocast where it is native
+    native = FastPath(amp=torch.bfloat16, channels_last=True, low_precision_gram=True)
+    assert FastPath.for_params(params, "cpu") == native  # bf16 autocast, NHWC and bf16 Grams where bf16 is native
     assert FastPath.for_params(params.model_copy(update={"precision": "fp32"}), "cpu") == FastPath()
     cuda = FastPath.for_params(params, torch.device("cuda"))
     assert cuda.amp == torch.bfloat16 and cuda.compile == "default" and cuda.channels_last and cuda.cudnn_benchmark
-    assert cuda.tf32_gram and cuda.fused_adam
+    assert cuda.tf32_gram and cuda.fused_adam and not cuda.low_precision_gram  # CUDA: TF32 products, fp32 Grams
     fp32 = FastPath.for_params(params.model_copy(update={"precision": "fp32", "compile": "off"}), "cuda")
     assert fp32.amp is None and not fp32.tf32_gram and fp32.compile == "off"
     assert FastPath.for_params(params.model_copy(update={"precision": "bf16"}), "cpu").amp == torch.bfloat16

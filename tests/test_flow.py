@@ -429,7 +429,7 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
     events: list[tuple[str, str, float]] = []  # (what, pairs, time)
     real = nst.engine.Stylizer.run
 
-    def optimise(self: Any, jobs: Sequence[Any], **kwargs: Any) -> Any:
+    def stylize(self: Any, jobs: Sequence[Any], **kwargs: Any) -> Any:
         ids = ",".join(j.id for j in jobs)
         with lock:
             events.append(("start", ids, time.monotonic()))
@@ -439,7 +439,7 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
             with lock:
                 events.append(("end", ids, time.monotonic()))
 
-    real_load = nst.run.batches._load_job
+    real_load = nst.run.batches._load_problem
 
     def loaded(spec: Any, batch: Any) -> Any:  # a pair's images decoded (before its batch waits for a slot)
         job = real_load(spec, batch)
@@ -447,8 +447,8 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
             events.append(("loaded", spec.id, time.monotonic()))
         return job
 
-    monkeypatch.setattr(nst.engine.Stylizer, "run", optimise)
-    monkeypatch.setattr(nst.run.batches, "_load_job", loaded)
+    monkeypatch.setattr(nst.engine.Stylizer, "run", stylize)
+    monkeypatch.setattr(nst.run.batches, "_load_problem", loaded)
     pairs = [{"id": "wide", "content": CHELSEA, "style": BRICK}, {"id": "square", "content": ASTRONAUT, "style": IHC}]
     state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=RunOptions(cpu_slots=1), return_state=True)
     assert state.is_completed(), state.message

@@ -6,6 +6,7 @@ is retried on its own (transient errors only), never the optimisation; a batch t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -17,16 +18,19 @@ from nst import storage
 from nst.errors import NSTError, OutOfMemory, StorageError
 from nst.images import load_image, resized_size
 from nst.manifest import PairSpec
+from nst.pairs import PairProblem, PairResult
 from nst.results import exception_info
 from nst.run.claims import CLAIM_TTL_S, RunIsLive, claim_pair, release_pair
 from nst.run.inputs import InputFacts, spooled
 from nst.run.records import PairRecord, record_failure, write_pair_result
 
 if TYPE_CHECKING:  # the engine (torch) is imported when a batch runs, not when a run is planned
-    from nst.engine import PairJob, PairResult, Stylizer
+    from nst.engine import Stylizer
     from nst.optimize import ProgressCallback
 
 HoldDevice = Callable[[], AbstractContextManager[str]]
+Problem = PairProblem[Image.Image]
+Result = PairResult[Image.Image]
 
 
 @dataclass
@@ -86,10 +90,8 @@ def make_batches(
     ]
 
 
-def _load_job(spec: PairSpec, batch: Batch) -> PairJob:
+def _load_problem(spec: PairSpec, batch: Batch) -> Problem:
     """Decode a pair's images from the bytes plan() read (errors name the pair, the field and the file)."""
-    from nst.engine import PairJob
-
     facts = [batch.inputs[u] for u in (spec.content, *spec.styles)]
     if errors := [f.error for f in facts if f.error]:
         raise NSTError(f"pair {spec.id}: {errors[0]}")
@@ -102,7 +104,7 @@ def _load_job(spec: PairSpec, batch: Batch) -> PairJob:
         label = f"pair {spec.id}: {role} {fact.uri!r}"
         return load_image(data, label=label, max_pixels=spec.params.max_input_pixels, size=size)
 
-    return PairJob(spec.id, image(facts[0], "content"), [image(f, "style") for f in facts[1:]], spec.params)
+    return PairProblem(image(facts[0], "content"), [image(f, "style") for f in facts[1:]], spec.params, spec.id)
 
 
 def run_batch(
@@ -128,20 +130,20 @@ def run_batch(
         else:
             records.append(PairRecord.not_run(spec, batch.output, f"pair {spec.id}: {busy}; not run, retry later"))
     try:
-        jobs: list[tuple[PairSpec, PairJob]] = []
+        problems: list[tuple[PairSpec, Problem]] = []
         for spec in claimed:
             try:
-                jobs.append((spec, _load_job(spec, batch)))
+                problems.append((spec, _load_problem(spec, batch)))
             except NSTError as exc:
                 records.append(batch.fail(spec, exception_info(exc)))
 
-        def optimise(subset: list[PairJob]) -> list[PairResult]:
+        def stylize(subset: list[Problem]) -> list[Result]:
             if hold_device is None:
                 return stylizer.run(subset, callback=on_progress)
             with hold_device() as device:
-                return stylizer.run([_pinned(j, device) for j in subset], callback=on_progress)
+                return stylizer.run([_pinned(p, device) for p in subset], callback=on_progress)
 
-        records += _run_jobs(jobs, batch, optimise)
+        records += _stylize_and_write(problems, batch, stylize)
     finally:
         for spec in claimed:
             release_pair(batch.output, spec.id, batch.run_id)
@@ -149,22 +151,21 @@ def run_batch(
     return sorted(records, key=lambda r: order[r.id])
 
 
-def _pinned(job: PairJob, device: str) -> PairJob:
-    if job.params.device != "auto":
-        return job
-    from nst.engine import PairJob
-
-    return PairJob(job.id, job.content, job.styles, job.params.model_copy(update={"device": device}))
+def _pinned(problem: Problem, device: str) -> Problem:
+    if problem.params.device != "auto":
+        return problem
+    return dataclasses.replace(problem, params=problem.params.model_copy(update={"device": device}))
 
 
-def _run_jobs(
-    jobs: list[tuple[PairSpec, PairJob]], batch: Batch, optimise: Callable[[list[PairJob]], list[PairResult]]
+def _stylize_and_write(
+    jobs: list[tuple[PairSpec, Problem]], batch: Batch, stylize: Callable[[list[Problem]], list[Result]]
 ) -> list[PairRecord]:
+    """Stylize the pairs as one batch and write each; out of memory, split the batch in halves and try again."""
     if not jobs:
         return []
     oom: dict[str, Any] | None = None
     try:
-        results = optimise([j for _, j in jobs])
+        results = stylize([j for _, j in jobs])
     except OutOfMemory as exc:
         oom = exception_info(exc)
     except NSTError as exc:  # a problem of the whole batch's parameters (unknown layer, missing weights...)
@@ -176,11 +177,11 @@ def _run_jobs(
         if len(jobs) == 1:
             return [batch.fail(jobs[0][0], oom)]
         half = len(jobs) // 2
-        return _run_jobs(jobs[:half], batch, optimise) + _run_jobs(jobs[half:], batch, optimise)
+        return _stylize_and_write(jobs[:half], batch, stylize) + _stylize_and_write(jobs[half:], batch, stylize)
     return [_write_or_fail(spec, result, batch) for (spec, _), result in zip(jobs, results, strict=True)]
 
 
-def _write_or_fail(spec: PairSpec, result: PairResult, batch: Batch) -> PairRecord:
+def _write_or_fail(spec: PairSpec, result: Result, batch: Batch) -> PairRecord:
     """Write a pair's outputs (retrying transient errors), then release its claim at once, not at the batch's end;
     if they cannot be written, record the pair failed."""
     try:

@@ -20,7 +20,9 @@ from nst.run.inputs import Identity, InputFacts, identity
 from nst.run.layout import output_uris, summary_uri, write
 
 if TYPE_CHECKING:
-    from nst.engine import PairResult
+    from PIL import Image
+
+    from nst.pairs import PairResult
 
 RECORD_SCHEMA = 2
 # Loss rows a record keeps (evenly thinned past this): the curve, not every iteration of a 100,000-iteration run.
@@ -100,7 +102,7 @@ def build_record(
     status: Status,
     params: StyleParams,
     image: tuple[str, Identity] | None = None,
-    result: PairResult | None = None,
+    result: PairResult[Image.Image] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One pair's JSON record: what ran, on what inputs and weights, with which engine, and how it ended.
@@ -153,7 +155,7 @@ def _all_finite(values: dict[str, Any] | None) -> bool:
 def write_pair_result(
     spec: PairSpec,
     inputs: dict[str, InputFacts],
-    result: PairResult,
+    result: PairResult[Image.Image],
     output: str,
     run_id: str | None,
     *,
