@@ -22,18 +22,36 @@ from torch import Tensor
 RELATIVE_SCALE = 1e6  # `relative` terms are in parts per million (see the module docstring)
 
 
+def _rows(features: Tensor) -> tuple[Tensor, bool]:
+    """Features [B,C,H,W] as a matrix without a copy: [B,C,HW] (NCHW), or [B,HW,C] and True (NHWC, channels_last)."""
+    b, c, h, w = features.shape
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        return features.permute(0, 2, 3, 1).reshape(b, h * w, c), True
+    return features.reshape(b, c, h * w), False
+
+
 class _Gram(torch.autograd.Function):
-    """G = F Fᵀ / M of rows F [B,C,M] as fp32, with a one-product backward: dF = (dG + dGᵀ) F / M."""
+    """G = F Fᵀ / M as fp32, with a one-product backward dF = (dG + dGᵀ) F / M in the features' dtype and layout.
+
+    The gradient keeps the features' memory layout, so autograd adds it to the next layer's gradient in place.
+    """
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(rows)
-        return torch.bmm(rows, rows.transpose(1, 2)).float() / rows.shape[-1]
+    def forward(ctx: Any, features: Tensor) -> Tensor:
+        rows, nhwc = _rows(features)
+        ctx.save_for_backward(features)
+        product = torch.bmm(rows.transpose(1, 2), rows) if nhwc else torch.bmm(rows, rows.transpose(1, 2))
+        return product.float() / (features.shape[-2] * features.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (rows,) = ctx.saved_tensors
-        return torch.bmm(((grad + grad.transpose(1, 2)) / rows.shape[-1]).to(rows.dtype), rows)
+        (features,) = ctx.saved_tensors
+        b, c, h, w = features.shape
+        rows, nhwc = _rows(features)
+        sym = ((grad + grad.transpose(1, 2)) / (h * w)).to(features.dtype)
+        if nhwc:  # [B,HW,C] @ [C,C] is NHWC already: the permuted view is channels_last, no copy
+            return torch.bmm(rows, sym).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return torch.bmm(sym, rows).reshape(b, c, h, w)
 
 
 def gram_matrix(features: Tensor, low_precision: bool = False) -> Tensor:
@@ -41,14 +59,8 @@ def gram_matrix(features: Tensor, low_precision: bool = False) -> Tensor:
 
     The product runs in fp32 unless `low_precision`, where it runs in the features' own dtype (bf16 under autocast).
     """
-    b, c, h, w = features.shape
     with torch.autocast(device_type=features.device.type, enabled=False):
-        if not low_precision:
-            features = features.float()
-        # NHWC features flatten to [B, HW, C] without a copy; the product takes the transposed view.
-        nhwc = features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
-        rows = features.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2) if nhwc else features.reshape(b, c, -1)
-        gram: Tensor = _Gram.apply(rows)
+        gram: Tensor = _Gram.apply(features if low_precision else features.float())
         return gram
 
 

@@ -1,7 +1,7 @@
 """The batched optimisation loop: per-pair L-BFGS or Adam, multi-scale, best iterate, NaN isolation, progress events.
 
 The loop knows nothing about images on disk: it takes [0,1] RGB tensors and a feature extractor and returns tensors.
-The optimiser is a `Stepper` (nst.steppers), what is logged and reported a `Recorder` (nst.recorder), and how the step
+The optimiser is a `Stepper` (nst.steppers), what is logged and reported a `StepLog` (nst.steplog), and how the step
 runs on a device a `FastPath` (nst.fastpath).
 """
 
@@ -16,7 +16,7 @@ from torch import Tensor
 from nst.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, backend_flags
 from nst.losses import LossTargets, blended_gram, gram_matrix, total_losses
 from nst.pairs import PairProblem, PairResult
-from nst.recorder import LOSS_TERMS, ProgressCallback, ProgressEvent, Recorder, read_losses, stack_losses
+from nst.steplog import LOSS_TERMS, ProgressCallback, ProgressEvent, StepLog, read_losses, stack_losses
 from nst.steppers import AdamStepper, ProjectedLBFGS, Stepper
 
 __all__ = [
@@ -139,10 +139,10 @@ def stylize_batch(
     device = torch.device(device)
     fast = fast or FastPath.for_params(problems[0].params, device)
     with backend_flags(fast, device):
-        return _Batch(problems, extractor, device, fast, callback).run()
+        return _BatchLoop(problems, extractor, device, fast, callback).optimize()
 
 
-class _Batch:
+class _BatchLoop:
     """One batch's run: every scale, coarse to fine, then the final losses and the outcomes."""
 
     def __init__(
@@ -161,7 +161,7 @@ class _Batch:
         if isinstance(extractor, torch.nn.Module):  # weights in the activations' layout: converted once, not per step
             extractor.to(memory_format=torch.channels_last if fast.channels_last else torch.contiguous_format)
         self.loss_step = LossStep(extractor, fast, params.normalization)
-        self.recorder = Recorder(
+        self.log = StepLog(
             len(problems),
             device,
             scales=len(self.sizes),
@@ -171,7 +171,7 @@ class _Batch:
             callback=callback,
         )
 
-    def run(self) -> list[PairResult[Tensor]]:
+    def optimize(self) -> list[PairResult[Tensor]]:
         """Optimise at each scale from the previous scale's result; judge the final images."""
         x01 = initial_images(self.problems, *self.sizes[0][:2], self.device)
         rescued = torch.zeros(len(self.problems), dtype=torch.bool, device=self.device)
@@ -182,7 +182,7 @@ class _Batch:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             final = self.extractor.to_model(x01)
             losses = total_losses(self.extractor(final), final, targets, self.params.normalization)
-        return self.recorder.outcomes(self.problems, x01, read_losses(stack_losses(losses)), rescued)
+        return self.log.outcomes(self.problems, x01, read_losses(stack_losses(losses)), rescued)
 
     def _run_scale(self, scale: int, targets: LossTargets, x01: Tensor) -> tuple[Tensor, Tensor]:
         """`iterations` steps at one scale; returns the kept images in [0,1] and the pairs rescued from a NaN."""
@@ -191,8 +191,8 @@ class _Batch:
         # Bicubic resizing overshoots [0, 1] a little: the start, like every iterate, lies inside the valid range.
         x = self.extractor.to_model(resize(x01, h, w).clamp(0, 1)).detach().contiguous().requires_grad_(True)
         stepper = self._stepper(x)
-        recorder = self.recorder
-        recorder.begin_scale(scale, h, w)
+        log = self.log
+        log.begin_scale(scale, h, w)
         # Pairs whose kept iterate (Adam's best, L-BFGS's accepted) had a finite loss at this scale.
         kept_finite = torch.zeros(len(self.problems), dtype=torch.bool, device=self.device)
 
@@ -201,16 +201,16 @@ class _Batch:
 
         for step in range(self.params.iterations):
             x.grad = None
-            losses = self.loss_step(x, targets, recorder.alive)
-            alive = recorder.evaluated(losses["total"])
+            losses = self.loss_step(x, targets, log.alive)
+            alive = log.evaluated(losses["total"])
             assert x.grad is not None
             grad = torch.where(alive.view(-1, 1, 1, 1), x.grad, 0.0)
             kept = stepper.step(x, grad, losses["total"].detach(), alive)
             kept_finite = kept_finite | kept
-            recorder.record(step, losses, None if stepper.logs_trials else kept, shown)
+            log.log_step(step, losses, None if stepper.logs_trials else kept, shown)
         # Every iterate is inside the valid range, so this clamp only removes float rounding at the bounds.
         # A pair whose loss was never finite keeps its start image; it is reported failed.
-        return shown(), recorder.rescued(kept_finite)
+        return shown(), log.rescued(kept_finite)
 
     def _stepper(self, x: Tensor) -> Stepper:
         """The optimiser these parameters ask for, over the batch `x` [B,3,h,w] (model space)."""

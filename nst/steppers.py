@@ -71,15 +71,15 @@ class AdamStepper:
 class LBFGSHistory:
     """Each row's L-BFGS memory: the last `size` curvature pairs (s, y), their weights ρ and the initial scaling."""
 
-    def __init__(self, batch: int, dim: int, size: int, device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(self, pairs: int, dim: int, size: int, device: torch.device | str, dtype: torch.dtype) -> None:
         self.size = size
         self.ptr = 0
         self.count = 0
-        self.s = torch.zeros(size, batch, dim, device=device, dtype=dtype)
-        self.y = torch.zeros(size, batch, dim, device=device, dtype=dtype)
-        self.rho = torch.zeros(size, batch, device=device, dtype=dtype)
-        self.h_diag = torch.ones(batch, device=device, dtype=dtype)
-        self.has_curvature = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.s = torch.zeros(size, pairs, dim, device=device, dtype=dtype)
+        self.y = torch.zeros(size, pairs, dim, device=device, dtype=dtype)
+        self.rho = torch.zeros(size, pairs, device=device, dtype=dtype)
+        self.h_diag = torch.ones(pairs, device=device, dtype=dtype)
+        self.has_curvature = torch.zeros(pairs, dtype=torch.bool, device=device)
 
     def remember(self, s: Tensor, y: Tensor, ys: Tensor, ok: Tensor) -> None:
         """Store one curvature pair per row (an inert one, weight 0, where `ok` is false)."""
@@ -155,21 +155,21 @@ class ProjectedLBFGS:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.shape = shape
-        batch, dim = shape[0], math.prod(shape[1:])
+        pairs, dim = shape[0], math.prod(shape[1:])
         self.lr = lr
         self.tolerance_grad = tolerance_grad
         self.tolerance_change = tolerance_change
         self.first_step_max = first_step_max
         self.armijo = armijo
-        self.history = LBFGSHistory(batch, dim, history_size, device, dtype)
+        self.history = LBFGSHistory(pairs, dim, history_size, device, dtype)
         self.n_iter = 0
         self.lower = lower.to(device, dtype).reshape(-1)
         self.upper = upper.to(device, dtype).reshape(-1)
-        self.direction = torch.zeros(batch, dim, device=device, dtype=dtype)
-        self.step_size = torch.zeros(batch, device=device, dtype=dtype)
-        self.prev_grad = torch.zeros(batch, dim, device=device, dtype=dtype)
-        self.accepted_x = torch.zeros(batch, dim, device=device, dtype=dtype)
-        self.accepted_loss = torch.full((batch,), math.inf, device=device, dtype=dtype)
+        self.direction = torch.zeros(pairs, dim, device=device, dtype=dtype)
+        self.step_size = torch.zeros(pairs, device=device, dtype=dtype)
+        self.prev_grad = torch.zeros(pairs, dim, device=device, dtype=dtype)
+        self.accepted_x = torch.zeros(pairs, dim, device=device, dtype=dtype)
+        self.accepted_loss = torch.full((pairs,), math.inf, device=device, dtype=dtype)
 
     def kept(self) -> Tensor:
         """Each row's accepted iterate, in the batch's shape."""
@@ -177,11 +177,11 @@ class ProjectedLBFGS:
 
     def step(self, x: Tensor, grad: Tensor, loss: Tensor, alive: Tensor) -> Tensor:
         """Accept or reject the evaluated trial `x` per row (Armijo); `x` becomes the next trial, inside the box."""
-        batch = self.shape[0]
+        pairs = self.shape[0]
         with torch.no_grad():
             f = loss.to(self.accepted_x.dtype)
-            accept, decrease = self._judge_trial(x.view(batch, -1), grad.reshape(batch, -1), f)
-            self._next_trial(x.view(batch, -1), alive, accept, f, decrease)
+            accept, decrease = self._judge_trial(x.view(pairs, -1), grad.reshape(pairs, -1), f)
+            self._next_trial(x.view(pairs, -1), alive, accept, f, decrease)
         return accept
 
     def _judge_trial(self, x: Tensor, grad: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:

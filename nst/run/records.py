@@ -119,7 +119,7 @@ def build_record(
         "weights": result.weights.to_dict() if result and result.weights else None,
         "engine_revision": nst.ENGINE_REVISION,
         "final_losses": result.final_losses if result else None,
-        "history": _bounded([row for row in (result.history if result else []) if _all_finite(row)]),
+        "history": _bounded([row for row in (result.history if result else []) if _finite(row)]),
         "iterations": result.iterations if result else 0,
         "seconds": round(result.seconds, 3) if result else 0.0,
         "device": result.device if result else None,
@@ -146,7 +146,8 @@ def _bounded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [*rows[:-1:step], rows[-1]]
 
 
-def _all_finite(values: dict[str, Any] | None) -> bool:
+def _finite(values: dict[str, Any] | None) -> bool:
+    """Whether every number of a loss row is finite (JSON has no NaN)."""
     return values is not None and all(
         math.isfinite(v) for v in values.values() if isinstance(v, float | int) and not isinstance(v, bool)
     )
@@ -169,7 +170,7 @@ def write_pair_result(
     image = None
     image_uri, _ = output_uris(output, spec.id)
     if result.image is not None:
-        if result.status == "succeeded" and not _all_finite(result.final_losses):
+        if result.status == "succeeded" and not _finite(result.final_losses):
             raise ValueError(f"pair {spec.id}: a succeeded record needs finite final losses")
         png = encode_png(result.image)
         image = (sha256_bytes(png), identity(write(image_uri, png, "image/png")))

@@ -1,4 +1,4 @@
-"""What a batch run records: each pair's loss rows, the progress events, which pairs failed where, the outcomes."""
+"""What each step of a batch leaves: each pair's loss rows, the progress events, which pairs failed where, results."""
 
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def read_losses(stacked: Tensor) -> list[dict[str, float]]:
     return [dict(zip(LOSS_TERMS, row, strict=True)) for row in stacked.cpu().tolist()]
 
 
-class Recorder:
+class StepLog:
     """Counts iterations, marks pairs failed at their first non-finite loss, logs loss rows and sends progress."""
 
     def __init__(
         self,
-        batch: int,
+        pairs: int,
         device: torch.device,
         *,
         scales: int,
@@ -59,14 +59,14 @@ class Recorder:
         save_every: int,
         callback: ProgressCallback | None,
     ) -> None:
-        self.batch, self.device = batch, device
+        self.pairs, self.device = pairs, device
         self.scales, self.iterations = scales, iterations
         self.total_iterations = iterations * scales
         self.log_every, self.save_every = log_every, save_every
         self.callback = callback
-        self.alive = torch.ones(batch, dtype=torch.bool, device=device)
-        self.failed_at = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self.histories: list[list[dict[str, float]]] = [[] for _ in range(batch)]
+        self.alive = torch.ones(pairs, dtype=torch.bool, device=device)
+        self.failed_at = torch.full((pairs,), -1, dtype=torch.long, device=device)
+        self.histories: list[list[dict[str, float]]] = [[] for _ in range(pairs)]
         self.start = time.perf_counter()
         self.iteration = 0
         self.begin_scale(0, 0, 0)
@@ -75,7 +75,7 @@ class Recorder:
         """A new scale: its logged losses start empty; a NaN from here on may still be rescued by its kept iterate."""
         self.scale, self.height, self.width = scale, height, width
         self.scale_start = self.iteration
-        self.current = torch.zeros(self.batch, len(LOSS_TERMS), device=self.device)  # each pair's current iterate
+        self.current = torch.zeros(self.pairs, len(LOSS_TERMS), device=self.device)  # each pair's current iterate
 
     def evaluated(self, total: Tensor) -> Tensor:
         """Count one evaluation of the batch; a pair whose loss is not finite fails here. Returns the alive pairs."""
@@ -85,7 +85,7 @@ class Recorder:
         self.alive = self.alive & finite
         return self.alive
 
-    def record(
+    def log_step(
         self, step: int, losses: dict[str, Tensor], iterates: Tensor | None, shown: Callable[[], Tensor]
     ) -> None:
         """Log the current iterates' losses every `log_every` steps and send the progress event.
