@@ -33,9 +33,8 @@ from PIL import Image, ImageDraw
 from nst.engine import PairJob, Stylizer
 from nst.images import load_image
 from nst.params import canonical_params, resolve_params
+from nst_testing.paths import REPO, SAMPLES
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO / "manifests" / "images"
 PAIRS = [("astronaut", "hubble"), ("chelsea", "brick"), ("coffee", "ihc")]
 PRESET_ROWS = ["gatys", "tf-keras", "deep-style", "vgg16", "defaults"]
 THUMB = 160  # px, long side of a contact-sheet cell
@@ -77,7 +76,7 @@ class Gallery:
         """A shipped sample image."""
         key = f"{folder}/{name}"
         if key not in self.images:
-            self.images[key] = load_image(IMAGES / folder / f"{name}.jpg", label=key, max_pixels=10**8)
+            self.images[key] = load_image(SAMPLES / folder / f"{name}.jpg", label=key, max_pixels=10**8)
         return self.images[key]
 
     def run(self, label: str, pair: tuple[str, str], **values: Any) -> Run:
