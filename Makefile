@@ -54,8 +54,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: install
-	$(BIN)/ruff check nst flows tests bench deploy scripts
-	$(BIN)/ruff format --check nst flows tests bench deploy scripts
+	$(BIN)/ruff check nst flows nst_testing tests bench deploy scripts
+	$(BIN)/ruff format --check nst flows nst_testing tests bench deploy scripts
 
 typecheck: install
 	$(BIN)/mypy

@@ -34,10 +34,10 @@ from nst.engine import Stylizer
 from nst.images import load_image
 from nst.pairs import PairProblem
 from nst.params import canonical_params, resolve_params
+from nst_testing.paths import REPO, SAMPLES
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO / "manifests" / "images"
 PAIRS = [("astronaut", "hubble"), ("chelsea", "brick"), ("coffee", "ihc")]
+PAIR_NAMES = [f"{c} / {s}" for c, s in PAIRS]
 PRESET_ROWS = ["gatys", "tf-keras", "deep-style", "vgg16", "defaults"]
 THUMB = 160  # px, long side of a contact-sheet cell
 
@@ -78,7 +78,7 @@ class Gallery:
         """A shipped sample image."""
         key = f"{folder}/{name}"
         if key not in self.images:
-            self.images[key] = load_image(IMAGES / folder / f"{name}.jpg", label=key, max_pixels=10**8)
+            self.images[key] = load_image(SAMPLES / folder / f"{name}.jpg", label=key, max_pixels=10**8)
         return self.images[key]
 
     def run(self, label: str, pair: tuple[str, str], **values: Any) -> Run:
@@ -170,7 +170,8 @@ def smoothness(img: Image.Image) -> float:
     return float((np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean()) / 2)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; `--quick` sets the smoke run's sizes and a /tmp docs folder."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="48 px, 6 iterations, output under /tmp (smoke test)")
     parser.add_argument("--size", type=int, default=128)
@@ -184,12 +185,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--demo-sheet", action="store_true", help="only rebuild docs/demo-results.jpg from `make demo`'s outputs"
     )
     args = parser.parse_args(argv)
-    if args.demo_sheet:
-        demo_sheet(REPO / "manifests" / "out" / "demo", args.docs / "demo-results.jpg")
-        return 0
     if args.quick:
         args.size, args.iterations, args.multiscale_size = 48, 6, 64
         args.docs = Path(tempfile.mkdtemp(prefix="nst-gallery-"))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write docs/gallery.md and its pictures (or only the multi-scale section, or only the demo sheet)."""
+    args = parse_args(argv)
+    if args.demo_sheet:
+        demo_sheet(REPO / "manifests" / "out" / "demo", args.docs / "demo-results.jpg")
+        return 0
     torch.manual_seed(0)
     out = args.docs / "gallery"
     out.mkdir(parents=True, exist_ok=True)
@@ -197,22 +204,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = Gallery(args.size, args.iterations, random_vgg16_weights(scratch))
     start = time.perf_counter()
     if args.only_multiscale:
-        section = multiscale_section(g, args.multiscale_size, args.iterations, out)
-        minutes = (time.perf_counter() - start) / 60
-        section += [
-            f"This section: `python -m bench.gallery --only-multiscale --iterations {args.iterations}"
-            f" --multiscale-size {args.multiscale_size}` ({minutes:.0f} minutes).",
-            "",
-        ]
-        page = args.docs / "gallery.md"
-        page.write_text(replace_section(page.read_text(), section))
-        print(f"replaced the multi-scale section of {page} in {minutes:.1f} min")
+        rewrite_multiscale_section(g, args, out, start)
         return 0
     md: list[str] = []
-    n = args.iterations
-    pair_names = [f"{c} / {s}" for c, s in PAIRS]
+    for section in (presets_section, init_section, depth_section, optimizer_section, ratio_section, colour_section):
+        md += section(g, out)
+    md += multiscale_section(g, args.multiscale_size, args.iterations, out)
+    minutes = (time.perf_counter() - start) / 60
+    (args.docs / "gallery.md").write_text("\n".join(page_header(minutes) + md) + "\n")
+    print(f"wrote {args.docs / 'gallery.md'} in {minutes:.1f} min")
+    return 0
 
-    # --- presets
+
+def rewrite_multiscale_section(g: Gallery, args: argparse.Namespace, out: Path, start: float) -> None:
+    """`--only-multiscale`: run claim 6 again and replace its section of the existing gallery.md."""
+    section = multiscale_section(g, args.multiscale_size, args.iterations, out)
+    minutes = (time.perf_counter() - start) / 60
+    section += [
+        f"This section: `python -m bench.gallery --only-multiscale --iterations {args.iterations}"
+        f" --multiscale-size {args.multiscale_size}` ({minutes:.0f} minutes).",
+        "",
+    ]
+    page = args.docs / "gallery.md"
+    page.write_text(replace_section(page.read_text(), section))
+    print(f"replaced the multi-scale section of {page} in {minutes:.1f} min")
+
+
+def page_header(minutes: float) -> list[str]:
+    """The title and provenance lines at the top of gallery.md."""
+    return [
+        "# Gallery",
+        "",
+        f"Generated by `python -m bench.gallery` ({minutes:.0f} minutes on a shared 2-core CPU) through the product's",
+        "run path. Images: the saved 8-bit outputs. Numbers: each run's own loss (the `final_losses` of its record).",
+        "Findings and whether they reproduce: see [quality.md](quality.md) for the summary.",
+        "",
+    ]
+
+
+def presets_section(g: Gallery, out: Path) -> list[str]:
+    """Every preset on the three pairs: contact sheet, loss curves and a table of final losses."""
+    n = g.iterations
     by_preset: dict[str, list[Run]] = {}
     for preset in PRESET_ROWS:
         values = {} if preset == "defaults" else {"preset": preset}
@@ -222,17 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [(label[p], runs_images(runs)) for p, runs in by_preset.items()]
     rows.insert(0, ("content", [g.image("content", c) for c, _ in PAIRS]))
     rows.insert(1, ("style", [g.image("styles", s) for _, s in PAIRS]))
-    contact_sheet(rows, pair_names, out / "presets.jpg")
-    per_pair = {name: [by_preset[p][i] for p in PRESET_ROWS] for i, name in enumerate(pair_names)}
+    contact_sheet(rows, PAIR_NAMES, out / "presets.jpg")
+    per_pair = {name: [by_preset[p][i] for p in PRESET_ROWS] for i, name in enumerate(PAIR_NAMES)}
     for i, runs in enumerate(per_pair.values()):
         for run, preset in zip(runs, PRESET_ROWS, strict=True):
             run.label = preset
-        per_pair[pair_names[i]] = runs
+        per_pair[PAIR_NAMES[i]] = runs
     loss_plot(per_pair, out / "presets-loss.png", title="each preset's own loss / its first value (log)")
-    md += [
+    return [
         "## Every preset on three pairs",
         "",
-        f"{args.size} px, {n} iterations each (the presets' own counts are 500-1000; scaled to fit a CPU), content",
+        f"{g.size} px, {n} iterations each (the presets' own counts are 500-1000; scaled to fit a CPU), content",
         "| style | result. The `vgg16` row runs with **random weights** (no VGG16 weights ship offline; its",
         "pictures show what an untrained loss network does, not the preset's real look).",
         "",
@@ -240,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "![loss curves](gallery/presets-loss.png)",
         "",
-        "| preset | " + " | ".join(pair_names) + " |",
+        "| preset | " + " | ".join(PAIR_NAMES) + " |",
         "|---|" + "---:|" * len(PAIRS),
         *[
             f"| {p} | "
@@ -253,26 +285,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
 
-    # --- claim 1: content init vs noise init
+
+def init_section(g: Gallery, out: Path) -> list[str]:
+    """Claim 1: content init reaches a given loss in fewer iterations than noise init."""
+    n = g.iterations
     inits = {
         i: [g.run(f"gatys, {i} init", pair, preset="gatys", init=i) for pair in PAIRS] for i in ("noise", "content")
     }
-    contact_sheet([(f"gatys\n{i} init", runs_images(r)) for i, r in inits.items()], pair_names, out / "init.jpg")
+    contact_sheet([(f"gatys\n{i} init", runs_images(r)) for i, r in inits.items()], PAIR_NAMES, out / "init.jpg")
     loss_plot(
-        {name: [inits["noise"][k], inits["content"][k]] for k, name in enumerate(pair_names)}, out / "init-loss.png"
+        {name: [inits["noise"][k], inits["content"][k]] for k, name in enumerate(PAIR_NAMES)}, out / "init-loss.png"
     )
     lines = []
-    for k, name in enumerate(pair_names):
+    for k, name in enumerate(PAIR_NAMES):
         noise_final = inits["noise"][k].final["total"]
         hit = inits["content"][k].first_iteration_at_or_below(noise_final)
         lines.append(
             f"| {name} | {noise_final:.3g} | {inits['content'][k].final['total']:.3g} | "
             f"{hit if hit else 'not reached'} |"
         )
-    md += [
+    return [
         "## Claim: content init reaches a given loss in fewer iterations than noise init",
         "",
-        f"`gatys` preset (same objective both ways), {args.size} px, {n} iterations.",
+        f"`gatys` preset (same objective both ways), {g.size} px, {n} iterations.",
         "",
         "![init](gallery/init.jpg)",
         "",
@@ -287,11 +322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
 
-    # --- claim 2: deeper layers, smoother results
+
+def depth_section(g: Gallery, out: Path) -> list[str]:
+    """Claim 2: deeper content layers give smoother results."""
+    n = g.iterations
     depth_layers = ["block2_conv2", "block3_conv2", "block4_conv2", "block5_conv2"]
     depth = {lay: [g.run(f"content {lay}", pair, content_layers=[lay]) for pair in PAIRS] for lay in depth_layers}
-    contact_sheet([(f"content\n{lay}", runs_images(r)) for lay, r in depth.items()], pair_names, out / "depth.jpg")
-    md += [
+    contact_sheet([(f"content\n{lay}", runs_images(r)) for lay, r in depth.items()], PAIR_NAMES, out / "depth.jpg")
+    return [
         "## Claim: deeper content layers give smoother results",
         "",
         verdict(
@@ -301,12 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         ),
         "",
-        f"Project defaults with the content layer varied, {args.size} px, {n} iterations. Smoothness: mean absolute",
+        f"Project defaults with the content layer varied, {g.size} px, {n} iterations. Smoothness: mean absolute",
         "difference of neighbouring pixels (0-255; lower is smoother); the content images' own values for reference.",
         "",
         "![depth](gallery/depth.jpg)",
         "",
-        "| content layer | " + " | ".join(pair_names) + " |",
+        "| content layer | " + " | ".join(PAIR_NAMES) + " |",
         "|---|" + "---:|" * len(PAIRS),
         "| (content image) | "
         + " | ".join(
@@ -318,15 +356,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
 
-    # --- claim 3: Adam vs L-BFGS
-    pair = PAIRS[0]
+
+def optimizer_section(g: Gallery, out: Path) -> list[str]:
+    """Claim 3: L-BFGS beats Adam, per iteration and per second (the first pair)."""
+    n, pair = g.iterations, PAIRS[0]
     lbfgs = g.run("L-BFGS (defaults)", pair)
     adam = g.run("Adam lr 5 (tf-keras's)", pair, optimizer="adam", lr=5.0, adam_beta1=0.99, adam_eps=0.1)
     adam10 = g.run("Adam lr 10", pair, optimizer="adam", lr=10.0)
     runs3 = [lbfgs, adam, adam10]
     loss_plot({"per iteration": runs3}, out / "optim-iter.png")
     loss_plot({"per second": runs3}, out / "optim-sec.png", x="seconds")
-    contact_sheet([(r.label.replace(" (", "\n("), [r.image]) for r in runs3], [pair_names[0]], out / "optim.jpg")
+    contact_sheet([(r.label.replace(" (", "\n("), [r.image]) for r in runs3], [PAIR_NAMES[0]], out / "optim.jpg")
     target = lbfgs.loss_at(n // 2)
     lines = []
     for r in runs3:
@@ -337,12 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {r.label} | {r.loss_at(n // 4):.3g} | {r.loss_at(n):.3g} | {per_it * 1000:.0f} | "
             f"{it if it else 'not reached'} | {sec:.1f} |"
         )
-    md += [
+    return [
         "## Claim: L-BFGS beats Adam, per iteration and per second",
         "",
         verdict(all(lbfgs.loss_at(n) < r.loss_at(n) for r in runs3[1:])),
         "",
-        f"Project defaults (same objective for all three), {pair_names[0]}, {args.size} px, {n} iterations.",
+        f"Project defaults (same objective for all three), {PAIR_NAMES[0]}, {g.size} px, {n} iterations.",
         "",
         "![optimizers](gallery/optim.jpg) ![per iteration](gallery/optim-iter.png)",
         "![per second](gallery/optim-sec.png)",
@@ -354,13 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
 
-    # --- claim 4: content/style ratio as one row
+
+def ratio_section(g: Gallery, out: Path) -> list[str]:
+    """Claim 4: the content/style ratio α/β moves the result from content to style (one row, the first pair)."""
+    n = g.iterations
     ratios = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5]
     ratio_runs = [
-        g.run(f"alpha/beta {r:g}", pair, preset="gatys", content_weight=1.0, style_weight=1 / r) for r in ratios
+        g.run(f"alpha/beta {r:g}", PAIRS[0], preset="gatys", content_weight=1.0, style_weight=1 / r) for r in ratios
     ]
     contact_sheet([("gatys, α/β", [r.image for r in ratio_runs])], [f"{r:g}" for r in ratios], out / "ratio.jpg")
-    md += [
+    return [
         "## Claim: the content/style ratio α/β moves the result from content to style",
         "",
         verdict(
@@ -370,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         ),
         "",
-        f"`gatys` preset (noise init) with α = 1 and β = 1/ratio, {pair_names[0]}, {args.size} px, {n} iterations;",
+        f"`gatys` preset (noise init) with α = 1 and β = 1/ratio, {PAIR_NAMES[0]}, {g.size} px, {n} iterations;",
         "SSIM-free check: the content term's share of the final loss.",
         "",
         "![ratio](gallery/ratio.jpg)",
@@ -383,29 +426,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
 
-    # --- claim 5: colour preservation
+
+def colour_section(g: Gallery, out: Path) -> list[str]:
+    """Claim 5: colour preservation keeps the content's colours (chelsea / hubble)."""
+    n = g.iterations
     colour_pair = ("chelsea", "hubble")
+    content = g.image("content", colour_pair[0])
     colours = [g.run(f"colours {m}", colour_pair, preserve_colors=m) for m in ("none", "luminance", "histogram")]
     contact_sheet(
         [
-            ("content | style", [g.image("content", colour_pair[0]), g.image("styles", colour_pair[1])]),
+            ("content | style", [content, g.image("styles", colour_pair[1])]),
             ("none | luminance\n| histogram", [r.image for r in colours]),
         ],
         ["", "", ""],
         out / "colours.jpg",
     )
-    md += [
+    return [
         "## Claim: colour preservation keeps the content's colours",
         "",
         verdict(
-            all(
-                chroma_distance(r.image, g.image("content", colour_pair[0]))
-                < chroma_distance(colours[0].image, g.image("content", colour_pair[0]))
-                for r in colours[1:]
-            )
+            all(chroma_distance(r.image, content) < chroma_distance(colours[0].image, content) for r in colours[1:])
         ),
         "",
-        f"Project defaults, chelsea / hubble, {args.size} px, {n} iterations. Mean chroma distance (Cb, Cr; 0-255) of",
+        f"Project defaults, chelsea / hubble, {g.size} px, {n} iterations. Mean chroma distance (Cb, Cr; 0-255) of",
         "the result to the content image, lower = the content's colours kept:",
         "",
         "![colours](gallery/colours.jpg)",
@@ -413,25 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| preserve_colors | none | luminance | histogram |",
         "|---|---:|---:|---:|",
         "| chroma distance to content | "
-        + " | ".join(f"{chroma_distance(r.image, g.image('content', colour_pair[0])):.1f}" for r in colours)
+        + " | ".join(f"{chroma_distance(r.image, content):.1f}" for r in colours)
         + " |",
         "",
     ]
-
-    md += multiscale_section(g, args.multiscale_size, n, out)
-
-    minutes = (time.perf_counter() - start) / 60
-    header = [
-        "# Gallery",
-        "",
-        f"Generated by `python -m bench.gallery` ({minutes:.0f} minutes on a shared 2-core CPU) through the product's",
-        "run path. Images: the saved 8-bit outputs. Numbers: each run's own loss (the `final_losses` of its record).",
-        "Findings and whether they reproduce: see [quality.md](quality.md) for the summary.",
-        "",
-    ]
-    (args.docs / "gallery.md").write_text("\n".join(header + md) + "\n")
-    print(f"wrote {args.docs / 'gallery.md'} in {minutes:.1f} min")
-    return 0
 
 
 def multiscale_section(g: Gallery, size: int, iterations: int, out: Path) -> list[str]:

@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             figures = measure(args.measure, args.rtt_ms)
         print(json.dumps(figures), flush=True)
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.fixtures.s3 import running_seaweedfs, s3_environment
+    from nst_testing.s3 import running_seaweedfs, s3_environment
 
     with tempfile.TemporaryDirectory(prefix="nst-nightly-") as scratch, running_seaweedfs(Path(scratch)) as s3:
         env = {k: v for k, v in s3_environment(s3, Path(scratch)).items() if v is not None}

@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -29,23 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import nst.optimize
 from nst.memory import auto_batch_pairs
 from nst.params import resolve_params
 from nst.run_options import RunOptions
-
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "manifests" / "images"
+from nst_testing.manifests import copy_samples, write_manifest
 
 
-def write_manifest(directory: Path, pairs: int, size: int, iterations: int) -> Path:
+def pipeline_manifest(directory: Path, pairs: int, size: int, iterations: int) -> Path:
     """A manifest of `pairs` pairs cycling over copies of the sample contents x styles, output beside it."""
-    for kind in ("content", "styles"):
-        (directory / kind).mkdir()
-        for image in (IMAGES / kind).glob("*.jpg"):
-            shutil.copyfile(image, directory / kind / image.name)
+    copy_samples(directory)
     contents = sorted(p.name for p in (directory / "content").glob("*.jpg"))
     styles = sorted(p.name for p in (directory / "styles").glob("*.jpg"))
     combos = [(c, s) for c in contents for s in styles]
@@ -55,16 +48,8 @@ def write_manifest(directory: Path, pairs: int, size: int, iterations: int) -> P
         entries.append(
             {"id": f"p{i:03d}-{c[:-4]}-{s[:-4]}", "content": f"content/{c}", "style": f"styles/{s}", "seed": i}
         )
-    manifest = {
-        "version": 1,
-        "name": "bench-pipeline",
-        "output": "out/",
-        "defaults": {"preset": "gatys", "size": size, "iterations": iterations, "log_every": 50},
-        "pairs": entries,
-    }
-    path = directory / "manifest.yaml"
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return path
+    defaults = {"preset": "gatys", "size": size, "iterations": iterations, "log_every": 50}
+    return write_manifest(directory, entries, name="bench-pipeline", **defaults)
 
 
 class IntervalTimer:
@@ -126,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nst.optimize.stylize_batch = timer.wrap(original)  # Stylizer.run calls it through the module
     try:
         with tempfile.TemporaryDirectory(prefix="nst-bench-pipeline-") as tmp:
-            manifest = write_manifest(Path(tmp), args.pairs, args.size, args.iterations)
+            manifest = pipeline_manifest(Path(tmp), args.pairs, args.size, args.iterations)
             start = time.perf_counter()
             options = RunOptions(force=True, max_batch_pairs=batch)
             if args.runner == "flow":

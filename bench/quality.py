@@ -49,9 +49,8 @@ from nst.optimize import ProgressEvent
 from nst.pairs import PairProblem
 from nst.params import canonical_params, resolve_params
 from nst.weights import load_weights
+from nst_testing.paths import REPO, SAMPLES
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO / "manifests" / "images"
 PAINTINGS = REPO / "bench" / "images"  # pytorch/examples fast_neural_style (BSD-3), see bench/images/README.md
 CONTENTS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
 STYLES = ["hubble.jpg", "brick.jpg", "ihc.jpg"]
@@ -184,7 +183,7 @@ def painting_pairs() -> list[Pair]:
 
 def photo_pairs() -> list[Pair]:
     """The 3 x 3 content x style pairs of the shipped sample images, interleaved so any prefix mixes them."""
-    pairs = [_pair(IMAGES / "content" / c, IMAGES / "styles" / s) for s in STYLES for c in CONTENTS]
+    pairs = [_pair(SAMPLES / "content" / c, SAMPLES / "styles" / s) for s in STYLES for c in CONTENTS]
     return sorted(pairs, key=lambda p: (CONTENTS.index(p.content_path.name) + STYLES.index(p.style_path.name)) % 3)
 
 

@@ -1,7 +1,7 @@
 """Sharded throughput on this machine: pairs/hour with 1, 2, 3 GPU-pool workers, and the fixed overhead per shard.
 
-    python bench/shards.py                      # 1, 2 and 3 workers; 24 pairs of 32 px, 10 iterations, 6 shards
-    python bench/shards.py --workers 2 --pairs 48 --shards 12 --out docs/bench/shards-cpu.jsonl
+    python -m bench.shards                      # 1, 2 and 3 workers; 24 pairs of 32 px, 10 iterations, 6 shards
+    python -m bench.shards --workers 2 --pairs 48 --shards 12 --out docs/bench/shards-cpu.jsonl
 
 Real parts, as in tests/test_shard_e2e.py: `prefect server start`, deploy/setup.py, `prefect deploy --all`, process
 workers at `--limit 1` on gpu-pool (Prefect's default poll interval unless --query-seconds), one on parent-pool,
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,10 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.fixtures.prefect import (  # noqa: E402  (the repository root first)
+from nst_testing.manifests import copy_samples, write_manifest
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.prefect import (
     PrefectServer,
     Worker,
     deploy_all,
@@ -45,29 +43,18 @@ from tests.fixtures.prefect import (  # noqa: E402  (the repository root first)
     wait_for_flow_run,
 )
 
-IMAGES = ROOT / "manifests" / "images"
 CONTENTS = ("chelsea", "coffee", "astronaut")
 STYLES = ("brick", "hubble", "ihc")
 
 
-def write_manifest(directory: Path, pairs: int, size: int, iterations: int) -> Path:
+def shards_manifest(directory: Path, pairs: int, size: int, iterations: int) -> Path:
     """`pairs` pairs cycling over the sample contents x styles (two output shapes), images and output beside it."""
-    directory.mkdir(parents=True)
-    for kind in ("content", "styles"):  # inputs must lie under the manifest's directory (or NST_INPUT_ROOTS)
-        shutil.copytree(IMAGES / kind, directory / kind)
-    lines = [
-        "version: 1",
-        f"name: bench-shards-{directory.name}",
-        "output: out/",
-        f"defaults: {{size: {size}, iterations: {iterations}}}",
-        "pairs:",
+    copy_samples(directory)  # inputs must lie under the manifest's directory (or NST_INPUT_ROOTS)
+    entries = [
+        {"id": f"p{i:03d}", "content": f"content/{CONTENTS[i % 3]}.jpg", "style": f"styles/{STYLES[(i // 3) % 3]}.jpg"}
+        for i in range(pairs)
     ]
-    for i in range(pairs):
-        content, style = CONTENTS[i % 3], STYLES[(i // 3) % 3]
-        lines.append(f"  - {{id: p{i:03d}, content: content/{content}.jpg, style: styles/{style}.jpg}}")
-    path = directory / "manifest.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_manifest(directory, entries, name=f"bench-shards-{directory.name}", size=size, iterations=iterations)
 
 
 def calibrate(size: int, iterations: int, batch: int) -> dict[str, float]:
@@ -81,7 +68,7 @@ def calibrate(size: int, iterations: int, batch: int) -> dict[str, float]:
     def image(path: Path) -> Any:
         return load_image(path.read_bytes(), label=str(path), max_pixels=10**8)
 
-    content, style = image(IMAGES / "content" / "chelsea.jpg"), image(IMAGES / "styles" / "brick.jpg")
+    content, style = image(SAMPLES / "content" / "chelsea.jpg"), image(SAMPLES / "styles" / "brick.jpg")
     params = StyleParams(size=size, iterations=iterations)
     stylizer = Stylizer(read_bytes=storage.read_bytes)
     times = []
@@ -144,9 +131,9 @@ def run_once(
     try:
         for i in range(workers):
             home = work / f"gpu{workers}-{i}"
-            started.append(start_process_worker(server, "gpu-pool", home, env=worker_env, cwd=ROOT, limit=1))
+            started.append(start_process_worker(server, "gpu-pool", home, env=worker_env, cwd=REPO, limit=1))
         wait_online(server, "gpu-pool", workers)
-        manifest = write_manifest(work / f"run{workers}", args.pairs, args.size, args.iterations)
+        manifest = shards_manifest(work / f"run{workers}", args.pairs, args.size, args.iterations)
         with server.client() as client:
             deployment = client.read_deployment_by_name("shard-manifest/on-demand")
             parameters = {
@@ -216,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         parent_worker = None
         try:
             setup = subprocess.run(
-                [sys.executable, str(ROOT / "deploy" / "setup.py"), "--gpu-shards", str(max(args.workers))],
+                [sys.executable, str(REPO / "deploy" / "setup.py"), "--gpu-shards", str(max(args.workers))],
                 env=server.env,
                 capture_output=True,
                 text=True,
@@ -224,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if setup.returncode != 0:
                 raise RuntimeError(setup.stdout + setup.stderr)
-            deploy_all(server, ROOT)
-            parent_worker = start_process_worker(server, "parent-pool", work / "parent", env=worker_env, cwd=ROOT)
+            deploy_all(server, REPO)
+            parent_worker = start_process_worker(server, "parent-pool", work / "parent", env=worker_env, cwd=REPO)
             for workers in args.workers:
                 lines.append(run_once(server, work, workers, args, worker_env))
                 print(json.dumps(lines[-1]), flush=True)

@@ -56,9 +56,8 @@ from nst.memory import auto_batch_pairs, step_memory
 from nst.optimize import FastPath, PairProblem, PairResult, ProgressEvent, stylize_batch
 from nst.params import StyleParams, resolve_params
 from nst.vgg import VGGFeatures, load_vgg
+from nst_testing.paths import REPO, SAMPLES
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "manifests" / "images"
 FLOP_FACTOR = 2  # forward + backward to the input (frozen weights: no weight-gradient convolutions)
 # Nominal dense bf16 tensor-core rates (TFLOP/s) by device name, for the "% of nominal peak" column.
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
@@ -113,8 +112,8 @@ def default_config_name(device: torch.device, configs: dict[str, Config]) -> str
 
 def load_pairs(size: int, count: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """`count` (content, style) pairs of the sample images, centre-cropped square and resized to size x size."""
-    contents = sorted((IMAGES / "content").glob("*.jpg"))
-    styles = sorted((IMAGES / "styles").glob("*.jpg"))
+    contents = sorted((SAMPLES / "content").glob("*.jpg"))
+    styles = sorted((SAMPLES / "styles").glob("*.jpg"))
     combos = [(c, s) for c in contents for s in styles]
     out = []
     for i in range(count):
@@ -627,7 +626,7 @@ def cold_start_section(args: argparse.Namespace, emit: Emitter) -> None:
                 *extra,
             ]
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             record: dict[str, Any] = {
                 "kind": "cold_start",

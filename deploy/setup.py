@@ -44,7 +44,7 @@ GPU_POOL = "gpu-pool"
 PARENT_POOL = "parent-pool"
 GPU_SHARDS_LIMIT = "gpu-shards"
 
-# Settings every Prefect server of this project is started with (docs/prefect.md, tests/fixtures/prefect.py,
+# Settings every Prefect server of this project is started with (docs/prefect.md, nst_testing/prefect.py,
 # scripts/stack.py). Concurrency leases (gpu-shards slots, deployment concurrency) live in the server's memory by
 # default: after a restart releasing a slot frees nothing and the slot is lost for good. On disk (PREFECT_HOME of the
 # server) they survive a restart; expired ones are still given back by the server's repossessor.

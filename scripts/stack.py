@@ -8,7 +8,7 @@
 `make prefect-setup` and `prefect deploy --all` against the server, starts a gpu-pool worker and a parent-pool worker,
 and prints the UI's URL, the log files and the command to run. State (pids, ports, data, logs) lives in the state dir.
 Settings: NST_STACK_PREFECT_PORT (default 4200 if free, else any free port), NST_STACK_S3_PORT (8333 likewise),
-NST_STACK_BUCKET (nst-stack). The server and SeaweedFS are started by the test suite's helpers (tests/fixtures).
+NST_STACK_BUCKET (nst-stack). The server and SeaweedFS are started by the helpers the tests use too (nst_testing).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ KILLED_GONE_S = 60.0
 
 def stop(name: str, record: dict[str, Any]) -> None:
     """Stop one process of the stack and everything it started (its group and any descendant's group)."""
-    from tests.fixtures.prefect import process_tree
+    from nst_testing.prefect import process_tree
 
     if not alive(record):
         return
@@ -223,7 +223,7 @@ def locked(state_dir: Path) -> Iterator[None]:
 
 def port_from(setting: str, default: int) -> int:
     """The port a setting names (refused if taken), else `default` if free, else a free port."""
-    from tests.fixtures.prefect import free_port
+    from nst_testing.prefect import free_port
 
     def free(port: int) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -270,7 +270,7 @@ def run_logged(args: list[str], *, env: dict[str, str], log: Path, what: str) ->
 
 def start_worker(name: str, env: dict[str, str], state_dir: Path) -> dict[str, Any]:
     """Start `prefect worker start` for `name`'s pool in its own process group; its state record."""
-    from tests.fixtures.prefect import PREFECT_BIN
+    from nst_testing.prefect import PREFECT_BIN
 
     pool, limit = WORKERS[name]
     log = state_dir / "logs" / f"{name}.log"
@@ -316,8 +316,8 @@ def wait_for_workers(api_url: str, procs: dict[str, dict[str, Any]]) -> None:
 
 def start_services(state_dir: Path, state: dict[str, Any]) -> tuple[dict[str, str], dict[str, str | None]]:
     """SeaweedFS, the sample bucket and the Prefect server; the CLI's env for the server and the workers' S3 env."""
-    from tests.fixtures.prefect import start_server
-    from tests.fixtures.s3 import SeaweedFS, s3_environment
+    from nst_testing.prefect import start_server
+    from nst_testing.s3 import SeaweedFS, s3_environment
 
     procs = state["processes"]
     t0 = time.monotonic()
@@ -365,7 +365,7 @@ def start(state_dir: Path) -> dict[str, Any]:
         bindir = str(Path(sys.executable).parent)
         make = ["make", "--no-print-directory", "-C", str(REPO), "-o", "install", f"BIN={bindir}", "prefect-setup"]
         run_logged(make, env=cli_env, log=setup_log, what="make prefect-setup")
-        from tests.fixtures.prefect import PREFECT_BIN
+        from nst_testing.prefect import PREFECT_BIN
 
         deploy = [PREFECT_BIN, "--no-prompt", "deploy", "--all"]
         run_logged(deploy, env=cli_env, log=setup_log, what="prefect deploy --all")
@@ -457,7 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "seed":
         print(seed(env_s3_client(), args.bucket))
         return 0
-    sys.path.insert(0, str(REPO))  # the server and SeaweedFS helpers of tests/fixtures
     state_dir = args.state_dir.resolve()
     return up(state_dir) if args.command == "up" else down(state_dir)
 

@@ -21,7 +21,7 @@ from nst.errors import ManifestError
 from nst.manifest import load_manifest
 from nst.run import run
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 MARKER = "NST-SECRET-MARKER-5f2c9d"
 SECRET_BYTES = f"aws_secret_access_key = {MARKER}\n".encode()

@@ -21,7 +21,8 @@ from nst.manifest import load_manifest
 from nst.results import error_info
 from nst.run import RunSummary, run
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES, FaultyStylizer
+from nst_testing.faults import FaultyStylizer
+from nst_testing.paths import SAMPLES
 from tests.tiny_extractor import TinyExtractor
 
 MANIFEST = """\

@@ -11,7 +11,7 @@ from PIL import Image
 
 from nst.cli import build_parser, main
 from nst.params import StyleParams
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 CONTENT = str(SAMPLES / "content" / "chelsea.jpg")
 STYLE = str(SAMPLES / "styles" / "brick.jpg")

@@ -12,9 +12,9 @@ from prefect.states import AwaitingRetry
 
 from nst.params import StyleParams
 from nst.run_options import RunOptions
-from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import PrefectServer, Worker, WorkerFactory, deploy_all, wait_for_flow_run
-from tests.fixtures.s3 import S3Server, s3_settings_of_this_process
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.prefect import PrefectServer, Worker, WorkerFactory, deploy_all, wait_for_flow_run
+from nst_testing.s3 import S3Server, s3_settings_of_this_process
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from nst import storage
 from nst.images import sha256_bytes
 from nst.run import RunSummary, run
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 MANIFEST = """\
 version: 1

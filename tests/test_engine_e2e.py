@@ -9,7 +9,7 @@ from nst.color import image_to_tensor
 from nst.engine import stylize
 from nst.images import resize_long_side
 from nst.params import resolve_params
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 
 def test_real_vgg19_stylizes_a_real_pair_offline() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import nst
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 GOLDEN = Path(__file__).parent / "golden" / "engine_revision.json"
 # Relative tolerance. Measured here: repeated runs agree exactly; 1, 2 and 3 torch threads differ by up to 0.7 % in the

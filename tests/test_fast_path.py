@@ -18,7 +18,7 @@ from nst.optimize import FastPath, PairProblem, build_targets, initial_images, s
 from nst.params import resolve_params
 from nst.steppers import ProjectedLBFGS
 from nst.vgg import VGGFeatures, load_vgg
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 from tests.tiny_extractor import TinyExtractor
 
 BF16 = FastPath(amp=torch.bfloat16)

@@ -26,8 +26,8 @@ from nst import storage
 from nst.images import sha256_bytes
 from nst.run import Batch
 from nst.run_options import RunOptions
-from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import (
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.prefect import (
     PrefectServer,
     WorkerFactory,
     kill_process_groups,
@@ -35,7 +35,7 @@ from tests.fixtures.prefect import (
     run_setup,
     wait_for_flow_run,
 )
-from tests.fixtures.s3 import (
+from nst_testing.s3 import (
     S3Server,
     SeaweedFS,
     _wait_writable,

@@ -7,7 +7,6 @@ on demand (out of memory on CPU, a hung batch, a storage blip) come through a `F
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -29,7 +28,9 @@ from flows.stylize import stylize_manifest
 from nst.errors import OutOfMemory, StorageError
 from nst.run import Batch
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES, FaultyStylizer
+from nst_testing.faults import FaultyStylizer
+from nst_testing.manifests import write_manifest
+from nst_testing.paths import SAMPLES
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -70,21 +71,6 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[EngineCalls]:
 
     monkeypatch.setattr(nst.run.batches, "run_batch", run_batch)
     yield rec
-
-
-def write_manifest(root: Path, pairs: list[dict[str, Any]], *, name: str | None = None, **defaults: Any) -> Path:
-    """A manifest in `root` with tiny settings (32 px, 2 iterations); returns its path."""
-    name = name or f"test-{uuid.uuid4().hex[:8]}"
-    doc = {
-        "version": 1,
-        "name": name,
-        "output": "out/",
-        "defaults": {"size": 32, "iterations": 2, **defaults},
-        "pairs": [{k: str(v) if isinstance(v, Path) else v for k, v in p.items()} for p in pairs],
-    }
-    path = root / "manifest.yaml"
-    path.write_text(json.dumps(doc))  # JSON is YAML
-    return path
 
 
 def bad_image(root: Path, name: str = "broken.jpg") -> Path:

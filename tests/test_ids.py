@@ -13,7 +13,7 @@ import pytest
 from nst import storage
 from nst.cli import main
 from nst.manifest import InvalidManifestError, load_manifest
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 JPEG = (SAMPLES / "content" / "chelsea.jpg").read_bytes()
 STYLE = (SAMPLES / "styles" / "brick.jpg").read_bytes()

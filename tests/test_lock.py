@@ -6,7 +6,8 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[1]
+from nst_testing.paths import REPO
+
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\]+)")
 
 

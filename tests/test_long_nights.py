@@ -18,7 +18,9 @@ import nst.run.runner as run_module
 from nst import storage
 from nst.run.records import MAX_HISTORY_ROWS, _bounded
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES, FaultyStylizer
+from nst_testing.faults import FaultyStylizer
+from nst_testing.manifests import write_manifest
+from nst_testing.paths import SAMPLES
 
 CHELSEA = SAMPLES / "content" / "chelsea.jpg"
 ASTRONAUT = SAMPLES / "content" / "astronaut.jpg"
@@ -26,16 +28,8 @@ BRICK = SAMPLES / "styles" / "brick.jpg"
 
 
 def manifest(root: Path, pairs: list[dict[str, Any]], **defaults: Any) -> str:
-    doc = {
-        "version": 1,
-        "name": "nights",
-        "output": "out/",
-        "defaults": {"size": 32, "iterations": 2, **defaults},
-        "pairs": [{k: str(v) if isinstance(v, Path) else v for k, v in p.items()} for p in pairs],
-    }
-    path = root / "manifest.yaml"
-    path.write_text(json.dumps(doc))
-    return str(path)
+    """The URI of a tiny manifest named "nights" in `root`."""
+    return str(write_manifest(root, pairs, name="nights", **defaults))
 
 
 def test_a_run_removes_the_temp_files_a_killed_writer_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,7 +29,7 @@ from nst.manifest import (
 from nst.manifest.ids import unique_suffix
 from nst.manifest.inputs import InputSettings, root_env
 from nst.params import PRESETS, StyleParams
-from tests.conftest import REPO, SAMPLES
+from nst_testing.paths import REPO, SAMPLES
 
 MANIFESTS = REPO / "manifests"
 CONTENT = sorted((SAMPLES / "content").glob("*.jpg"))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.fixtures.prefect import PrefectServer
+from nst_testing.paths import REPO
+from nst_testing.prefect import PrefectServer
 
 PAIRS = 2000
 

@@ -18,8 +18,8 @@ import yaml
 from prefect.states import Crashed
 
 from deploy.setup import load_automations
-from tests.conftest import REPO
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
+from nst_testing.paths import REPO
+from nst_testing.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
 
 
 class Receiver:

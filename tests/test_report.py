@@ -11,7 +11,7 @@ from PIL import Image
 from flows import report
 from nst import storage
 from nst.run import PairRecord
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 DATA_URI = re.compile(r"!\[[^\]]*\]\((data:image/(?:jpeg|png);base64,[A-Za-z0-9+/=]+)\)")
 

@@ -8,7 +8,7 @@ import pytest
 
 from flows import report
 from nst import storage
-from tests.fixtures.prefect import PrefectServer
+from nst_testing.prefect import PrefectServer
 from tests.test_report import _records
 from tests.test_ui_retry import CHROMIUM, CHROMIUM_ARGS
 

@@ -1,6 +1,6 @@
 """A Prefect server restart mid-run leaks no gpu-shards slot (issue 18, item 7).
 
-Real parts: `prefect server start` (settings of tests/fixtures/prefect.py, i.e. deploy/setup.py's SERVER_SETTINGS),
+Real parts: `prefect server start` (settings of nst_testing/prefect.py, i.e. deploy/setup.py's SERVER_SETTINGS),
 deploy/setup.py, the stylize-manifest/on-demand deployment of prefect.yaml and a process worker on gpu-pool. While
 the run's batch holds the pool's only gpu-shards slot, the server is stopped and started again on the same port, home
 and database. With Prefect's default in-memory lease storage the restarted server has forgotten the slot's lease, so
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from flows.stylize import GPU_SHARDS_LIMIT, SLOT_LEASE_S
-from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import (
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.prefect import (
     PrefectServer,
     kill_process_groups,
     process_tree,

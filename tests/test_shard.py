@@ -22,7 +22,7 @@ from nst import run as pipeline
 from nst.manifest import load_manifest
 from nst.run.records import build_record
 from nst.run_options import RunOptions
-from tests.conftest import SAMPLES
+from nst_testing.paths import SAMPLES
 
 CHELSEA = SAMPLES / "content" / "chelsea.jpg"  # landscape: 32x21 at size 32
 ASTRONAUT = SAMPLES / "content" / "astronaut.jpg"  # square

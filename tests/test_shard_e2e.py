@@ -23,8 +23,8 @@ from prefect.client.schemas.filters import (
 )
 from prefect.states import AwaitingRetry, Crashed
 
-from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import (
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.prefect import (
     PrefectServer,
     Worker,
     WorkerFactory,
@@ -34,7 +34,7 @@ from tests.fixtures.prefect import (
     run_setup,
     wait_for_flow_run,
 )
-from tests.fixtures.s3 import S3Server, s3_settings_of_this_process
+from nst_testing.s3 import S3Server, s3_settings_of_this_process
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def manifest_yaml() -> str:
 
 
 def worker_name(worker: Worker) -> str:
-    """The name tests.fixtures.prefect.start_process_worker gives a worker (`test-<its home>`)."""
+    """The name nst_testing.prefect.start_process_worker gives a worker (`test-<its home>`)."""
     return f"test-{worker.log.parent.name}"
 
 

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from deploy.setup import SERVER_SETTINGS
-from tests.conftest import REPO
-from tests.fixtures.prefect import PrefectServer, base_env, process_tree, wait_for_flow_run
-from tests.fixtures.s3 import S3Server
+from nst_testing.paths import REPO
+from nst_testing.prefect import PrefectServer, base_env, process_tree, wait_for_flow_run
+from nst_testing.s3 import S3Server
 
 RUN_TIMEOUT_S = 900.0  # the sample takes about a minute on 2 idle cores; CI's are shared with other tests
 

@@ -16,7 +16,7 @@ from nst import storage
 from nst.errors import StorageError
 from nst.storage import s3 as s3store
 from nst.storage import s3client
-from tests.fixtures.s3 import FaultProxy, S3Server, free_ports
+from nst_testing.s3 import FaultProxy, S3Server, free_ports
 
 # ----------------------------------------------------------------------------------------------- both backends
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, deploy_all, wait_for_flow_run
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.prefect import PrefectServer, WorkerFactory, deploy_all, wait_for_flow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from deploy.setup import load_pool_automations
-from tests.conftest import REPO, SAMPLES
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
 
 TEMPLATE = REPO / "deploy" / "k8s-gpu-job-template.json"
 # Paths prefect-kubernetes' worker insists on (its base manifest has them in the pod spec) though batch/v1 has no

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-from tests.conftest import REPO
-from tests.fixtures.prefect import PrefectServer, WorkerFactory, kill_process_groups, process_tree, run_setup
+from nst_testing.paths import REPO
+from nst_testing.prefect import PrefectServer, WorkerFactory, kill_process_groups, process_tree, run_setup
 
 SLEEPER = '''\
 import time
