@@ -158,7 +158,9 @@ def stop(name: str, record: dict[str, Any]) -> None:
 
     if not alive(record):
         return
-    tree: list[dict[str, Any]] = [{"pid": p, "start": start_time(p)} for p in process_tree(record["pid"])]
+    # A zombie (start time None) has ended already: kept, it would read as alive for ever (None == None).
+    members = [{"pid": p, "start": start_time(p)} for p in process_tree(record["pid"])]
+    tree: list[dict[str, Any]] = [m for m in members if m["start"] is not None]
     for sig, wait_s in STOP_SIGNALS[name]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(record["pid"], sig)
