@@ -96,15 +96,20 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """A real `prefect server start` (API + UI) on a free port, shared by the session's end-to-end tests."""
-    server = start_server(tmp_path_factory.mktemp("prefect-server"))
+def _served(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[PrefectServer]:
+    """A `prefect server start` in a fresh folder `name`, stopped when the fixture ends."""
+    server = start_server(tmp_path_factory.mktemp(name))
     try:
         yield server
     finally:
         assert server.proc is not None
         stop_process(server.proc)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real `prefect server start` (API + UI) on a free port, shared by the session's end-to-end tests."""
+    yield from _served(tmp_path_factory, "prefect-server")
 
 
 @pytest.fixture
@@ -131,12 +136,7 @@ def process_worker(prefect_server: PrefectServer, tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="module")
 def isolated_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A `prefect server start` for one test module: automations, pools and limits created there touch no other test."""
-    server = start_server(tmp_path_factory.mktemp("prefect-server-isolated"))
-    try:
-        yield server
-    finally:
-        assert server.proc is not None
-        stop_process(server.proc)
+    yield from _served(tmp_path_factory, "prefect-server-isolated")
 
 
 @pytest.fixture
