@@ -6,6 +6,7 @@ import datetime
 import difflib
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -162,8 +163,28 @@ def _valid_part(model: type[ModelT], raw: dict[str, Any], *, whole: bool = False
     return None
 
 
-class PairBuilder:
-    """Expands pairs and grid into PairSpecs, collecting problems."""
+@dataclass(frozen=True)
+class Expansion:
+    """What a manifest's pairs and grid expand to: the specs, every input to check, the raw defaults, warnings."""
+
+    specs: list[PairSpec]
+    inputs: list[InputRef]
+    defaults_raw: dict[str, Any]
+    warnings: list[str]
+
+
+def expand(
+    problems: Problems, base_dir: str, data: dict[str, Any], overrides: dict[str, Any], roots: Sequence[str] = ()
+) -> Expansion:
+    """Expand `defaults:`, `pairs:` and `grid:` into PairSpecs; every problem (ids included) goes to `problems`."""
+    state = _Expander(problems, base_dir, data, overrides, roots)
+    state.build()
+    check_ids(problems, state.ids)
+    return Expansion(specs=state.specs, inputs=state.inputs, defaults_raw=state.defaults_raw, warnings=state.warnings)
+
+
+class _Expander:
+    """expand()'s working state: the resolved defaults, the ids and inputs seen so far, the specs built."""
 
     def __init__(
         self,
@@ -367,7 +388,3 @@ class PairBuilder:
             id=pair_id, content=content, styles=styles, params=params, overrides=merged, origin=fmt_loc(loc)
         )
         self.specs.append(spec)
-
-    def check_ids(self) -> None:
-        """Every pair id (given or derived) is unique, also in letter case, and not named like an intermediate image."""
-        check_ids(self.problems, self.ids)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from nst import storage
 from nst.errors import ManifestError, StorageError
-from nst.manifest.expand import PairBuilder, pydantic_problems, yaml_type
+from nst.manifest.expand import expand, pydantic_problems, yaml_type
 from nst.manifest.ids import file_stem
 from nst.manifest.inputs import InputSettings, allowed_roots, is_allowed, resolve_output, storage_reason
 from nst.manifest.inputs import check_inputs as check_input_refs
@@ -106,21 +106,19 @@ def load_manifest(
             output = resolved or ""
 
     roots = allowed_roots(base_dir, settings.input_roots)
-    builder = PairBuilder(problems, base_dir, data, overrides or {}, roots)
-    builder.build()
+    expanded = expand(problems, base_dir, data, overrides or {}, roots)
     if not data.get("pairs") and "grid" not in data:
         problems.add((), "manifest has no pairs: add `pairs:` entries or a `grid:`", line=None)
-    builder.check_ids()
     if check_inputs:
-        check_input_refs(problems, builder.inputs, settings)
+        check_input_refs(problems, expanded.inputs, settings)
     problems.raise_if_any(source)
     return Manifest(
         name=name,
         source=source,
         output=output,
-        pairs=builder.specs,
-        defaults=builder.defaults_raw,
-        warnings=builder.warnings,
+        pairs=expanded.specs,
+        defaults=expanded.defaults_raw,
+        warnings=expanded.warnings,
     )
 
 
