@@ -93,7 +93,7 @@ class Gallery:
             self.image("content", pair[0]), [self.image("styles", pair[1])], params, f"{pair[0]}__{pair[1]}"
         )
         seconds_at: dict[int, float] = {}
-        (result,) = self.stylizer.run([job], callback=lambda e: seconds_at.__setitem__(e.iteration, e.seconds))
+        (result,) = self.stylizer.stylize([job], callback=lambda e: seconds_at.__setitem__(e.iteration, e.seconds))
         if result.image is None or result.final_losses is None:
             raise RuntimeError(f"{label} on {job.id} failed: {result.error}")
         print(f"{label:>28} {job.id:<20} loss {result.final_losses['total']:.3e} {max(seconds_at.values()):.1f}s")

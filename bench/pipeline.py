@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch = int(batch)
     timer = IntervalTimer(device)
     original = nst.optimize.stylize_batch
-    nst.optimize.stylize_batch = timer.wrap(original)  # Stylizer.run calls it through the module
+    nst.optimize.stylize_batch = timer.wrap(original)  # Stylizer.stylize calls it through the module
     try:
         with tempfile.TemporaryDirectory(prefix="nst-bench-pipeline-") as tmp:
             manifest = pipeline_manifest(Path(tmp), args.pairs, args.size, args.iterations)

@@ -253,7 +253,7 @@ def run_ours(
             at[event.iteration] = event.seconds
 
         start = time.perf_counter()
-        results = stylizer.run(group, callback=note_time)
+        results = stylizer.stylize(group, callback=note_time)
         wall = time.perf_counter() - start
         last = max(seconds_at)
         for result in results:

@@ -74,7 +74,7 @@ def calibrate(size: int, iterations: int, batch: int) -> dict[str, float]:
     times = []
     for _ in range(4):  # cold, then warm three times (the best of them: this machine is shared)
         start = time.perf_counter()
-        stylizer.run([PairProblem(content, [style], params, f"p{i}") for i in range(batch)])
+        stylizer.stylize([PairProblem(content, [style], params, f"p{i}") for i in range(batch)])
         times.append(time.perf_counter() - start)
     warm = min(times[1:])
     return {"cold_s": times[0], "warm_s": warm, "model_load_s": max(0.0, times[0] - warm)}

@@ -142,7 +142,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        (result,) = Stylizer(read_bytes=storage.read_bytes).run(
+        (result,) = Stylizer(read_bytes=storage.read_bytes).stylize(
             [PairProblem(content, styles, params, pair_id)], callback=progress
         )
     finally:

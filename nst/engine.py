@@ -70,7 +70,7 @@ class Stylizer:
                 )
             return self._networks[key]
 
-    def run(
+    def stylize(
         self, jobs: Sequence[PairProblem[Image.Image]], *, callback: ProgressCallback | None = None
     ) -> list[PairResult[Image.Image]]:
         """Stylize jobs that share shape and graph parameters in one batch (one forward/backward per step).
@@ -147,4 +147,4 @@ def stylize(
 ) -> PairResult[Image.Image]:
     """Stylize one pair (the library's simplest entry point)."""
     job = PairProblem(content, list(styles), canonical_params(params))
-    return (stylizer or Stylizer()).run([job], callback=callback)[0]
+    return (stylizer or Stylizer()).stylize([job], callback=callback)[0]

@@ -4,12 +4,12 @@ from typing import Any
 
 
 class FaultyStylizer:
-    """A real Stylizer whose `run` first calls `fault(jobs)`: faults the real parts cannot produce on demand (OOM)."""
+    """A real Stylizer whose `stylize` first calls `fault(jobs)`, for faults the real parts cannot make (OOM)."""
 
     def __init__(self, inner: Any, fault: Any) -> None:
         self.inner, self.fault = inner, fault
 
-    def run(self, jobs: Any, **kwargs: Any) -> Any:
-        """`fault(jobs)`, then the real Stylizer's run."""
+    def stylize(self, jobs: Any, **kwargs: Any) -> Any:
+        """`fault(jobs)`, then the real Stylizer's stylize."""
         self.fault(jobs)
-        return self.inner.run(jobs, **kwargs)
+        return self.inner.stylize(jobs, **kwargs)

@@ -38,13 +38,13 @@ os.environ.setdefault("NST_MANIFEST_ROOTS", f"{tempfile.gettempdir()},s3://")
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Pair ids of every batch that reached the engine (a spy around the real Stylizer)."""
     calls: list[list[str]] = []
-    real = nst.engine.Stylizer.run
+    real = nst.engine.Stylizer.stylize
 
     def spy(self: Any, jobs: Any, **kwargs: Any) -> Any:
         calls.append([j.id for j in jobs])
         return real(self, jobs, **kwargs)
 
-    monkeypatch.setattr(nst.engine.Stylizer, "run", spy)
+    monkeypatch.setattr(nst.engine.Stylizer, "stylize", spy)
     return calls
 
 

@@ -413,7 +413,7 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
 
     lock = threading.Lock()
     events: list[tuple[str, str, float]] = []  # (what, pairs, time)
-    real = nst.engine.Stylizer.run
+    real = nst.engine.Stylizer.stylize
 
     def stylize(self: Any, jobs: Sequence[Any], **kwargs: Any) -> Any:
         ids = ",".join(j.id for j in jobs)
@@ -433,7 +433,7 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
             events.append(("loaded", spec.id, time.monotonic()))
         return job
 
-    monkeypatch.setattr(nst.engine.Stylizer, "run", stylize)
+    monkeypatch.setattr(nst.engine.Stylizer, "stylize", stylize)
     monkeypatch.setattr(nst.run.batches, "_load_problem", loaded)
     pairs = [{"id": "wide", "content": CHELSEA, "style": BRICK}, {"id": "square", "content": ASTRONAUT, "style": IHC}]
     state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=RunOptions(cpu_slots=1), return_state=True)

@@ -19,7 +19,7 @@ def test_the_judge_scores_the_gatys_preset_as_the_engine_does() -> None:
     pair = quality.benchmark_pairs(1)[0]
     values = {"preset": "gatys", "size": 48, "iterations": 3, "log_every": 1, "precision": "fp32"}
     params = canonical_params(resolve_params(values))
-    [result] = Stylizer().run([PairProblem(pair.content, [pair.style], params, pair.id)])
+    [result] = Stylizer().stylize([PairProblem(pair.content, [pair.style], params, pair.id)])
     assert result.image is not None and result.final_losses is not None
     judge = quality.GatysJudge(torch.device("cpu"))
     content = image_to_tensor(pair.content.resize(result.image.size, quality.Image.Resampling.LANCZOS))

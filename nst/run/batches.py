@@ -139,9 +139,9 @@ def run_batch(
 
         def stylize(subset: list[Problem]) -> list[Result]:
             if hold_device is None:
-                return stylizer.run(subset, callback=on_progress)
+                return stylizer.stylize(subset, callback=on_progress)
             with hold_device() as device:
-                return stylizer.run([_pinned(p, device) for p in subset], callback=on_progress)
+                return stylizer.stylize([_pinned(p, device) for p in subset], callback=on_progress)
 
         records += _stylize_and_write(problems, batch, stylize)
     finally:

@@ -164,7 +164,8 @@ def _list_output(output: str) -> list[storage.ObjectInfo]:
 
 
 def _with_inputs(found: _Found, inputs: dict[str, InputFacts]) -> Verdict:
-    """The verdict once inputs are known: a recorded sha256 holds while the identity is unchanged, else the new one."""
+    """The final verdict once this run's inputs are hashed: each input whose identity changed since the record must
+    still hash to its recorded sha256, or the pair runs."""
     if found.verdict != "check_inputs":
         return found.verdict
     for uri, sha in found.unverified.items():

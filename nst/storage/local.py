@@ -148,42 +148,41 @@ class LocalStore:
             raise
         return tmp, st
 
+    @contextlib.contextmanager
+    def _staged(self, path: str, data: bytes, mode: int | None) -> Iterator[tuple[str, os.stat_result]]:
+        """`_temp_file` for the block's length: removed on exit unless the block renamed it away."""
+        tmp, st = self._temp_file(path, data, mode)
+        try:
+            yield tmp, st
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
     def write(self, uri: str, data: bytes, content_type: str | None) -> ObjectInfo:
         """Temp file + `os.replace` (parents created; an existing file's mode kept)."""
         path = local_path(uri)
-        tmp: str | None = None
         try:
             try:
                 mode: int | None = os.stat(path).st_mode & 0o7777
             except OSError:
                 mode = None
-            tmp, st = self._temp_file(path, data, mode)
-            os.replace(tmp, path)
-            tmp = None
+            with self._staged(path, data, mode) as (tmp, st):
+                os.replace(tmp, path)
         except OSError as exc:
             raise _os_error(exc, uri, "write") from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
         return _info(uri, st)
 
     def create_new(self, uri: str, data: bytes, content_type: str) -> ObjectInfo | None:
         """Temp file + `os.link` to the name: only one creator wins, and the file appears complete or not at all."""
         path = local_path(uri)
         try:
-            tmp, st = self._temp_file(path, data, None)
+            with self._staged(path, data, None) as (tmp, st):
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return None
         except OSError as exc:
             raise _os_error(exc, uri, "create") from None
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return None
-        except OSError as exc:
-            raise _os_error(exc, uri, "create") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         return _info(uri, st)
 
     def _take(self, path: str, expected: ObjectInfo) -> str | None:
@@ -210,27 +209,22 @@ class LocalStore:
     def replace_if(self, uri: str, data: bytes, expected: ObjectInfo, content_type: str) -> ObjectInfo | None:
         """Temp file; rename the expected version aside; link the temp file to the name; drop the old one."""
         path = local_path(uri)
-        tmp: str | None = None
         try:
             st = _regular_stat(path)
             if st is None or not _is_version(st, expected):
                 return None
-            tmp, new = self._temp_file(path, data, st.st_mode & 0o7777)
-            aside = self._take(path, expected)
-            if aside is None:
-                return None
-            os.unlink(aside)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return None  # a create_new got the name while it was empty: that creator holds it
-            return _info(uri, new)
+            with self._staged(path, data, st.st_mode & 0o7777) as (tmp, new):
+                aside = self._take(path, expected)
+                if aside is None:
+                    return None
+                os.unlink(aside)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return None  # a create_new got the name while it was empty: that creator holds it
+                return _info(uri, new)
         except OSError as exc:
             raise _os_error(exc, uri, "replace") from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
     def delete(self, uri: str, expected: ObjectInfo | None) -> bool:
         """Unlink (a missing file is not an error); with `expected`, only that version (rename aside, check)."""
