@@ -30,10 +30,23 @@ pairs:
 """
 
 
+IMAGES = {
+    f"{kind}/{name}.jpg": SAMPLES / kind / f"{name}.jpg"
+    for kind, names in (("content", ("chelsea", "coffee", "astronaut")), ("styles", ("brick", "hubble", "ihc")))
+    for name in names
+}
+
+
 def deploy(server: PrefectServer) -> None:
-    """Create the work pools and deploy every deployment of prefect.yaml, from the repository root."""
+    """Deploy every deployment of prefect.yaml from the repository root; the nightly one as prefect.yaml says."""
     out = deploy_all(server, REPO)
     assert "stylize-manifest/on-demand" in out and "stylize-manifest/nightly" in out, out
+    with server.client() as client:
+        nightly = client.read_deployment_by_name("stylize-manifest/nightly")
+    assert nightly.parameters == {"manifest": "manifests/nightly.yaml"}
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
+    assert nightly.schedules[0].schedule.timezone == "UTC"  # type: ignore[union-attr]
+    assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
 
 
 def run_deployment_cli(server: PrefectServer, *params: str) -> str:
@@ -54,15 +67,7 @@ def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
     prefect_server: PrefectServer, process_worker: WorkerFactory, s3_env: S3Server, s3_bucket: str
 ) -> None:
     s3 = s3_env.client()
-    images = {
-        "content/chelsea.jpg": SAMPLES / "content" / "chelsea.jpg",
-        "content/coffee.jpg": SAMPLES / "content" / "coffee.jpg",
-        "content/astronaut.jpg": SAMPLES / "content" / "astronaut.jpg",
-        "styles/brick.jpg": SAMPLES / "styles" / "brick.jpg",
-        "styles/hubble.jpg": SAMPLES / "styles" / "hubble.jpg",
-        "styles/ihc.jpg": SAMPLES / "styles" / "ihc.jpg",
-    }
-    for key, path in images.items():
+    for key, path in IMAGES.items():
         s3.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
     s3.put_object(Bucket=s3_bucket, Key="manifest.yaml", Body=MANIFEST.encode())
     manifest_uri = f"s3://{s3_bucket}/manifest.yaml"
@@ -71,12 +76,6 @@ def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
         return json.loads(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
 
     deploy(prefect_server)
-    with prefect_server.client() as client:
-        nightly = client.read_deployment_by_name("stylize-manifest/nightly")
-        assert nightly.parameters == {"manifest": "manifests/nightly.yaml"}
-        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
-        assert nightly.schedules[0].schedule.timezone == "UTC"  # type: ignore[union-attr]
-        assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     worker = process_worker("gpu-pool", env=s3_settings_of_this_process())
 
     # 1. A clean run: every pair written to the bucket.
@@ -99,7 +98,7 @@ def test_deployed_flow_on_s3_then_fix_and_retry_the_failed_pair(
     assert get_json(f"out/_runs/{second}.json")["counts"] == {"skipped": 2, "failed": 1}
 
     # 3. Fixed, then retried (what the UI's Retry button sends): only that pair runs; the same run ends Completed.
-    s3.put_object(Bucket=s3_bucket, Key="content/astronaut.jpg", Body=images["content/astronaut.jpg"].read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key="content/astronaut.jpg", Body=IMAGES["content/astronaut.jpg"].read_bytes())
     with prefect_server.client() as client:
         assert client.set_flow_run_state(second, AwaitingRetry()).status.value == "ACCEPT"
     run = wait_for_flow_run(prefect_server, second, worker=worker, after_run_count=run.run_count)

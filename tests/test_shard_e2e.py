@@ -12,6 +12,7 @@ proves the automation does it; waiting for it here would double this test's time
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -75,61 +76,50 @@ def parent_artifacts(server: PrefectServer, parent_id: str) -> dict[str, Any]:
     return {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in data.items()}
 
 
-def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
-    isolated_prefect_server: PrefectServer,
-    isolated_process_worker: WorkerFactory,
-    s3_env: S3Server,
-    s3_bucket: str,
-) -> None:
-    server = isolated_prefect_server
-    s3 = s3_env.client()
-    for content in CONTENTS:
-        s3.put_object(
-            Bucket=s3_bucket, Key=f"content/{content}.jpg", Body=(SAMPLES / "content" / f"{content}.jpg").read_bytes()
-        )
-    for style in STYLES:
-        s3.put_object(
-            Bucket=s3_bucket, Key=f"styles/{style}.jpg", Body=(SAMPLES / "styles" / f"{style}.jpg").read_bytes()
-        )
-    s3.put_object(Bucket=s3_bucket, Key="manifest.yaml", Body=manifest_yaml().encode())
-    manifest_uri = f"s3://{s3_bucket}/manifest.yaml"
+@dataclass
+class Bucket:
+    """The test's S3 bucket: inputs uploaded, JSON read back, the outputs listed."""
 
-    def get_json(key: str) -> dict[str, Any]:
-        return json.loads(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    s3: Any
+    name: str
 
-    def outputs() -> dict[str, tuple[str, Any]]:
+    def upload_inputs(self) -> str:
+        """The contents, the styles and the manifest; the manifest's URI."""
+        files = [(f"content/{c}.jpg", SAMPLES / "content" / f"{c}.jpg") for c in CONTENTS]
+        files += [(f"styles/{s}.jpg", SAMPLES / "styles" / f"{s}.jpg") for s in STYLES]
+        for key, path in files:
+            self.s3.put_object(Bucket=self.name, Key=key, Body=path.read_bytes())
+        self.s3.put_object(Bucket=self.name, Key="manifest.yaml", Body=manifest_yaml().encode())
+        return f"s3://{self.name}/manifest.yaml"
+
+    def get_json(self, key: str) -> dict[str, Any]:
+        return json.loads(self.s3.get_object(Bucket=self.name, Key=key)["Body"].read())
+
+    def outputs(self) -> dict[str, tuple[str, Any]]:
         """Every object under out/ except run summaries: key -> (ETag, LastModified)."""
         found = {}
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="out/"):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix="out/"):
             for obj in page.get("Contents", []):
                 if not obj["Key"].startswith("out/_runs/"):
                     found[obj["Key"]] = (obj["ETag"], obj["LastModified"])
         return found
 
-    run_setup(server, "--gpu-shards", "3")  # pools, the gpu-shards limit, the zombie automation
-    out = deploy_all(server, REPO)
-    assert "shard-manifest/on-demand" in out, out
-    env = s3_settings_of_this_process()
-    gpu_workers = [isolated_process_worker("gpu-pool", env=env, limit=1) for _ in range(3)]
-    parent_worker = isolated_process_worker("parent-pool", env=env)
+    def statuses(self, parent_id: str) -> dict[str, str]:
+        """Each pair's status in the parent's run summary."""
+        return {p["id"]: p["status"] for p in self.get_json(f"out/_runs/{parent_id}.json")["pairs"]}
 
-    # 1. The documented command, on a manifest in S3.
-    result = server.cli(
-        "deployment",
-        "run",
-        "shard-manifest/on-demand",
-        "-p",
-        f"manifest={manifest_uri}",
-        "-p",
-        f"shards={SHARDS}",
-        "-p",
-        'options={"max_batch_pairs": 4}',
-    )
+
+def start_sharded_run(server: PrefectServer, manifest_uri: str) -> str:
+    """The documented command, on a manifest in S3; the parent flow run's id."""
+    options = ["-p", f"manifest={manifest_uri}", "-p", f"shards={SHARDS}", "-p", 'options={"max_batch_pairs": 4}']
+    result = server.cli("deployment", "run", "shard-manifest/on-demand", *options)
     match = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
     assert match, result.stdout
-    parent_id = match.group(1)
+    return match.group(1)
 
-    # 2. A GPU worker dies mid-shard: the first shard seen Running loses its worker and its own process group.
+
+def kill_a_running_shard(server: PrefectServer, parent_id: str, gpu_workers: list[Worker], parent: Worker) -> list[str]:
+    """The first shard seen Running loses its worker and its own process group, and is set Crashed; its pairs."""
     deadline = time.monotonic() + 300
     victim_run = None
     while victim_run is None:
@@ -137,16 +127,47 @@ def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
         if running:
             victim_run = running[0]
         else:
-            assert time.monotonic() < deadline, f"no shard running\n{parent_worker.log_tail()}"
+            assert time.monotonic() < deadline, f"no shard running\n{parent.log_tail()}"
             time.sleep(0.2)
     pid = int(str(victim_run.infrastructure_pid).rsplit(":", 1)[-1])
     victim = next(w for w in gpu_workers if pid in process_tree(w.proc.pid))
     kill_process_groups(process_tree(victim.proc.pid))
     victim.proc.wait(timeout=10)
-    victim_pairs = sorted(victim_run.parameters["options"]["pair_ids"])
     with server.client() as client:
         client.set_flow_run_state(victim_run.id, Crashed(message="worker killed (test)"), force=True)
+    return sorted(victim_run.parameters["options"]["pair_ids"])
 
+
+def check_one_report(server: PrefectServer, bucket: Bucket, parent_id: str, victim_pairs: list[str]) -> None:
+    """One report for the whole run: every pair in the table; the markdown names the dead shard's pairs, all shards."""
+    reports = parent_artifacts(server, parent_id)
+    assert sorted(row["id"] for row in reports["shard-e2e-pairs"]) == sorted(PAIRS)
+    markdown = str(reports["shard-e2e-report"]).replace("\\", "")  # ids as text, markdown escapes removed
+    failed_section = markdown.split("## Failed pairs", 1)[1].split("##", 1)[0]
+    assert all(p in failed_section for p in victim_pairs), failed_section
+    assert markdown.count("| shard-e2e-shard-") == SHARDS
+    assert bucket.s3.head_object(Bucket=bucket.name, Key=f"out/_runs/{parent_id}-losses.png")["ContentLength"] > 0
+
+
+def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
+    isolated_prefect_server: PrefectServer,
+    isolated_process_worker: WorkerFactory,
+    s3_env: S3Server,
+    s3_bucket: str,
+) -> None:
+    server = isolated_prefect_server
+    bucket = Bucket(s3_env.client(), s3_bucket)
+    manifest_uri = bucket.upload_inputs()
+    run_setup(server, "--gpu-shards", "3")  # pools, the gpu-shards limit, the zombie automation
+    out = deploy_all(server, REPO)
+    assert "shard-manifest/on-demand" in out, out
+    env = s3_settings_of_this_process()
+    gpu_workers = [isolated_process_worker("gpu-pool", env=env, limit=1) for _ in range(3)]
+    parent_worker = isolated_process_worker("parent-pool", env=env)
+
+    # 1-2. The documented command; a GPU worker dies mid-shard; the parent ends Failed naming that shard's pairs.
+    parent_id = start_sharded_run(server, manifest_uri)
+    victim_pairs = kill_a_running_shard(server, parent_id, gpu_workers, parent_worker)
     run = wait_for_flow_run(server, parent_id, timeout=600, worker=parent_worker)
     first = children(server, parent_id)
     assert len(first) == SHARDS
@@ -154,20 +175,13 @@ def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
     assert sorted(len(c.parameters["options"]["pair_ids"]) for c in first) == [4] * SHARDS
     assert run.state.is_failed(), run.state.message
     assert all(p in (run.state.message or "") for p in victim_pairs), run.state.message
-    summary = get_json(f"out/_runs/{parent_id}.json")
-    statuses = {p["id"]: p["status"] for p in summary["pairs"]}
+    statuses = bucket.statuses(parent_id)
     assert sorted(statuses) == sorted(PAIRS)
     assert sorted(p for p, s in statuses.items() if s != "succeeded") == victim_pairs
-    assert {s["state"] for s in summary["shards"]} == {"Completed", "Crashed"} and len(summary["shards"]) == SHARDS
-    # One report for the whole run: every pair in the table; the markdown names the dead shard's pairs and all shards.
-    reports = parent_artifacts(server, parent_id)
-    assert sorted(row["id"] for row in reports["shard-e2e-pairs"]) == sorted(PAIRS)
-    markdown = str(reports["shard-e2e-report"]).replace("\\", "")  # ids as text, markdown escapes removed
-    failed_section = markdown.split("## Failed pairs", 1)[1].split("##", 1)[0]
-    assert all(p in failed_section for p in victim_pairs), failed_section
-    assert markdown.count("| shard-e2e-shard-") == SHARDS
-    assert s3.head_object(Bucket=s3_bucket, Key=f"out/_runs/{parent_id}-losses.png")["ContentLength"] > 0
-    before = outputs()
+    shards = bucket.get_json(f"out/_runs/{parent_id}.json")["shards"]
+    assert {s["state"] for s in shards} == {"Completed", "Crashed"} and len(shards) == SHARDS
+    check_one_report(server, bucket, parent_id, victim_pairs)
+    before = bucket.outputs()
     done_keys = {k for k in before if k.rsplit("/", 1)[1].rsplit(".", 1)[0] not in victim_pairs}
     assert len(done_keys) == 2 * (len(PAIRS) - len(victim_pairs))
 
@@ -179,19 +193,17 @@ def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
     second = [c for c in children(server, parent_id) if c.id not in {f.id for f in first}]
     assert [sorted(c.parameters["options"]["pair_ids"]) for c in second] == [victim_pairs]
     assert second[0].state.is_completed()
-    after = outputs()
+    after = bucket.outputs()
     assert {k: after[k] for k in done_keys} == {k: before[k] for k in done_keys}  # not one done pair redone
     assert sorted(after) == sorted(f"out/{p}.{ext}" for p in PAIRS for ext in ("json", "png"))  # each exactly once
-    summary = get_json(f"out/_runs/{parent_id}.json")
-    statuses = {p["id"]: p["status"] for p in summary["pairs"]}
+    statuses = bucket.statuses(parent_id)
     assert sorted(statuses) == sorted(PAIRS)
     assert sorted(p for p, s in statuses.items() if s == "succeeded") == victim_pairs
-    records = {p: get_json(f"out/{p}.json") for p in PAIRS}
+    records = {p: bucket.get_json(f"out/{p}.json") for p in PAIRS}
     assert all(r["status"] == "succeeded" and r["host"] for r in records.values())
     assert {records[p]["run_id"] for p in victim_pairs} == {str(second[0].id)}
-    names = {worker_name(w) for w in gpu_workers}
     used = {r["worker"] for r in records.values()}
-    assert used <= names and len(used) >= 2, used
+    assert used <= {worker_name(w) for w in gpu_workers} and len(used) >= 2, used
 
     # 4. Retry of a parent whose shards all succeeded: no child run, nothing written.
     with server.client() as client:
@@ -199,8 +211,7 @@ def test_sharded_run_survives_a_killed_worker_and_retry_redoes_nothing_done(
     run = wait_for_flow_run(server, parent_id, timeout=300, after_run_count=run.run_count, worker=parent_worker)
     assert run.state.is_completed(), run.state.message
     assert len(children(server, parent_id)) == SHARDS + 1
-    assert outputs() == after
-    summary = get_json(f"out/_runs/{parent_id}.json")
-    assert summary["counts"] == {"skipped": len(PAIRS)}
+    assert bucket.outputs() == after
+    assert bucket.get_json(f"out/_runs/{parent_id}.json")["counts"] == {"skipped": len(PAIRS)}
     # 5. The parent ended Failed in step 2 by our own hand: its worker logged that message, not an engine traceback.
     assert "Traceback" not in parent_worker.log.read_text(errors="replace"), parent_worker.log_tail()
