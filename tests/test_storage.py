@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ from nst import storage
 from nst.errors import StorageError
 from nst.storage import s3 as s3store
 from nst.storage import s3client
+from nst_testing.faults import write_past_a_size_limit
 from nst_testing.s3 import FaultProxy, S3Server, free_ports
 
 # ----------------------------------------------------------------------------------------------- both backends
@@ -209,21 +209,7 @@ def test_failure_while_writing_leaves_old_target_and_no_temp(tmp_path: Path) -> 
     """A real write failure (RLIMIT_FSIZE: the kernel refuses bytes past 4 KiB) mid-write, in a subprocess."""
     target = tmp_path / "a.png"
     target.write_bytes(b"old complete image")
-    script = textwrap.dedent(
-        f"""
-        import resource, signal, sys
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-        from nst import storage
-        from nst.errors import StorageError
-        try:
-            storage.write_bytes({str(target)!r}, b"n" * 100_000)
-        except StorageError as exc:
-            print("StorageError:", exc)
-            sys.exit(3)
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = write_past_a_size_limit(f"storage.write_bytes({str(target)!r}, b'n' * 100_000)")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert str(target) in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -231,9 +217,7 @@ def test_failure_while_writing_leaves_old_target_and_no_temp(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
     # Same failure for a new file: no partial target appears.
     new = tmp_path / "new.png"
-    proc = subprocess.run(
-        [sys.executable, "-c", script.replace(repr(str(target)), repr(str(new)))], capture_output=True, text=True
-    )
+    proc = write_past_a_size_limit(f"storage.write_bytes({str(new)!r}, b'n' * 100_000)")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
 

@@ -22,6 +22,7 @@ import pytest
 from nst import storage
 from nst.errors import StorageError
 from nst.storage import ObjectInfo
+from nst_testing.faults import write_past_a_size_limit
 
 RACERS = 8
 ROUNDS = 5
@@ -129,21 +130,7 @@ def test_local_create_new_is_never_seen_partial(tmp_path: Path) -> None:
 def test_local_create_new_failing_mid_write_leaves_nothing(tmp_path: Path) -> None:
     """A real write failure (RLIMIT_FSIZE: no bytes past 4 KiB), in a subprocess: no target, no temp file."""
     target = tmp_path / "p.claim"
-    script = textwrap.dedent(
-        f"""
-        import resource, signal, sys
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-        from nst import storage
-        from nst.errors import StorageError
-        try:
-            storage.create_new({str(target)!r}, b"n" * 100_000)
-        except StorageError as exc:
-            print("StorageError:", exc)
-            sys.exit(3)
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = write_past_a_size_limit(f"storage.create_new({str(target)!r}, b'n' * 100_000)")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert str(target) in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
     assert list(tmp_path.iterdir()) == []
