@@ -272,8 +272,7 @@ def presets_section(g: Gallery, out: Path) -> list[str]:
         "",
         "![loss curves](gallery/presets-loss.png)",
         "",
-        "| preset | " + " | ".join(PAIR_NAMES) + " |",
-        "|---|" + "---:|" * len(PAIRS),
+        *pairs_table_head("preset"),
         *[
             f"| {p} | "
             + " | ".join(f"{r.final['total']:.3g} (×{r.final['total'] / r.history[0]['total']:.2g})" for r in runs)
@@ -344,8 +343,7 @@ def depth_section(g: Gallery, out: Path) -> list[str]:
         "",
         "![depth](gallery/depth.jpg)",
         "",
-        "| content layer | " + " | ".join(PAIR_NAMES) + " |",
-        "|---|" + "---:|" * len(PAIRS),
+        *pairs_table_head("content layer"),
         "| (content image) | "
         + " | ".join(
             f"{smoothness(g.image('content', c).resize(depth[depth_layers[0]][k].image.size)):.1f}"
@@ -524,6 +522,11 @@ def demo_sheet(out_dir: Path, path: Path, height: int = 128) -> None:
             sheet.paste(cell, (x, r * (height + 4)))
             x += cell.width + 4
     sheet.save(path, quality=85)
+
+
+def pairs_table_head(first: str) -> list[str]:
+    """A markdown table's header: `first`, then one right-aligned column per pair."""
+    return [f"| {first} | " + " | ".join(PAIR_NAMES) + " |", "|---|" + "---:|" * len(PAIRS)]
 
 
 def verdict(holds: bool) -> str:

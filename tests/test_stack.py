@@ -105,6 +105,12 @@ def run_printed_command(out: str, state_dir: Path) -> tuple[PrefectServer, str, 
 
 
 @pytest.mark.slow
+def stack_s3(state: dict[str, Any], state_dir: Path) -> Any:
+    """A boto3 client on the stack's SeaweedFS, from its state.json."""
+    keys = ("endpoint_url", "access_key", "secret_key", "region")
+    return S3Server(**{k: state["s3"][k] for k in keys}, log_path=state_dir / "seaweedfs" / "weed.log").client()
+
+
 def test_make_up_run_the_printed_command_down_and_up_again(tmp_path: Path) -> None:
     state_dir = tmp_path / "stack"
     try:
@@ -117,10 +123,7 @@ def test_make_up_run_the_printed_command_down_and_up_again(tmp_path: Path) -> No
 
         _, run_id, run = run_printed_command(out, state_dir)
         assert run.state.is_completed(), run.state.message
-        s3 = S3Server(
-            **{k: state["s3"][k] for k in ("endpoint_url", "access_key", "secret_key", "region")},
-            log_path=state_dir / "seaweedfs" / "weed.log",
-        ).client()
+        s3 = stack_s3(state, state_dir)
         bucket, key = state["manifest"].removeprefix("s3://").split("/", 1)
         manifest = yaml.safe_load(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         ids = [pair["id"] for pair in manifest["pairs"]]
@@ -150,10 +153,7 @@ def test_make_up_run_the_printed_command_down_and_up_again(tmp_path: Path) -> No
         processes = stack_processes(state_dir)
         _, rerun_id, run = run_printed_command(out, state_dir)
         assert run.state.is_completed(), run.state.message
-        s3 = S3Server(
-            **{k: second["s3"][k] for k in ("endpoint_url", "access_key", "secret_key", "region")},
-            log_path=state_dir / "seaweedfs" / "weed.log",
-        ).client()
+        s3 = stack_s3(second, state_dir)
         summary = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}_runs/{rerun_id}.json")["Body"].read())
         assert summary["counts"] == {"skipped": len(ids)}
         processes.update(stack_processes(state_dir))
