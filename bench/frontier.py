@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the per-pair table for docs/quality.md")
     parser.add_argument("--default-weight", type=float, default=3.0, help="our point shown in the table")
     parser.add_argument("--replot", type=Path, nargs="+", help="only summarise and plot these files' runs")
+    parser.add_argument("--gallery", type=Path, help="JPEG: per pair, ours and neural-style-pt at their defaults")
     args = parser.parse_args(argv)
     wanted = args.only.split(",")
     pairs = [p for p in quality.benchmark_pairs(quality.ALL_PAIRS) if p.id in wanted]
@@ -226,7 +227,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.plots.mkdir(parents=True, exist_ok=True)
         for pair in pairs:
             plot_pair(rows, pair, args.workdir, args.plots / f"{pair.id}.jpg")
+    if args.gallery:
+        gallery(rows, pairs, args, args.gallery, 100.0)
     return 0
+
+
+GALLERY_SERIES = ("ours defaults", "neural-style-pt random", "neural-style-pt image")
+
+
+def gallery(
+    rows: list[dict[str, Any]], pairs: list[quality.Pair], args: argparse.Namespace, path: Path, nspt_w: float
+) -> None:
+    """One row per pair at full size: content, style, then ours and neural-style-pt's two inits at their defaults,
+    each captioned with its two errors and its optimisation seconds."""
+    ours_w, workdir, side = args.default_weight, args.workdir, args.size
+    heads = ["content", "style", f"ours (style {ours_w:g})"]
+    heads += [f"nspt random ({nspt_w:g})", f"nspt -init image ({nspt_w:g})"]
+    cells: list[list[tuple[Image.Image, str]]] = []
+    for pair in pairs:
+        row = [(pair.content, pair.id.split("__")[0]), (pair.style, pair.id.split("__")[1])]
+        for series, weight in zip(GALLERY_SERIES, (ours_w, nspt_w, nspt_w), strict=True):
+            found = [r for r in rows if (r["pair"], r["series"], r["weight"]) == (pair.id, series, weight)]
+            if found and found[0].get("image"):
+                r = found[0]
+                text = f"content {r['content_err']:.2f}  style {r['style_err']:.3f}\n{r['seconds']:.0f} s"
+                row.append((Image.open(workdir / r["image"]).convert("RGB"), text))
+            else:
+                row.append((Image.new("RGB", (8, 8), "white"), "not run"))
+        cells.append(row)
+    cap, head, pad = 30, 18, 6
+    sheet = Image.new("RGB", (len(heads) * (side + pad), head + len(cells) * (side + cap + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, text in enumerate(heads):
+        draw.text((c * (side + pad) + 2, 3), text, fill="black")
+    for i, row in enumerate(cells):
+        y = head + i * (side + cap + pad)
+        for c, (img, text) in enumerate(row):
+            shown = thumbnail(img, side) if max(img.size) != side else img
+            sheet.paste(shown, (c * (side + pad) + (side - shown.width) // 2, y + (side - shown.height) // 2))
+            draw.multiline_text((c * (side + pad) + 2, y + side + 2), text, fill="black", spacing=2)
+    sheet.save(path, quality=88)
 
 
 def markdown(
