@@ -181,7 +181,7 @@ def measure(manifest: str, rtt_ms: float) -> dict[str, Any]:
             listings["calls"] += 1
         return real_list(uri)
 
-    storage.read_bytes = read_bytes  # type: ignore[assignment]
+    storage.read_bytes = read_bytes
     storage.list_prefix = list_prefix  # type: ignore[assignment]
     if hasattr(storage, "read_with_info"):
         real_info = storage.read_with_info
@@ -192,8 +192,8 @@ def measure(manifest: str, rtt_ms: float) -> dict[str, Any]:
                 read[kind(uri)] += len(data)
             return data, info
 
-        storage.read_with_info = read_with_info  # type: ignore[assignment]
-        storage.read_bytes = lambda uri, **kw: read_with_info(uri, **kw)[0]  # type: ignore[assignment]
+        storage.read_with_info = read_with_info
+        storage.read_bytes = lambda uri, **kw: read_with_info(uri, **kw)[0]
     run = run_module()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as spool:

@@ -119,7 +119,8 @@ class GatysJudge:
 
     def score(self, image: Tensor, targets: dict[str, Any]) -> dict[str, float]:
         """{content, style, total} of one image [1,3,H,W] in [0,1] (α·content, β·style, their sum)."""
-        return self.measures(image, targets)["gatys"]
+        gatys: dict[str, float] = self.measures(image, targets)["gatys"]
+        return gatys
 
     def measures(self, image: Tensor, targets: dict[str, Any]) -> dict[str, Any]:
         """The two axes (content_err, style_err) and the Gatys total of one image, from one forward pass.
@@ -152,7 +153,7 @@ def content_preservation(output: Image.Image, content: Image.Image) -> dict[str,
     y_out, y_ref = luminance(output), luminance(content.resize(output.size, Image.Resampling.LANCZOS))
     mse = float(np.mean((y_out - y_ref) ** 2))
     psnr = 10 * math.log10(255.0**2 / mse) if mse > 0 else math.inf
-    return {"psnr_y": psnr, "ssim_y": float(structural_similarity(y_out, y_ref, data_range=255.0))}
+    return {"psnr_y": psnr, "ssim_y": float(structural_similarity(y_out, y_ref, data_range=255.0))}  # type: ignore[no-untyped-call]
 
 
 @dataclass

@@ -92,8 +92,8 @@ def shard_timings(server: PrefectServer, child: Any, output: Path) -> dict[str, 
         at.setdefault(state.type.value, state.timestamp)
     end = max(s.timestamp for s in states)
     batches = [t for t in tasks if t.start_time and t.end_time]
-    first_task = min(t.start_time for t in batches)  # type: ignore[type-var]
-    last_task = max(t.end_time for t in batches)  # type: ignore[type-var]
+    first_task = min(t.start_time for t in batches)
+    last_task = max(t.end_time for t in batches)
     ids = child.parameters["options"]["pair_ids"]
     engine = sum(json.loads((output / f"{i}.json").read_text())["seconds"] for i in ids)
     return {
@@ -154,7 +154,7 @@ def run_once(
             )
         shards = [shard_timings(server, c, manifest.parent / "out") for c in children]
         # Children's span: from the first shard scheduled to the last one's end (the parent's own planning excluded).
-        span = (max(c.end_time for c in children) - first_child_start).total_seconds()  # type: ignore[type-var]
+        span = (max(c.end_time for c in children) - first_child_start).total_seconds()
         wall = (parent.end_time - parent.start_time).total_seconds()
         return {
             "workers": workers,

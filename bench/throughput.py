@@ -201,7 +201,7 @@ def env_record(device: torch.device, size: int, extractor: VGGFeatures, quick: b
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,  # type: ignore[no-untyped-call]
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cpu_threads": torch.get_num_threads(),
         "size": size,

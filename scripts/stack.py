@@ -126,7 +126,7 @@ def start_time(pid: int) -> int | None:
 
 def alive(record: dict[str, Any]) -> bool:
     """Whether the process a record names still runs (same pid and start time)."""
-    return start_time(record["pid"]) == record["start"]
+    return bool(start_time(record["pid"]) == record["start"])
 
 
 def record_of(pid: int, log: Path) -> dict[str, Any]:
