@@ -90,6 +90,12 @@ def allowed_roots(manifest_dir: str | None, extra: Sequence[str]) -> list[str]:
     return roots
 
 
+def input_roots(source: str, settings: InputSettings | None = None) -> list[str]:
+    """The roots a manifest at `source` reads inputs under: its own directory or prefix plus `NST_INPUT_ROOTS`."""
+    settings = settings if settings is not None else InputSettings.from_env()
+    return allowed_roots(storage.parent(source), settings.input_roots)
+
+
 def is_allowed(uri: str, roots: Sequence[str]) -> bool:
     """Whether `uri` lies under one of `roots` (no '.' or '..' key parts on S3, symlinks resolved locally)."""
     if storage.is_s3(uri):

@@ -93,8 +93,9 @@ def make_batches(
 def _load_problem(spec: PairSpec, batch: Batch) -> Problem:
     """Decode a pair's images from the bytes plan() read (errors name the pair, the field and the file)."""
     facts = [batch.inputs[u] for u in (spec.content, *spec.styles)]
-    if errors := [f.error for f in facts if f.error]:
-        raise NSTError(f"pair {spec.id}: {errors[0]}")
+    roles = ["content", *("style" for _ in spec.styles)]
+    if errors := [(role, f.error) for role, f in zip(roles, facts, strict=True) if f.error]:
+        raise NSTError(f"pair {spec.id}: {errors[0][0]} {errors[0][1]}")  # the field, then the file and why
 
     def image(fact: InputFacts, role: str) -> Image.Image:
         local = batch.spool is not None and fact.sha256 is not None

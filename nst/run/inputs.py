@@ -2,21 +2,25 @@
 
 Identities are cheap (one listing per S3 folder holding many inputs, else one stat each); an input is downloaded and
 hashed only when no record vouches for its identity, and only its bytes are kept (in the run's spool) for the batches.
+Given the input roots, a local input is stat'ed and read beneath them without following a symlink (`storage.beneath`):
+one swapped for a link out of them since the manifest was checked is never opened, and fails its pairs.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from nst import storage
-from nst.errors import NSTError
+from nst.errors import NSTError, StorageError
 from nst.images import sha256_bytes, upright_size
+from nst.manifest.inputs import is_allowed
 from nst.run.layout import READ_THREADS
+from nst.storage import beneath
 
 # An S3 folder holding at least this many of a run's inputs is listed (1 request per 1,000 keys), not HEADed per key.
 LIST_AT = 8
@@ -44,8 +48,31 @@ def identity(info: storage.ObjectInfo) -> Identity:
     return dict(info.identity())
 
 
-def stat_inputs(uris: Iterable[str]) -> dict[str, InputFacts]:
-    """The identity of each input; one that cannot be stat'ed has none (it is read, and fails, if its pair runs)."""
+def _outside(uri: str) -> StorageError:
+    return StorageError(f"{uri}: not opened: outside the allowed input roots")
+
+
+def _stat(uri: str, roots: Sequence[str] | None) -> storage.ObjectInfo:
+    """The info of one input; a local one beneath `roots`, if given (S3 keys hold no symlinks: checked as named)."""
+    if roots is not None and not storage.is_s3(uri):
+        return beneath.stat(uri, roots)
+    if roots is not None and not is_allowed(uri, roots):
+        raise _outside(uri)
+    return storage.stat(uri)
+
+
+def _read(uri: str, roots: Sequence[str] | None, max_bytes: int) -> tuple[bytes, storage.ObjectInfo]:
+    """The bytes of one input and the info of the very version read; a local one beneath `roots`, if given."""
+    if roots is not None and not storage.is_s3(uri):
+        return beneath.read(uri, roots, max_bytes)
+    if roots is not None and not is_allowed(uri, roots):
+        raise _outside(uri)
+    return storage.read_with_info(uri, max_bytes=max_bytes)
+
+
+def stat_inputs(uris: Iterable[str], *, roots: Sequence[str] | None = None) -> dict[str, InputFacts]:
+    """The identity of each input (local ones beneath `roots`, if given); one that cannot be stat'ed has none (it is
+    read, and fails, if its pair runs)."""
     facts = {uri: InputFacts(uri) for uri in uris}
     by_folder: dict[str, list[str]] = defaultdict(list)
     for uri in facts:
@@ -65,7 +92,7 @@ def stat_inputs(uris: Iterable[str]) -> dict[str, InputFacts]:
 
     def one(uri: str) -> None:
         try:
-            facts[uri].identity = identity(storage.stat(uri))
+            facts[uri].identity = identity(_stat(uri, roots))
         except NSTError:
             facts[uri].identity = None
 
@@ -79,15 +106,23 @@ def spooled(spool: str, sha256: str) -> str:
     return os.path.join(spool, sha256)
 
 
-def read_inputs(facts: Iterable[InputFacts], *, spool: str | None, max_bytes: int, max_pixels: int) -> None:
-    """Download and hash these inputs in parallel, keeping their bytes in `spool`; fills sha256, dims or error."""
+def read_inputs(
+    facts: Iterable[InputFacts],
+    *,
+    spool: str | None,
+    max_bytes: int,
+    max_pixels: int,
+    roots: Sequence[str] | None = None,
+) -> None:
+    """Download and hash these inputs in parallel (local ones opened once, beneath `roots` if given), keeping their
+    bytes in `spool`; fills sha256, dims and identity (of the bytes read), or error (and no identity)."""
 
     def one(fact: InputFacts) -> None:
         try:
-            data, info = storage.read_with_info(fact.uri, max_bytes=max_bytes)
+            data, info = _read(fact.uri, roots, max_bytes)
             fact.identity = identity(info)  # of the very version read, whatever the stat saw before
         except NSTError as exc:
-            fact.error = str(exc)
+            fact.error, fact.identity = str(exc), None  # nothing read: no size or time of whatever is there
             return
         fact.sha256 = sha256_bytes(data)
         if spool is not None and not os.path.exists(spooled(spool, fact.sha256)):

@@ -1,19 +1,27 @@
-"""Where a run's files live beside its outputs, and how they are written (transient storage errors retried)."""
+"""Where a run's files live beside its outputs, and how they are written (transient storage errors retried).
+
+The run's own folder `<output>/_runs` is never a symlink: locally, a file in it is written through the output folder
+without following one (`storage.beneath`), so a `_runs` link planted in the output cannot send a summary elsewhere.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from nst import storage
 from nst.errors import StorageError
+from nst.storage import beneath
 
 # Threads for the run path's storage reads (records, inputs).
 READ_THREADS = 16
 # Waits between attempts of one output write, on transient storage errors (on top of botocore's own retries):
 # together they ride out an S3 endpoint that is down for about a minute.
 WRITE_RETRY_DELAYS_S: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
+# The run's own folder beside the outputs: summaries, the records index, shard id lists, loss curves.
+RUNS = "_runs"
 
 
 def _in(output: str, name: str) -> str:
@@ -32,7 +40,7 @@ def claim_uri(output: str, pair_id: str) -> str:
 
 def summary_uri(output: str, run_id: str, suffix: str = ".json") -> str:
     """`<output>/_runs/<run_id>.json` (or another suffix, e.g. `-losses.png`): the run's own files."""
-    return _in(output, f"_runs/{run_id}{suffix}")
+    return _in(output, f"{RUNS}/{run_id}{suffix}")
 
 
 def with_retries(action: Callable[[], Any], delays: Sequence[float] = WRITE_RETRY_DELAYS_S) -> Any:
@@ -48,5 +56,17 @@ def with_retries(action: Callable[[], Any], delays: Sequence[float] = WRITE_RETR
 
 
 def write(uri: str, data: bytes, content_type: str) -> Any:
-    """Write one output (atomically, retrying transient errors); returns what the store says it wrote."""
+    """Write one output (atomically, retrying transient errors); returns what the store says it wrote.
+
+    A local file in `_runs/` is written beneath the output folder, `_runs` refused if it is a symlink.
+    """
+    if in_runs(uri):
+        return with_retries(lambda: beneath.write_in(uri, data))
     return with_retries(lambda: storage.write_bytes(uri, data, content_type=content_type))
+
+
+def in_runs(uri: str) -> bool:
+    """Whether `uri` is a local file in a run folder (`<output>/_runs/<name>`)."""
+    if storage.is_s3(uri):
+        return False
+    return os.path.basename(os.path.dirname(os.path.abspath(storage.local_path(uri)))) == RUNS

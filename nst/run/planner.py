@@ -20,7 +20,7 @@ from nst import storage
 from nst.errors import ManifestError, NSTError
 from nst.images import sha256_bytes
 from nst.manifest import Manifest, PairSpec
-from nst.manifest.inputs import InputSettings
+from nst.manifest.inputs import InputSettings, input_roots
 from nst.params import StyleParams, canonical_params
 from nst.run.index import Index, Written, params_digest, read_index
 from nst.run.inputs import Identity, InputFacts, identity, read_inputs, stat_inputs
@@ -110,7 +110,8 @@ def listed_ids(uri: str, *, strict: bool = False) -> list[str]:
 def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -> Plan:
     """Decide which pairs run; read (into `spool`) only the inputs of pairs that run or whose identity changed."""
     specs = selected(manifest, options)
-    inputs = stat_inputs(sorted({u for p in specs for u in (p.content, *p.styles)}))
+    roots = input_roots(manifest.source)  # inputs are stat'ed and read beneath them, never through a symlink out
+    inputs = stat_inputs(sorted({u for p in specs for u in (p.content, *p.styles)}), roots=roots)
     listing = {i.uri: i for i in _list_output(manifest.output)}
     index = {} if options.force else read_index(manifest.output)
     found, seen = ({}, {}) if options.force else _existing(manifest.output, specs, listing, index, inputs)
@@ -119,7 +120,11 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
 
     def read(uris: set[str]) -> None:
         read_inputs(
-            [inputs[u] for u in sorted(uris)], spool=spool, max_bytes=settings.max_input_bytes, max_pixels=max_pixels
+            [inputs[u] for u in sorted(uris)],
+            spool=spool,
+            max_bytes=settings.max_input_bytes,
+            max_pixels=max_pixels,
+            roots=roots,
         )
 
     read({u for f in found.values() if f.verdict == "check_inputs" for u in f.unverified})
