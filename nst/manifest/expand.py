@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from nst.manifest.model import (
 )
 from nst.manifest.source import Problems, fmt_loc, has_node, line_of
 from nst.params import StyleParams, resolve_params
+from nst.storage.base import scheme
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # Image extensions a grid glob matches in any letter case (`*.jpg` matches PHOTO.JPG).
@@ -127,6 +129,13 @@ def _params_problems(
         problems.add((*where, *field_loc), message, line=line)
 
 
+def plain_uri(uri: str) -> str:
+    """One spelling per file: a `file://` URI as its normalised local path (records compare inputs by URI)."""
+    if scheme(uri) == "file":
+        return os.path.normpath(storage.local_path(uri))
+    return uri
+
+
 def _is_glob(path: str) -> bool:
     return bool(_GLOB_CHARS.search(path))
 
@@ -174,10 +183,17 @@ class Expansion:
 
 
 def expand(
-    problems: Problems, base_dir: str, data: dict[str, Any], overrides: dict[str, Any], roots: Sequence[str] = ()
+    problems: Problems,
+    base_dir: str,
+    data: dict[str, Any],
+    overrides: dict[str, Any],
+    roots: Sequence[str] = (),
+    name: str = "",
 ) -> Expansion:
-    """Expand `defaults:`, `pairs:` and `grid:` into PairSpecs; every problem (ids included) goes to `problems`."""
+    """Expand `defaults:`, `pairs:` and `grid:` into PairSpecs of manifest `name`; every problem (ids included) goes
+    to `problems`."""
     state = _Expander(problems, base_dir, data, overrides, roots)
+    state.name = name
     state.build()
     check_ids(problems, state.ids)
     return Expansion(specs=state.specs, inputs=state.inputs, defaults_raw=state.defaults_raw, warnings=state.warnings)
@@ -195,6 +211,7 @@ class _Expander:
         roots: Sequence[str] = (),
     ) -> None:
         self.problems = problems
+        self.name = ""  # the manifest's name: its pairs' owner
         self.roots = list(roots)  # allowed input roots (inputs.allowed_roots); empty: no confinement
         self.warnings: list[str] = []
         self.overrides = overrides
@@ -236,7 +253,7 @@ class _Expander:
     def _resolve(self, path: str, loc: Loc, *, confine: bool = True) -> str | None:
         """An input path resolved against the manifest's directory/prefix; None (problem recorded) if impossible."""
         try:
-            uri = storage.join(self.base_dir, path)
+            uri = plain_uri(storage.join(self.base_dir, path))
             storage.parent(uri)  # rejects schemes other than file:// and s3://
         except StorageError as exc:
             self.problems.add(loc, str(exc))
@@ -385,6 +402,12 @@ class _Expander:
             else:
                 return
         spec = PairSpec(
-            id=pair_id, content=content, styles=styles, params=params, overrides=merged, origin=fmt_loc(loc)
+            id=pair_id,
+            content=content,
+            styles=styles,
+            params=params,
+            overrides=merged,
+            origin=fmt_loc(loc),
+            manifest=self.name,
         )
         self.specs.append(spec)

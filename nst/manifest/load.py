@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -11,17 +12,30 @@ from pydantic import ValidationError
 
 from nst import storage
 from nst.errors import ManifestError, StorageError
-from nst.manifest.expand import expand, pydantic_problems, yaml_type
+from nst.manifest.expand import Expansion, expand, plain_uri, pydantic_problems, yaml_type
 from nst.manifest.ids import file_stem
-from nst.manifest.inputs import InputSettings, allowed_roots, is_allowed, resolve_output, storage_reason
+from nst.manifest.inputs import (
+    InputSettings,
+    allowed_roots,
+    is_allowed,
+    resolve_output,
+    same_uri,
+    storage_reason,
+)
 from nst.manifest.inputs import check_inputs as check_input_refs
 from nst.manifest.model import Manifest, ManifestFile, ParamOverrides
-from nst.manifest.source import InvalidManifestError, parse_yaml
+from nst.manifest.source import InvalidManifestError, Problems, parse_yaml
 from nst.params import StyleParams, format_validation_error
+from nst.storage.base import MAGIC_RE, split_pattern
 
 
 def _absolute(uri: str) -> str:
-    """A URI as given, or a local path made absolute."""
+    """A URI as given (a `file://` URI as its path: one spelling per manifest), or a local path made absolute."""
+    if uri.startswith("file:"):
+        try:
+            uri = plain_uri(uri)
+        except StorageError as exc:
+            raise InvalidManifestError(uri, [str(exc).removeprefix(f"{uri}: ")]) from None
     if "://" in uri:
         return uri
     return os.path.abspath(os.path.expanduser(uri))
@@ -106,9 +120,11 @@ def load_manifest(
             output = resolved or ""
 
     roots = allowed_roots(base_dir, settings.input_roots)
-    expanded = expand(problems, base_dir, data, overrides or {}, roots)
+    expanded = expand(problems, base_dir, data, overrides or {}, roots, name)
     if not data.get("pairs") and "grid" not in data:
         problems.add((), "manifest has no pairs: add `pairs:` entries or a `grid:`", line=None)
+    if output:
+        check_outputs(problems, output, base_dir, data, expanded)
     if check_inputs:
         check_input_refs(problems, expanded.inputs, settings)
     problems.raise_if_any(source)
@@ -120,6 +136,106 @@ def load_manifest(
         defaults=expanded.defaults_raw,
         warnings=expanded.warnings,
     )
+
+
+# --- No output is an input: the files a run writes (`<id>.png`, `<id>.iter<N>.png`, `<id>.json`, `<id>.claim`,
+# `_runs/...`) never equal an input, and no grid glob can list the output folder (or its `_runs/`).
+
+RUNS_FOLDER = "_runs"
+_ITERATION = re.compile(r"\.iter\d{6}$")
+
+
+def _folder(uri: str) -> str:
+    """A folder URI in comparable form (symlinks resolved locally), without a trailing slash."""
+    return same_uri(uri).rstrip("/") or "/"
+
+
+def _output_ids(name: str) -> set[str]:
+    """The pair ids whose output file `name` would be."""
+    for suffix in (".json", ".claim", ".png"):
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            return {stem, _ITERATION.sub("", stem)} if suffix == ".png" else {stem}
+    return set()
+
+
+def output_file(output: str, uri: str, ids: set[str], *, folder: bool = False) -> str | None:
+    """The output file of this manifest that input `uri` is, resolved (None: it is none); with `folder`, any file
+    directly in the output folder counts (a glob's match: the glob reached into the output folder)."""
+    try:
+        out, path = _folder(output), same_uri(uri)
+    except StorageError:
+        return None
+    parent, _, name = path.rpartition("/")
+    if parent == f"{out}/{RUNS_FOLDER}" or path.startswith(f"{out}/{RUNS_FOLDER}/"):
+        return path
+    if parent != out.rstrip("/"):
+        return None
+    return path if folder or _output_ids(name) & ids else None
+
+
+def _reaches(pattern: list[str], path: list[str]) -> bool:
+    """Whether some file directly in folder `path` (segments) matches `pattern` (`**` = any number of segments)."""
+    if not pattern:
+        return False
+    if pattern[0] == "**":
+        return _reaches(pattern[1:], path) or (bool(path) and _reaches(pattern, path[1:])) or pattern == ["**"]
+    if not path:
+        return len(pattern) == 1
+    return fnmatch.fnmatchcase(path[0], pattern[0]) and _reaches(pattern[1:], path[1:])
+
+
+def glob_reaches_output(output: str, pattern: str) -> bool:
+    """Whether glob `pattern` can match a file in the output folder or its `_runs/`, whatever files exist now (the
+    first night has no outputs yet). A local pattern's literal head is compared with symlinks resolved."""
+    if storage.is_s3(pattern) != storage.is_s3(output):
+        return False
+    literal, wild = split_pattern(pattern)
+    head = "/".join(literal)
+    try:
+        head = head if storage.is_s3(pattern) else same_uri(head or "/")
+        out = _folder(output)
+    except StorageError:
+        return False
+    segments = [*head.rstrip("/").split("/"), *wild]
+    return any(_reaches(segments, folder.split("/")) for folder in (out, f"{out}/{RUNS_FOLDER}"))
+
+
+def check_outputs(problems: Problems, output: str, base_dir: str, data: dict[str, Any], expanded: Expansion) -> None:
+    """Refuse (a problem naming the field, the pair and the path) every input that is one of this manifest's outputs,
+    and every grid glob that can list the output folder."""
+    ids = {spec.id for spec in expanded.specs}
+    for ref in expanded.inputs:
+        if clash := output_file(output, ref.uri, ids):
+            pair = f" (pair {ref.pair_id})" if ref.pair_id else ""
+            problems.add(ref.loc, f"{clash} is an output of this manifest{pair}: no output may be an input")
+    grid = data.get("grid")
+    if not isinstance(grid, dict):
+        return
+    for key in ("contents", "styles"):
+        entries = grid.get(key)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if not isinstance(entry, str) or not MAGIC_RE.search(entry):
+                continue
+            try:
+                pattern = plain_uri(storage.join(base_dir, entry))
+            except StorageError:
+                continue  # reported by expand
+            if glob_reaches_output(output, pattern):
+                problems.add(
+                    ("grid", key, i),
+                    f"{pattern} can match files in the output folder {output}: outputs would become inputs; "
+                    "write outputs to a folder the grid's globs do not reach",
+                )
+    named = {ref.uri for ref in expanded.inputs}  # checked above; the rest of the grid's inputs are glob matches
+    matched = {(u, key) for s in expanded.specs if s.origin == "grid" for u, key in _grid_inputs(s.content, s.styles)}
+    for uri, key in sorted(m for m in matched if m[0] not in named):  # a symlinked folder can lead a glob in
+        if clash := output_file(output, uri, ids, folder=True):
+            problems.add(("grid", key), f"{clash} lies in the output folder {output}: no output may be an input")
+
+
+def _grid_inputs(content: str, styles: list[str]) -> list[tuple[str, str]]:
+    return [(content, "contents"), *((s, "styles") for s in styles)]
 
 
 def _short(uri: str, base: str) -> str:

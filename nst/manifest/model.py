@@ -154,7 +154,15 @@ ManifestFile: type[StrictModel] = create_model(
     __doc__="An nst manifest (YAML, version 1): content/style pairs, their parameters and where outputs go.",
     __module__=__name__,
     version=(Literal[1], Field(description="manifest format version; must be 1")),
-    name=(str | None, Field(None, min_length=1, max_length=200, description="run name; default: the file's stem")),
+    name=(
+        str | None,
+        Field(
+            None,
+            min_length=1,
+            max_length=200,
+            description="the manifest's name, which owns its outputs (records name it); default: the file's stem",
+        ),
+    ),
     output=(
         NonEmptyStr,
         Field(description="output directory: relative to the manifest (no '..') or an s3:// prefix"),
@@ -191,6 +199,7 @@ class PairSpec(BaseModel):
     params: StyleParams = Field(description="preset + defaults + pair overrides, validated")
     overrides: dict[str, Any] = Field(default_factory=dict, description="parameters the manifest set for this pair")
     origin: str = Field("", description="where the pair comes from, e.g. pairs[3] or grid")
+    manifest: str = Field("", description="name of the manifest the pair belongs to: its records' owner")
 
 
 class Manifest(BaseModel):
