@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ import pytest
 from PIL import Image
 
 import nst
-from nst.api import StyleOptions, Stylized
+from nst.api import StyleOptions, Stylized, StylizeFailed
 from nst.cli import main
+from nst.engine import Stylizer
 from nst.errors import NSTError, OutputError, ParamsError, StorageError
+from nst.pairs import PairProblem, PairResult
 from nst.params import StyleParams
-from nst.steplog import ProgressEvent
+from nst.results import error_info
+from nst.steplog import ProgressCallback, ProgressEvent
 from nst_testing.paths import REPO, SAMPLES
 
 CONTENT = SAMPLES / "content" / "chelsea.jpg"
@@ -100,6 +104,25 @@ def test_output_writes_the_record_nst_stylize_writes(tmp_path: Path, capsys: pyt
     cli = json.loads((tmp_path / "cli.json").read_text())
     assert set(cli) == set(result.record) and set(cli["output"]) == set(result.record["output"])
     assert cli["params"] == result.record["params"] and cli["inputs"] == result.record["inputs"]
+
+
+class NaNStylizer(Stylizer):
+    """Every pair fails as a loss gone NaN at its first step would (no network loaded)."""
+
+    def stylize(
+        self, jobs: Sequence[PairProblem[Image.Image]], *, callback: ProgressCallback | None = None
+    ) -> list[PairResult[Image.Image]]:
+        error = error_info("NonFiniteLoss", "loss became NaN/inf at iteration 1", 1)
+        return [PairResult(j.id, "failed", j.params, None, None, [], 1, error=error) for j in jobs]
+
+
+def test_failed_optimisation_raises_with_its_record(tmp_path: Path) -> None:
+    """Like `nst stylize`: the failed record is written beside `output`, then the error is raised (no image)."""
+    with pytest.raises(StylizeFailed, match="NaN/inf at iteration 1") as caught:
+        nst.stylize(content=CONTENT, styles=STYLE, output=tmp_path / "nan.png", stylizer=NaNStylizer(), **TINY)
+    assert caught.value.record["status"] == "failed" and caught.value.record["error"]["type"] == "NonFiniteLoss"
+    assert json.loads((tmp_path / "nan.json").read_text()) == caught.value.record
+    assert not (tmp_path / "nan.png").exists()
 
 
 @pytest.mark.parametrize(
