@@ -14,7 +14,8 @@ What it declares (docs/scaling.md, docs/prefect.md):
 - every automation in deploy/automations.yaml, created or updated by name, so running this twice leaves one of each:
   the heartbeat automation that marks zombie flow runs Crashed; the nightly failure notification, to the block named
   by `--alert-webhook-block` (NST_ALERT_WEBHOOK_BLOCK) or the block `nst-alerts` made from `--alert-webhook-url`
-  (NST_ALERT_WEBHOOK_URL), skipped without either; and per pool a late-run automation that tells a run no worker
+  (NST_ALERT_WEBHOOK_URL; its path, query and any user:password are kept in the block's `secrets`, the stored `url`
+  names only the scheme and host), skipped without either; and per pool a late-run automation that tells a run no worker
   started within `--late-after` seconds (NST_LATE_AFTER_S) to start one.
 - a check that the server keeps concurrency leases on disk (SERVER_SETTINGS): with Prefect's default, in memory, a
   server restart leaks the gpu-shards slots that runs held.
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 from string import Template
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -157,6 +159,19 @@ def check_server(client: Any) -> str:
     )
 
 
+def webhook_template(url: str) -> tuple[str, dict[str, str]]:
+    """`url` as a URL template naming only scheme, host and port, plus the secrets that fill it in (its path, query
+    and fragment: a webhook's token; and any user:password)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    secret_values = {"webhook_path": url[len(f"{parts.scheme}://{parts.netloc}") :]}
+    userinfo = parts.netloc.rpartition("@")[0]
+    if userinfo:
+        secret_values["webhook_userinfo"] = userinfo
+        host = "{{webhook_userinfo}}@" + host
+    return f"{parts.scheme}://{host}{{{{webhook_path}}}}", secret_values
+
+
 def ensure_alert_block(client: Any, *, block: str | None, url: str | None) -> str | None:
     """Id of the alert notification block: `block` ("[type-slug/]name", default type custom-webhook), or one made
     from `url`; None when neither is given."""
@@ -174,9 +189,11 @@ def ensure_alert_block(client: Any, *, block: str | None, url: str | None) -> st
             ) from None
     if not url:
         return None
+    template, secret_values = webhook_template(url)
     webhook = CustomWebhookNotificationBlock(
         name=ALERT_BLOCK_NAME,
-        url=url,
+        url=template,
+        secrets=secret_values,
         json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"},
     )
     return str(webhook.save(ALERT_BLOCK_NAME, overwrite=True))

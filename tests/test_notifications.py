@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,23 +16,26 @@ from typing import Any
 
 import pytest
 import yaml
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.states import Crashed
 
-from deploy.setup import load_automations
+from deploy.setup import ALERT_BLOCK_NAME, ALERT_BLOCK_TYPE, load_automations
 from nst_testing.paths import REPO
 from nst_testing.prefect import PrefectServer, WorkerFactory, run_setup, wait_for_flow_run
 
 
 class Receiver:
-    """An HTTP server on a free local port that records the JSON body of every POST."""
+    """An HTTP server on a free local port that records the JSON body and the path of every POST."""
 
     def __init__(self) -> None:
         received: list[dict[str, Any]] = []
+        paths: list[str] = []
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 received.append(json.loads(body or b"{}"))
+                paths.append(self.path)
                 self.send_response(204)
                 self.end_headers()
 
@@ -39,6 +43,7 @@ class Receiver:
                 pass
 
         self.received = received
+        self.paths = paths
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -126,3 +131,22 @@ def test_a_failed_or_crashed_nightly_run_is_sent_to_the_webhook_and_other_runs_a
     assert got["text"] == f"{got['subject']}\n{got['body']}"  # Slack-style `text` for chat webhooks
     assert not [r for r in receiver.received if other in json.dumps(r)], receiver.received
     assert len(receiver.received) == 2, receiver.received
+
+
+@pytest.mark.slow
+def test_the_webhook_token_is_kept_in_the_block_secrets_not_in_its_url(
+    isolated_prefect_server: PrefectServer, receiver: Receiver
+) -> None:
+    """Who can read blocks sees the webhook's host, not its token; the notification still carries the token."""
+    server = isolated_prefect_server
+    token = f"tok{uuid.uuid4().hex}"
+    run_setup(server, "--alert-webhook-url", f"{receiver.url}/{token}?key={token}")
+    with server.client() as client:
+        stored = client.read_block_document_by_name(ALERT_BLOCK_NAME, ALERT_BLOCK_TYPE, include_secrets=False)
+    assert token not in stored.data["url"] and token not in json.dumps(stored.data, default=str), stored.data
+    with server.settings():
+        block = CustomWebhookNotificationBlock.load(ALERT_BLOCK_NAME)
+        assert isinstance(block, CustomWebhookNotificationBlock)
+        block.notify("a body", "a subject")
+    assert receiver.paths == [f"/hook/{token}?key={token}"], receiver.paths
+    assert receiver.received[-1]["subject"] == "a subject"
