@@ -1,15 +1,19 @@
 """`LocalStore`: plain paths and `file://` URIs on a local (POSIX) filesystem.
 
 Every write goes to a temp file in the target's directory first (fsync'd), then takes the name in one step:
-`os.replace` (write), `os.link` (create_new: fails if the name exists) or rename-aside + link (replace_if). A
-reader never sees an empty or partial file, and a crash leaves at most a `.<name>.<random>.nst-tmp` file, which
-listings skip and `remove_stale_temp` deletes. A version is identified by (size, st_mtime_ns): the kernel stamps
-mtime at its clock tick (up to a few ms), so two writes of equal size to one path within one tick look the same.
+`os.replace` (write, replace_if) or `os.link` (create_new: fails if the name exists). A reader never sees an empty
+or partial file, and a crash leaves at most a `.<name>.<random>.nst-tmp` file, which listings skip and
+`remove_stale_temp` deletes. The checks of `replace_if` and `delete(expected=)` and every change of a name (but
+`create_new`'s link, atomic in itself) are made holding an exclusive `flock` on the name's directory, so a
+conditional operation is atomic against every other process and thread using this store (S3's If-Match).
+A version is identified by (size, st_mtime_ns); the temp file's mtime is stamped from the nanosecond clock, so two
+versions written by this store differ even within one kernel clock tick.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import stat as _stat
@@ -111,6 +115,20 @@ def _regular_stat(path: str) -> os.stat_result | None:
     return st if _stat.S_ISREG(st.st_mode) else None
 
 
+@contextlib.contextmanager
+def _dir_locked(path: str) -> Iterator[None]:
+    """An exclusive `flock` on the directory holding `path` (released on exit, or by the kernel if the process dies).
+
+    Each entry opens the directory anew, so threads of one process exclude each other as processes do.
+    """
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     """Local files behind the `Store` protocol (atomic writes, conditional create/replace/delete)."""
 
@@ -139,6 +157,8 @@ class LocalStore:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
+                now = time.time_ns()  # not the kernel's coarse tick: versions written within one tick differ
+                os.utime(fh.fileno(), ns=(now, now))
                 os.fsync(fh.fileno())
                 st = os.fstat(fh.fileno())  # a rename or link keeps size and mtime
             os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
@@ -166,7 +186,7 @@ class LocalStore:
                 mode: int | None = os.stat(path).st_mode & 0o7777
             except OSError:
                 mode = None
-            with self._staged(path, data, mode) as (tmp, st):
+            with self._staged(path, data, mode) as (tmp, st), _dir_locked(path):
                 os.replace(tmp, path)
         except OSError as exc:
             raise _os_error(exc, uri, "write") from None
@@ -185,60 +205,34 @@ class LocalStore:
             raise _os_error(exc, uri, "create") from None
         return _info(uri, st)
 
-    def _take(self, path: str, expected: ObjectInfo) -> str | None:
-        """Rename the `expected` version of `path` aside (one racer wins the rename); its new name, or None.
-
-        A version other than `expected` found after the rename is put back; if the empty name was taken meanwhile
-        (a `create_new`), the name's new holder wins and that version is dropped.
-        """
-        st = _regular_stat(path)
-        if st is None or not _is_version(st, expected):
-            return None
-        aside = _temp_name(path)
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return None
-        if _is_version(os.stat(aside), expected):
-            return aside
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-        os.unlink(aside)
-        return None
-
     def replace_if(self, uri: str, data: bytes, expected: ObjectInfo, content_type: str) -> ObjectInfo | None:
-        """Temp file; rename the expected version aside; link the temp file to the name; drop the old one."""
+        """Temp file; then, holding the directory's lock, check the version, `os.replace` (no empty name)."""
         path = local_path(uri)
         try:
             st = _regular_stat(path)
             if st is None or not _is_version(st, expected):
                 return None
-            with self._staged(path, data, st.st_mode & 0o7777) as (tmp, new):
-                aside = self._take(path, expected)
-                if aside is None:
+            with self._staged(path, data, st.st_mode & 0o7777) as (tmp, new), _dir_locked(path):
+                st = _regular_stat(path)
+                if st is None or not _is_version(st, expected):
                     return None
-                os.unlink(aside)
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return None  # a create_new got the name while it was empty: that creator holds it
+                os.replace(tmp, path)
                 return _info(uri, new)
         except OSError as exc:
             raise _os_error(exc, uri, "replace") from None
 
     def delete(self, uri: str, expected: ObjectInfo | None) -> bool:
-        """Unlink (a missing file is not an error); with `expected`, only that version (rename aside, check)."""
+        """Unlink (a missing file is not an error); with `expected`, only that version (checked holding the lock)."""
         path = local_path(uri)
         try:
-            if expected is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                return True
-            aside = self._take(path, expected)
-            if aside is None:
-                return False
-            os.unlink(aside)
+            with _dir_locked(path):
+                st = _regular_stat(path) if expected is not None else None
+                if expected is not None and (st is None or not _is_version(st, expected)):
+                    return False
+                os.unlink(path)
             return True
+        except FileNotFoundError:  # the file, or its directory
+            return expected is None
         except OSError as exc:
             raise _os_error(exc, uri, "delete") from None
 

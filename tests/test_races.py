@@ -1,0 +1,75 @@
+"""Races between processes: conditional operations on local disk, and concurrent runs of one manifest.
+
+Item 5 of issue 29: eight processes race for lapsed (and absent) claims through `claim_pair`, with random pauses
+before every name change (`nst_testing.races.JitteryOS`); every claim ends owned by exactly the one process told it
+won. Item 4: two runs of one manifest started a second apart compute each pair once between them.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from nst import storage
+from nst.run.layout import claim_uri
+from nst_testing.races import claim_racer, delete_create_racer, racer_run_id
+
+RACERS = 8
+CLAIMS = 90
+MAX_PAUSE_S = 0.003
+
+
+def _claim_body(run_id: str, expires_at: float) -> bytes:
+    return json.dumps({"run_id": run_id, "expires_at": expires_at, "claimed_at": "2000-01-01T00:00:00Z"}).encode()
+
+
+def _race(target: Callable[..., None], *args: object) -> dict[int, list[str]]:
+    """Run `target(*args, racer, MAX_PAUSE_S, barrier, results)` in RACERS processes; what each put on `results`."""
+    ctx = multiprocessing.get_context("forkserver")  # fresh interpreters forked from one that imported nst once
+    ctx.set_forkserver_preload(["nst.run.claims", "nst_testing.races"])
+    barrier, results = ctx.Barrier(RACERS), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, racer, MAX_PAUSE_S, barrier, results)) for racer in range(RACERS)]
+    for proc in procs:
+        proc.start()
+    won = dict(results.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return won
+
+
+def _wrong_owners(uris: list[str], won: dict[int, list[str]], holder: Callable[[str], str]) -> dict[str, object]:
+    """The names whose racers told they won are not exactly [the holder]: {uri: (racers, holder)}."""
+    wrong: dict[str, object] = {}
+    for uri in uris:
+        winners = [racer_run_id(r) for r, got in won.items() if uri in got]
+        if winners != [holder(uri)]:
+            wrong[uri] = (winners, holder(uri))
+    return wrong
+
+
+def test_racing_processes_each_claim_has_exactly_the_owner_told_it_won(tmp_path: Path) -> None:
+    """Two of three claims lapsed (a dead run's), one absent; 8 processes claim all: one winner each, still holding."""
+    output = str(tmp_path / "out")
+    ids = [f"pair{i:03d}" for i in range(CLAIMS)]
+    for pair_id in ids[: CLAIMS * 2 // 3]:
+        storage.write_bytes(claim_uri(output, pair_id), _claim_body("dead-run", time.time() - 60))
+    won = _race(claim_racer, output, ids)
+    uris = [claim_uri(output, i) for i in ids]
+    wrong = _wrong_owners(uris, won, lambda uri: json.loads(storage.read_bytes(uri))["run_id"])
+    assert wrong == {}, f"{len(wrong)} of {CLAIMS} claims: (racers told they won, holder) {wrong}"
+    assert sorted(p.name for p in Path(output).iterdir()) == sorted(f"{i}.claim" for i in ids)
+
+
+def test_racing_processes_delete_expected_then_create_one_creator_holds_each(tmp_path: Path) -> None:
+    """4 processes delete the same lapsed versions (`delete(expected=)`), 4 `create_new` the freed names: one creator
+    each, still holding."""
+    uris = [str(tmp_path / f"pair{i:03d}.claim") for i in range(CLAIMS)]
+    lapsed = [storage.write_bytes(uri, _claim_body("dead-run", time.time() - 60)) for uri in uris]
+    won = _race(delete_create_racer, lapsed)
+    wrong = _wrong_owners(uris, won, lambda uri: storage.read_bytes(uri).decode())
+    assert wrong == {}, f"{len(wrong)} of {CLAIMS} names: (racers told they created it, holder) {wrong}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(u).name for u in uris)
