@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -120,12 +121,14 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from nst.params import canonical_params
     from nst.run.inputs import InputFacts, identity
     from nst.run.records import write_pair_result
+    from nst.vgg import resolve_device
 
     params = canonical_params(resolve_params(model_values(args, StyleParams), context="parameters"))
     output = args.output
     if not output.lower().endswith(".png"):
         raise OutputError(f"output {output!r}: must end in .png")
     _check_output_writable(output)
+    resolve_device(params.device)  # a device this machine lacks is one line now, before any reading
     read = {u: storage.read_with_info(u) for u in [args.content, *args.styles]}
     data = {u: d for u, (d, _) in read.items()}
     content = load_image(data[args.content], label=f"content {args.content!r}", max_pixels=params.max_input_pixels)
@@ -149,8 +152,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         bar.close()
     spec = PairSpec(id=pair_id, content=args.content, styles=list(args.styles), params=params)
     inputs = {u: InputFacts(u, identity(info), sha256_bytes(d)) for u, (d, info) in read.items()}
-    # Same writer as manifest runs: the image at the requested path, the JSON beside it.
-    record = write_pair_result(spec, inputs, result, os.path.dirname(output) or ".", None)
+    # Same writer as manifest runs: the image at exactly the requested path (`out.PNG` too), the JSON beside it.
+    record = write_pair_result(spec, inputs, result, os.path.dirname(output) or ".", None, image_uri=output)
     if record.status != "succeeded":
         print(f"nst: error: {record.error['message'] if record.error else 'failed'}", file=sys.stderr)
         return 1
@@ -265,8 +268,17 @@ COMMANDS = {
 }
 
 
+def _tolerant_output() -> None:
+    """A file name that is not UTF-8 (`caf\\xe9.jpg`, held as os.fsdecode's surrogates) prints escaped, not as a
+    UnicodeEncodeError: stdout and stderr write `\\udce9` where their encoding is strict."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one-line errors on stderr (exit 1), never a traceback for a problem the user can fix."""
+    _tolerant_output()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

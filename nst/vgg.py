@@ -153,9 +153,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ParamsError(f"device: unknown torch device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"device: {device!r} asked for, but CUDA is not available here (use auto or cpu)")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ParamsError(f"device: {device!r} asked for, but this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def load_vgg(

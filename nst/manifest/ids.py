@@ -22,9 +22,17 @@ ITER_SUFFIX = re.compile(r"\.iter\d+$")
 MAX_ID = 128
 
 
+def name_bytes(text: str) -> bytes:
+    """`text` as UTF-8, a file name's undecodable bytes as they were (os.fsdecode's surrogateescape), never an error."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name's byte became (e.g. a JSON `\\ud800`)
+        return text.encode("utf-8", "surrogatepass")
+
+
 def digest8(text: str) -> str:
-    """8 hex digits of the sha256 of `text`."""
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    """8 hex digits of the sha256 of `text` (of a file name's own bytes, when they are not UTF-8)."""
+    return hashlib.sha256(name_bytes(text)).hexdigest()[:8]
 
 
 def unique_suffix(*uris: str) -> str:

@@ -7,6 +7,7 @@ expand too far, recursive aliases and keys written twice are refused before the 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from nst.params import StyleParams
 
 MAX_LISTED_PROBLEMS = 200
 MAX_INT_DIGITS = 4000  # below Python's int-parsing limit (4,300 digits), which would escape as a bare ValueError
+# What yaml's resolver reads as an int (YAML 1.1); an explicit `!!int` tag on anything else is refused, not constructed.
+_YAML_INT = re.compile(
+    r"[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+|[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+"
+)
 
 
 class InvalidManifestError(ManifestError):
@@ -217,6 +222,8 @@ def parse_yaml(uri: str, raw: bytes, node_budget: int) -> tuple[Problems, Any]:
             raise InvalidManifestError(uri, [f"invalid YAML: {_yaml_error(exc)}"]) from None
         except ValueError as exc:  # anything else a constructor refuses: still one line, never a traceback
             raise InvalidManifestError(uri, [f"invalid YAML value: {without_quotes(str(exc))[:200]}"]) from None
+        except (LookupError, TypeError, AttributeError, ArithmeticError):  # e.g. `!!bool maybe`, `!!float ""`
+            raise InvalidManifestError(uri, ["invalid YAML value: a tagged value that its tag cannot read"]) from None
         except RecursionError:
             raise InvalidManifestError(uri, ["invalid YAML: nested too deeply"]) from None
         return problems, data
@@ -297,12 +304,30 @@ def _walk(root: yaml.Node) -> Iterator[tuple[yaml.Node, Loc]]:
             stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
 
 
+def int_digits(text: str) -> int | None:
+    """How many decimal digits the integer YAML 1.1 reads from `text` has (hex, octal, binary, `1_000` and
+    sexagesimal `1:30` counted by value, not by characters), or None if `text` is not such an integer at all."""
+    if not _YAML_INT.fullmatch(text):
+        return None
+    value = text.replace("_", "").lstrip("+-")
+    if ":" in value:  # base 60: each further part multiplies by 60
+        head, *rest = value.split(":")
+        return len(head.lstrip("0")) + math.ceil(len(rest) * math.log10(60))
+    base, body = (2, value[2:]) if value[:2] == "0b" else (16, value[2:]) if value[:2] == "0x" else (10, value)
+    if base == 10 and value[:1] == "0":
+        base = 8
+    return math.ceil(len(body.lstrip("0")) * math.log10(base))
+
+
 def _huge_numbers(root: yaml.Node, problems: Problems) -> None:
-    """Report integers too long to be a parameter, before constructing them (at its line, with its location)."""
+    """Report integers too long to be a parameter, and `!!int` values that are no integer, before constructing them
+    (at its line, with its location)."""
     for node, loc in _walk(root):
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int":
-            digits = sum(c.isdigit() for c in node.value)
-            if digits > MAX_INT_DIGITS:
+            digits = int_digits(node.value)
+            if digits is None:
+                problems.add(loc, "not an integer", line=node.start_mark.line + 1)
+            elif digits > MAX_INT_DIGITS:
                 problems.add(loc, f"a {digits}-digit integer is too long", line=node.start_mark.line + 1)
 
 

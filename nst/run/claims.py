@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nst import storage
+from nst import safejson, storage
 from nst.errors import NSTError, StorageError
 from nst.results import now_iso
 from nst.run.layout import claim_uri, with_retries
@@ -22,6 +23,7 @@ from nst.run.layout import claim_uri, with_retries
 CLAIM_TTL_S = 6 * 3600.0
 # An unreadable claim (left empty by a crash or a full disk, by an older version) lapses once this old.
 UNREADABLE_GRACE_S = 60.0
+_PLAIN = re.compile(r"[A-Za-z0-9._:+-]{1,128}")  # a run id (UUID, local-<time>-<hex>) or an ISO time
 RunIsLive = Callable[[str], bool]  # whether the run of this id may still be writing (False: its claims are stale)
 
 
@@ -33,11 +35,27 @@ def _held(uri: str) -> tuple[storage.ObjectInfo, dict[str, Any] | None] | None:
         if exc.transient:
             raise
         return None
+    return info, parse_claim(data)
+
+
+def parse_claim(data: bytes) -> dict[str, Any] | None:
+    """A claim's body if it is shaped like one we write (bounded parse, a plain run id, numeric expiry), else None.
+
+    Its run id and time are quoted in messages, so anything else a file could hold there is treated as unreadable.
+    """
     try:
-        held = json.loads(data)
+        held = safejson.loads(data)
     except ValueError:
-        return info, None
-    return info, held if isinstance(held, dict) and held.get("run_id") else None
+        return None
+    ok = (
+        isinstance(held, dict)
+        and isinstance(held.get("run_id"), str)
+        and _PLAIN.fullmatch(held["run_id"]) is not None
+        and isinstance(held.get("expires_at", 0), int | float)
+        and not isinstance(held.get("expires_at"), bool)
+        and ("claimed_at" not in held or _PLAIN.fullmatch(str(held["claimed_at"])) is not None)
+    )
+    return held if ok else None
 
 
 def _lapsed(info: storage.ObjectInfo, held: dict[str, Any] | None, run_is_live: RunIsLive | None) -> bool:

@@ -15,13 +15,17 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from nst.errors import NSTError
 from nst.params import Role, StyleParams, fields_with
 from nst.run.inputs import Identity
 from nst.run.layout import summary_uri, write
+from nst.safejson import read_json
 
 INDEX_SCHEMA = 1
-MAX_INDEX_BYTES = 2**30
+MAX_INDEX_BYTES = 64 * 2**20  # gzip-compressed
+MAX_INDEX_INFLATED = 256 * 2**20  # ~250,000 pairs' entries
 # A record without an engine revision was made before revisions were counted.
 FIRST_REVISION = 1
 
@@ -40,6 +44,7 @@ class Written:
     image: str | None
     image_sha256: str | None
     image_identity: Identity | None
+    manifest: str | None = None  # the name of the manifest that wrote it (None: written before records named one)
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Written | None:
@@ -60,18 +65,28 @@ class Written:
                 image=output.get("image"),
                 image_sha256=output.get("image_sha256"),
                 image_identity=output.get("image_identity"),
+                manifest=sys.intern(owner) if isinstance(owner := record.get("manifest"), str) else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
 
 Index = dict[str, tuple[Identity, Written]]  # pair id -> (its record's identity, the record's facts)
+# Checks every entry against Written's own field types (a field added to Written is checked too).
+_INDEX: TypeAdapter[Index] = TypeAdapter(Index)
 
 
 def params_digest(params: dict[str, Any]) -> str:
-    """A digest of the parameters that decide the image (all but Role.NOT_RESULT), as JSON values."""
+    """A digest of the parameters that decide the image (all but Role.NOT_RESULT), as JSON values.
+
+    The weights count by content (a record's weights sha256 is compared apart), not by path: a `weights` path is
+    digested as if unset, so a copy of the same file elsewhere is the same work, and the digest of a record that never
+    set weights is what it always was.
+    """
     skip = set(fields_with(StyleParams, Role.NOT_RESULT))
     kept = {k: v for k, v in params.items() if k not in skip}
+    if kept.get("weights") is not None:
+        kept["weights"] = None
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
@@ -81,19 +96,14 @@ def index_uri(output: str) -> str:
 
 
 def read_index(output: str) -> Index:
-    """Pair id -> (the record's identity, its facts); empty when there is no usable index."""
-    from nst import storage
-
+    """Pair id -> (the record's identity, its facts); empty when there is no usable index (too large, inflating past
+    MAX_INDEX_INFLATED, nested too deeply, out-of-range numbers, or not shaped like an index: never an error)."""
+    body = read_json(index_uri(output), max_bytes=MAX_INDEX_BYTES, inflated_max=MAX_INDEX_INFLATED)
+    if not isinstance(body, dict) or body.get("schema") != INDEX_SCHEMA:
+        return {}
     try:
-        body = json.loads(gzip.decompress(storage.read_bytes(index_uri(output), max_bytes=MAX_INDEX_BYTES)))
-        if body.get("schema") != INDEX_SCHEMA:
-            return {}
-        entries = {}
-        for pair_id, (ident, facts) in body["records"].items():
-            facts["inputs"] = [tuple(i) for i in facts["inputs"]]
-            entries[pair_id] = (ident, Written(**facts))
-        return entries
-    except (NSTError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+        return _INDEX.validate_python(body.get("records"))
+    except ValidationError:
         return {}
 
 

@@ -9,14 +9,13 @@ unchanged; only new or changed inputs, and the inputs of pairs that will run, ar
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
 import nst
-from nst import storage
+from nst import safejson, storage
 from nst.errors import ManifestError, NSTError
 from nst.images import sha256_bytes
 from nst.manifest import Manifest, PairSpec
@@ -97,7 +96,7 @@ def _listed_ids(output: str, uri: str | None) -> list[str]:
 def listed_ids(uri: str, *, strict: bool = False) -> list[str]:
     """The JSON list of pair ids in a shard's ids file; [] if unreadable (an error with `strict`)."""
     try:
-        ids = json.loads(storage.read_bytes(uri, max_bytes=MAX_IDS_FILE_BYTES))
+        ids = safejson.loads(storage.read_bytes(uri, max_bytes=MAX_IDS_FILE_BYTES))
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise TypeError("not a list of strings")
         return ids

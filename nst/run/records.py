@@ -18,6 +18,7 @@ from nst.params import StyleParams
 from nst.results import Status, error_info, now_iso, runner, versions
 from nst.run.inputs import Identity, InputFacts, identity
 from nst.run.layout import output_uris, summary_uri, write
+from nst.safejson import MAX_RECORD_BYTES, read_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,12 +75,10 @@ class PairRecord:
         return cls(spec.id, "not_run", spec.content, list(spec.styles), None, json_uri, error=error)
 
 
-def read_record(uri: str) -> dict[str, Any] | None:
-    """A record's JSON, or None when it cannot be read or parsed (the pair simply runs again)."""
-    try:
-        record = json.loads(storage.read_bytes(uri))
-    except (NSTError, ValueError):
-        return None
+def read_record(uri: str, *, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
+    """A record's (or run summary's) JSON object, or None when it cannot be read or parsed within the limits of
+    nst.safejson (size checked before reading, depth, finite numbers): the pair simply runs again."""
+    record = read_json(uri, max_bytes=max_bytes)
     return record if isinstance(record, dict) else None
 
 
@@ -104,15 +103,19 @@ def build_record(
     image: tuple[str, Identity] | None = None,
     result: PairResult[Image.Image] | None = None,
     error: dict[str, Any] | None = None,
+    image_uri: str | None = None,
 ) -> dict[str, Any]:
     """One pair's JSON record: what ran, on what inputs and weights, with which engine, and how it ended.
 
-    `image` is the written PNG's (sha256, identity). Non-finite numbers never reach a record (JSON has none).
+    `image` is the written PNG's (sha256, identity), at `image_uri` if given (`nst stylize -o out.PNG`), else at
+    `<output>/<id>.png`. Non-finite numbers never reach a record (JSON has none).
     """
-    image_uri, json_uri = output_uris(output, spec.id)
+    default_image, json_uri = output_uris(output, spec.id)
+    image_uri = image_uri or default_image
     return {
         "schema": RECORD_SCHEMA,
         "id": spec.id,
+        "manifest": spec.manifest or None,  # the owner: another manifest never replaces this result silently
         "status": status,
         "params": params.model_dump(mode="json"),
         "inputs": inputs_section(spec, inputs),
@@ -161,6 +164,7 @@ def write_pair_result(
     run_id: str | None,
     *,
     leftovers: Sequence[str] = (),
+    image_uri: str | None = None,
 ) -> PairRecord:
     """Write the image, then the JSON (each atomically), so a JSON always describes the complete pair beside it.
 
@@ -168,7 +172,7 @@ def write_pair_result(
     (an earlier run's intermediates) that this run did not write again: they never fail a written pair.
     """
     image = None
-    image_uri, _ = output_uris(output, spec.id)
+    image_uri = image_uri or output_uris(output, spec.id)[0]
     if result.image is not None:
         if result.status == "succeeded" and not _finite(result.final_losses):
             raise ValueError(f"pair {spec.id}: a succeeded record needs finite final losses")
@@ -184,6 +188,7 @@ def write_pair_result(
         image=image,
         result=result,
         error=result.error,
+        image_uri=image_uri,
     )
     stored = store_record(spec, record)
     written = set()
