@@ -8,17 +8,16 @@ the children's run summaries and pair records into `_runs/<parent-id>.json` and 
 Retry of the parent (UI or `prefect flow-run retry`) plans again, so only pairs that are not done run; they go to new
 child runs, one per earlier shard that had such pairs (the idempotency key holds the parent's attempt, so a retry never
 returns an old finished child). Children of earlier attempts still running are waited for, not started twice.
+
+The logic on plain data (cost model, dealing, a retry's shards, a dead child's pairs) is `nst.run.shards`; this module
+adds what Prefect brings: child flow runs, waiting for them, the final state and the report artifact.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Annotated, Any, cast
 from uuid import UUID
 
@@ -35,52 +34,14 @@ from pydantic import Field
 
 from flows import outcome, report
 from nst.errors import NSTError
-from nst.images import resized_size
-from nst.manifest import Manifest, PairSpec, ParamOverrides, load_manifest, override_values
+from nst.manifest import ParamOverrides, load_manifest, override_values
 from nst.manifest.inputs import root_env
-from nst.results import error_info
-from nst.run import Batch, PairRecord, make_batches, new_run_id, plan, summary_uri, write_run_summary
-from nst.run.inputs import InputFacts
-from nst.run.layout import READ_THREADS, output_uris, write
-from nst.run.planner import listed_ids
-from nst.run.records import read_record
+from nst.run import Child, Shard, aggregate, child_options, given_ids, new_run_id, plan, plan_shards, write_run_summary
 from nst.run.runner import IDS_IN_A_MESSAGE
 from nst.run_options import RunOptions
 
 POLL_S = 3.0
-HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
 SHARD_TAG = "shard"
-IDS_IN_A_PARAMETER = 200  # a child's pair ids inline in its options up to this many, else in a file (~40 B each)
-
-
-@dataclass
-class Shard:
-    """One child flow run: its name, pairs, and (once started or found) the flow run."""
-
-    name: str
-    pair_ids: list[str]
-    run: FlowRun | None = None
-
-
-def pair_cost(spec: PairSpec, inputs: dict[str, InputFacts]) -> int:
-    """Work of one pair: output pixels × iterations (1 for an unreadable pair: it fails at once)."""
-    dims = inputs[spec.content].dims
-    if dims is None or any(inputs[u].error for u in (spec.content, *spec.styles)):
-        return 1
-    width, height = resized_size(*dims, spec.params.size)
-    return width * height * spec.params.iterations
-
-
-def split_batches(batches: Sequence[Batch], shards: int) -> list[list[str]]:
-    """Deal whole batches, costliest first, to the shard with the least pixels × iterations; empty shards dropped."""
-    loads = [0] * max(1, shards)
-    groups: list[list[str]] = [[] for _ in loads]
-    costed = [(sum(pair_cost(p, b.inputs) for p in b.pairs), i, b) for i, b in enumerate(batches)]
-    for cost, _, batch in sorted(costed, key=lambda c: (-c[0], c[1])):
-        target = min(range(len(loads)), key=lambda i: (loads[i], len(groups[i])))
-        loads[target] += cost
-        groups[target].extend(p.id for p in batch.pairs)
-    return [ids for ids in groups if ids]
 
 
 def child_runs(client: SyncPrefectClient, parent_id: str) -> list[FlowRun]:
@@ -91,56 +52,20 @@ def child_runs(client: SyncPrefectClient, parent_id: str) -> list[FlowRun]:
     )
 
 
-def _run_pair_ids(run: FlowRun) -> list[str]:
-    """The pairs a child run was given: in its options, or in the ids file they name."""
-    options = run.parameters.get("options") or {}
-    return list(options.get("pair_ids") or []) + (
-        listed_ids(options["pair_ids_file"]) if options.get("pair_ids_file") else []
-    )
-
-
-def child_options(shard: Shard, options: RunOptions, output: str, parent: str, attempt: int) -> RunOptions:
-    """The child's run options: its pair ids inline, or (many of them) in `_runs/<parent>-<shard>.ids.json`, so
-    that no flow run parameter grows with the manifest."""
-    if len(shard.pair_ids) <= IDS_IN_A_PARAMETER:
-        return options.model_copy(update={"pair_ids": shard.pair_ids, "pair_ids_file": None})
-    uri = summary_uri(output, f"{parent}-{shard.name}-attempt{attempt}", ".ids.json")
-    write(uri, json.dumps(shard.pair_ids).encode(), "application/json")
-    return options.model_copy(update={"pair_ids": None, "pair_ids_file": uri})
-
-
-def plan_shards(
-    pending: Sequence[PairSpec],
-    inputs: dict[str, InputFacts],
-    earlier: Sequence[FlowRun],
-    shards: int,
-    base: str,
-    *,
-    max_pairs: int,
-    output: str,
-) -> list[Shard]:
-    """One shard per earlier shard with pending pairs (those pairs only); other pairs' batches dealt to `shards`."""
-    origin: dict[str, FlowRun] = {}
-    for run in earlier:  # oldest first: a pair's origin is the first shard that had it
-        for pair_id in _run_pair_ids(run):
-            origin.setdefault(pair_id, run)
-    again: dict[UUID, Shard] = {}
-    for pair in pending:
-        if pair.id in origin:
-            run = origin[pair.id]
-            again.setdefault(run.id, Shard(re.sub(r"-attempt\d+$", "", run.name), [])).pair_ids.append(pair.id)
-    fresh = [p for p in pending if p.id not in origin]
-    groups = split_batches(make_batches(fresh, inputs, max_pairs=max_pairs, output=output, run_id=""), shards)
-    return [*again.values(), *(Shard(f"{base}-shard-{i}of{len(groups)}", ids) for i, ids in enumerate(groups, 1))]
+def as_child(run: FlowRun, pair_ids: list[str] | None = None) -> Child:
+    """The plain view of a child flow run: its pairs (read from its options unless given) and its state."""
+    ids = given_ids(run.parameters.get("options") or {}) if pair_ids is None else pair_ids
+    state = (run.state.name if run.state else None) or run.state_name or "Unknown"
+    return Child(str(run.id), run.name, ids, state, run.state.message if run.state else None)
 
 
 def start_shard(
     shard: Shard,
-    *,
     deployment: str,
     manifest: str,
     overrides: dict[str, Any],
     options: RunOptions,
+    *,
     parent: str,
     attempt: int,
     output: str,
@@ -185,53 +110,6 @@ def wait_for(client: SyncPrefectClient, runs: Sequence[FlowRun], timeout_s: floa
         if time.monotonic() > deadline:
             return None
         time.sleep(POLL_S)
-
-
-def _state_name(run: FlowRun) -> str:
-    return (run.state.name if run.state else None) or run.state_name or "Unknown"
-
-
-def _child_pair(
-    output: str, child: FlowRun, spec: PairSpec, entry: dict[str, Any] | None, *, history: bool
-) -> PairRecord:
-    """One pair of a child: the status its run summary gives (`entry`), else what its record says it wrote."""
-    _, json_uri = output_uris(output, spec.id)
-    if entry is not None and entry["status"] == "not_run":
-        return PairRecord.not_run(spec, output, (entry.get("error") or {}).get("message", "not run"))
-    record = read_record(json_uri)
-    if record is not None and entry is not None and entry["status"] in ("succeeded", "failed", "skipped"):
-        return PairRecord.from_json(spec, record, entry["status"], history=history)
-    if record is not None and record.get("run_id") == str(child.id) and record.get("status") == "succeeded":
-        return PairRecord.from_json(spec, record, "succeeded", history=history)  # written before the child died
-    state_name = _state_name(child)
-    message = child.state.message if child.state else None
-    detail = f": {message}" if message else ""
-    error = error_info(
-        state_name, f"shard {child.name} ({child.id}) ended {state_name}{detail}; the pair did not finish"
-    )
-    return PairRecord(spec.id, "failed", spec.content, spec.styles, None, json_uri, error=error)
-
-
-def collect(manifest: Manifest, children: Sequence[FlowRun], specs: dict[str, PairSpec]) -> list[PairRecord]:
-    """Each child's pairs as it left them: its run summary's status, the pair's record; a dead child's pairs failed.
-
-    Loss histories are kept for the first HISTORY_PAIRS pairs only (the report's curves): at ~50 KB a record, a
-    100,000-pair run would otherwise hold gigabytes.
-    """
-    output = manifest.output
-    listed: dict[UUID, dict[str, dict[str, Any]]] = {}
-    for c in children:
-        summary = read_record(summary_uri(output, str(c.id))) or {}
-        listed[c.id] = {p["id"]: p for p in summary.get("pairs", [])}
-    wanted = [(c, pair_id) for c in children for pair_id in _run_pair_ids(c)]
-
-    def one(item: tuple[int, tuple[FlowRun, str]]) -> PairRecord:
-        i, (child, pair_id) = item
-        entry = listed[child.id].get(pair_id)
-        return _child_pair(output, child, specs[pair_id], entry, history=i < HISTORY_PAIRS)
-
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        return list(pool.map(one, enumerate(wanted)))
 
 
 def shards_markdown(shards: Sequence[dict[str, Any]]) -> str:
@@ -280,33 +158,25 @@ def shard_manifest(
     with get_client(sync_client=True) as client:
         earlier = child_runs(client, parent) if runtime_flow_run.id and attempt > 1 else []
     running = [r for r in earlier if r.state is None or not r.state.is_final()]
-    busy = {i for r in running for i in _run_pair_ids(r)}  # an earlier attempt's child still runs them: wait for it
+    busy = {i for r in running for i in as_child(r).pair_ids}  # an earlier attempt's child still runs them: wait
     pending = [p for p in planned.to_run if p.id not in busy]
+    previous = [as_child(r) for r in earlier]
     shard_plan = plan_shards(
-        pending, planned.inputs, earlier, shards, loaded.name, max_pairs=options.max_batch_pairs, output=loaded.output
+        pending, planned.inputs, previous, shards, loaded.name, max_pairs=options.max_batch_pairs, output=loaded.output
     )
     logger.info(
         "attempt %d: %d pairs to run (%d already done, %d still running in earlier shards) in %d new shards",
-        attempt,
-        len(pending),
-        len(planned.skipped),
-        len(busy),
-        len(shard_plan),
+        *(attempt, len(pending), len(planned.skipped), len(busy), len(shard_plan)),
     )
+    runs = list(running)
     for shard in shard_plan:
-        shard.run = start_shard(
-            shard,
-            deployment=deployment,
-            manifest=manifest,
-            overrides=explicit,
-            options=options,
-            parent=parent,
-            attempt=attempt,
-            output=loaded.output,
+        run = start_shard(
+            shard, deployment, manifest, explicit, options, parent=parent, attempt=attempt, output=loaded.output
         )
-        logger.info("shard %s: flow run %s with %d pairs", shard.name, shard.run.id, len(shard.pair_ids))
-    runs = [*running, *(cast(FlowRun, s.run) for s in shard_plan)]
-    shard_list = [{"flow_run_id": str(r.id), "name": r.name, "pair_ids": _run_pair_ids(r)} for r in runs]
+        logger.info("shard %s: flow run %s with %d pairs", shard.name, run.id, len(shard.pair_ids))
+        runs.append(run)
+    children = [as_child(r) for r in runs]
+    shard_list = [{"flow_run_id": c.id, "name": c.name, "pair_ids": c.pair_ids} for c in children]
     if not wait:
         return Completed(message=f"{len(runs)} shards scheduled", data={"shards": _brief(shard_list)})
 
@@ -314,9 +184,10 @@ def shard_manifest(
         finished = wait_for(client, runs, timeout_s) if runs else []
     if finished is None:
         return outcome.failed(f"{len(runs)} shards still running after {timeout_s:.0f} s")
-    for entry, run in zip(shard_list, finished, strict=True):
-        entry["state"] = _state_name(run)
-    records = _aggregate(loaded, finished, planned.to_run, planned.skipped)
+    ended = [as_child(r, c.pair_ids) for r, c in zip(finished, children, strict=True)]
+    for entry, child in zip(shard_list, ended, strict=True):
+        entry["state"] = child.state
+    records = aggregate(loaded, ended, planned.to_run, planned.skipped)
     summary = write_run_summary(
         loaded.output, parent, records, manifest=loaded.source, attempt=attempt, shards=shard_list
     )
@@ -327,12 +198,3 @@ def shard_manifest(
 def _brief(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Shards as a state or report shows them: the first pair ids and a count (the summary has them all)."""
     return [{**s, "pair_ids": s["pair_ids"][:IDS_IN_A_MESSAGE], "pairs": len(s["pair_ids"])} for s in shards]
-
-
-def _aggregate(
-    manifest: Manifest, finished: Sequence[FlowRun], to_run: Sequence[PairSpec], skipped: Sequence[PairRecord]
-) -> list[PairRecord]:
-    """Every pair of the run in manifest order: the children's as they left them, and those already done."""
-    records = [*collect(manifest, finished, {p.id: p for p in to_run}), *skipped]
-    order = {p.id: i for i, p in enumerate(manifest.pairs)}
-    return sorted(records, key=lambda r: order.get(r.id, len(order)))

@@ -1,10 +1,13 @@
 """The shard parent's parts without workers: the split, the retry's shards, the aggregation, the GPU slot.
 
-Real manifests, plans and storage (local files); FlowRun objects stand for children where only their id, name, state
-and parameters matter. The whole story with real workers is tests/test_shard_e2e.py.
+Real manifests, plans and storage (local files). The logic is `nst.run.shards` on plain data (`Child`); where the flow's
+view of a Prefect flow run matters, FlowRun objects stand for children (only their id, name, state and parameters).
+The whole story with real workers is tests/test_shard_e2e.py.
 """
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,13 +19,26 @@ from prefect.states import Completed, Crashed
 
 import flows.shard
 import nst.run.planner
-from flows.shard import collect, pair_cost, plan_shards, split_batches
+import nst.run.shards
+from flows.shard import as_child
 from flows.stylize import DeviceSlots
 from nst import run as pipeline
 from nst.manifest import load_manifest
+from nst.run.order import in_pair_order
 from nst.run.records import build_record
+from nst.run.shards import (
+    Child,
+    Shard,
+    aggregate,
+    child_options,
+    collect,
+    given_ids,
+    pair_cost,
+    plan_shards,
+    split_batches,
+)
 from nst.run_options import RunOptions
-from nst_testing.paths import SAMPLES
+from nst_testing.paths import REPO, SAMPLES
 
 CHELSEA = SAMPLES / "content" / "chelsea.jpg"  # landscape: 32x21 at size 32
 ASTRONAUT = SAMPLES / "content" / "astronaut.jpg"  # square
@@ -69,10 +85,11 @@ def test_retry_reruns_only_shards_with_pending_pairs_and_only_those_pairs(tmp_pa
     pairs = [{"id": f"s{i}", "content": CHELSEA, "style": BRICK} for i in range(6)]
     pairs.append({"id": "new", "content": ASTRONAUT, "style": BRICK})
     _, plan, _ = planned(tmp_path, pairs)
-    first = [
-        child("t-shard-1of3", ["s0", "s1"]),
-        child("t-shard-2of3", ["s2", "s3"]),
-        child("t-shard-3of3", ["s4", "s5"]),
+    first = [  # plain data: what the flow reads of each earlier child flow run
+        Child("run-1", "t-shard-1of3", ["s0", "s1"]),
+        Child("run-2", "t-shard-2of3-attempt2", ["s2", "s3"]),
+        Child("run-3", "t-shard-3of3-attempt2", ["s4", "s5"]),
+        Child("run-4", "t-shard-3of3-attempt3", ["s4"]),  # a later child with one of them: the first is its origin
     ]
     pending = [p for p in plan.to_run if p.id in {"s1", "s4", "s5", "new"}]
     shards = plan_shards(pending, plan.inputs, first, 3, "t", max_pairs=4, output="out/")
@@ -113,7 +130,9 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
     )
     write("c", str(dead.id))  # written before the shard died
     write("d", "an-earlier-run", "failed")  # an old record: not this shard's
-    records = {r.id: r for r in collect(manifest, [ok, dead], specs)}
+    children = [as_child(ok), as_child(dead)]  # the flow's plain view: pair ids from the options, state and message
+    assert children[1].state == "Crashed" and children[1].message == "No heartbeat for 90 s"
+    records = {r.id: r for r in collect(manifest, children, specs)}
     assert {i: r.status for i, r in records.items()} == {
         "a": "succeeded",
         "b": "failed",
@@ -123,9 +142,17 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
     assert records["a"].history and records["a"].image_uri == str(out / "a.png")
     assert records["d"].error is not None and records["d"].error["type"] == "Crashed"
     assert str(dead.id) in records["d"].error["message"]
-    monkeypatch.setattr(flows.shard, "HISTORY_PAIRS", 1)  # histories kept for the report's curves only
-    again = {r.id: r for r in collect(manifest, [ok, dead], specs)}
+    monkeypatch.setattr(nst.run.shards, "HISTORY_PAIRS", 1)  # histories kept for the report's curves only
+    again = {r.id: r for r in collect(manifest, children, specs)}
     assert again["a"].history and not again["c"].history and again["c"].final_losses
+    skipped = [pipeline.PairRecord(i, "skipped", "", [], None, "") for i in ("b", "a")]  # already done
+    everything = aggregate(manifest, children[1:], [specs["c"], specs["d"]], skipped)  # a retry: a, b were done
+    assert [(r.id, r.status) for r in everything] == [
+        ("a", "skipped"),
+        ("b", "skipped"),
+        ("c", "succeeded"),
+        ("d", "failed"),
+    ]
 
 
 def test_record_names_host_and_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,16 +195,16 @@ def test_a_long_shard_passes_its_pair_ids_in_a_file_and_its_child_reads_them(tmp
     """No flow run parameter grows with the manifest: 300 ids go to `_runs/` and the child plans exactly those."""
     pairs = [{"id": f"p{i:03d}", "content": CHELSEA, "style": BRICK} for i in range(300)]
     manifest, _, _ = planned(tmp_path, pairs)
-    shard = flows.shard.Shard("t-shard-1of1", [p["id"] for p in pairs[:250]])
-    options = flows.shard.child_options(shard, RunOptions(), manifest.output, "parent", 1)
+    shard = Shard("t-shard-1of1", [str(p["id"]) for p in pairs[:250]])
+    options = child_options(shard, RunOptions(), manifest.output, "parent", 1)
     assert options.pair_ids is None and options.pair_ids_file is not None
     assert len(json.dumps(options.model_dump(mode="json"))) < 10_000
     assert [p.id for p in nst.run.planner.selected(manifest, options)] == shard.pair_ids
-    assert flows.shard._run_pair_ids(child("t-shard-1of1", [])) == []
+    assert as_child(child("t-shard-1of1", [])).pair_ids == given_ids({}) == []
     run = child("t-shard-1of1", [])
     run.parameters["options"] = options.model_dump(mode="json")
-    assert flows.shard._run_pair_ids(run) == shard.pair_ids
-    few = flows.shard.child_options(flows.shard.Shard("s", ["p000"]), RunOptions(), manifest.output, "parent", 1)
+    assert as_child(run).pair_ids == given_ids(run.parameters["options"]) == shard.pair_ids
+    few = child_options(Shard("s", ["p000"]), RunOptions(), manifest.output, "parent", 1)
     assert few.pair_ids == ["p000"] and few.pair_ids_file is None
 
 
@@ -189,3 +216,19 @@ def test_a_pair_ids_file_outside_the_outputs_runs_is_refused(tmp_path: Path) -> 
     secret.write_text('["a"]')
     with pytest.raises(ManifestError, match="pair_ids_file"):
         nst.run.planner.selected(manifest, RunOptions(pair_ids_file=str(secret)))
+
+
+def test_records_follow_their_pairs_order() -> None:
+    """One rule for a run's order (runner, batches, shard parent): the pairs' order, unlisted pairs last."""
+    pairs = [Child(i, i) for i in ("c", "a", "b")]  # anything with an id stands for a PairSpec
+    records = [pipeline.PairRecord(i, "succeeded", "", [], None, "") for i in ("x", "a", "b", "y", "c")]
+    assert [r.id for r in in_pair_order(records, pairs)] == ["c", "a", "b", "x", "y"]
+    assert in_pair_order([], pairs) == []
+
+
+def test_the_shard_logic_is_plain_and_the_flow_thin() -> None:
+    """nst.run.shards loads neither Prefect, boto3 nor torch; flows/shard.py keeps only the Prefect part."""
+    code = "import sys, nst.run.shards; print(sorted(m for m in ('torch', 'boto3', 'prefect') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+    assert len((REPO / "flows" / "shard.py").read_text().splitlines()) <= 200
