@@ -22,6 +22,7 @@ from nst.pairs import PairProblem, PairResult
 from nst.results import exception_info
 from nst.run.claims import CLAIM_TTL_S, RunIsLive, claim_pair, release_pair
 from nst.run.inputs import InputFacts, spooled
+from nst.run.order import in_pair_order
 from nst.run.records import PairRecord, record_failure, write_pair_result
 
 if TYPE_CHECKING:  # the engine (torch) is imported when a batch runs, not when a run is planned
@@ -148,8 +149,7 @@ def run_batch(
     finally:
         for spec in claimed:
             release_pair(batch.output, spec.id, batch.run_id)
-    order = {p.id: i for i, p in enumerate(batch.pairs)}
-    return sorted(records, key=lambda r: order[r.id])
+    return in_pair_order(records, batch.pairs)
 
 
 def _pinned(problem: Problem, device: str) -> Problem:

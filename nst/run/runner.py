@@ -26,6 +26,7 @@ from nst.run import batches
 from nst.run.batches import Batch, make_batches
 from nst.run.claims import RunIsLive, clear_stale_claims
 from nst.run.index import write_index
+from nst.run.order import in_pair_order
 from nst.run.planner import Plan, plan
 from nst.run.records import PairRecord, probe_output, write_run_summary
 from nst.run_options import RunOptions
@@ -159,8 +160,7 @@ def run(
 
 
 def _in_manifest_order(manifest: Manifest, records: list[PairRecord]) -> list[PairRecord]:
-    order = {p.id: i for i, p in enumerate(manifest.pairs)}
-    return sorted(records, key=lambda r: order.get(r.id, len(order)))
+    return in_pair_order(records, manifest.pairs)
 
 
 def _run_batches(
