@@ -6,7 +6,10 @@
 
 `up` starts SeaweedFS (S3) and a Prefect server, puts the sample images and a sample manifest in a bucket, runs
 `make prefect-setup` and `prefect deploy --all` against the server, starts a gpu-pool worker and a parent-pool worker,
-and prints the UI's URL, the log files and the command to run. State (pids, ports, data, logs) lives in the state dir.
+and prints the UI's URL, the log files and the command to run. State (pids, ports, data, logs) lives in the state dir
+(mode 0700). Each stack has its own random credentials, kept in <state dir>/env (0600; load it with
+`set -a; . .stack/env; set +a`): S3 keys for SeaweedFS (whose other ports want a client certificate of the stack's own
+CA) and the Prefect API's basic-auth string. Nothing the stack listens on answers without them but health checks.
 Settings: NST_STACK_PREFECT_PORT (default 4200 if free, else any free port), NST_STACK_S3_PORT (8333 likewise),
 NST_STACK_BUCKET (nst-stack). The server and SeaweedFS are started by the helpers the tests use too (nst_testing).
 """
@@ -18,6 +21,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,6 +37,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "manifests" / "images"
 STATE_FILE = "state.json"
+ENV_FILE = "env"  # the stack's URLs and credentials, as `export NAME=value` lines (0600)
+# Secrets of the env file, made once per state dir and kept across `make down` / `make up` (delete the file to renew).
+SECRETS = ("PREFECT_API_AUTH_STRING", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 BUCKET = os.environ.get("NST_STACK_BUCKET", "nst-stack")
 MANIFEST_KEY = "manifests/sample.yaml"
 # (pair id, content, style) of the sample manifest: small and few iterations, so a run takes about a minute on 2 cores.
@@ -209,9 +218,49 @@ def read_state(state_dir: Path) -> dict[str, Any] | None:
 
 def write_state(state_dir: Path, state: dict[str, Any]) -> None:
     """Write the state file atomically (temp file + rename)."""
+    from nst_testing.s3 import write_private
+
     tmp = state_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    write_private(tmp, json.dumps(state, indent=2) + "\n")
     tmp.replace(state_dir / STATE_FILE)
+
+
+def new_secrets() -> dict[str, str]:
+    """Fresh random credentials for one stack (hex: nothing a shell or an env file would need quoted)."""
+    return {
+        "PREFECT_API_AUTH_STRING": f"nst:{secrets.token_hex(24)}",
+        "AWS_ACCESS_KEY_ID": f"nst{secrets.token_hex(8)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(24),
+    }
+
+
+def read_env(state_dir: Path) -> dict[str, str]:
+    """The `export NAME=value` lines of the stack's env file (empty if there is none)."""
+    try:
+        text = (state_dir / ENV_FILE).read_text()[:100_000]
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return dict(re.findall(r"^export ([A-Z_]+)=([\w:./-]*)$", text, re.MULTILINE))
+
+
+def stack_secrets(state_dir: Path) -> dict[str, str]:
+    """The credentials of the env file when it has them all, else new ones."""
+    kept = read_env(state_dir)
+    return {k: kept[k] for k in SECRETS} if all(kept.get(k) for k in SECRETS) else new_secrets()
+
+
+def write_env(state_dir: Path, settings: dict[str, str]) -> None:
+    """Write the env file, readable by its owner only."""
+    from nst_testing.s3 import write_private
+
+    lines = [f"# This stack's settings and credentials (make up). Load: {load_command(state_dir / ENV_FILE)}"]
+    lines += [f"export {name}={value}" for name, value in settings.items()]
+    write_private(state_dir / ENV_FILE, "\n".join(lines) + "\n")
+
+
+def load_command(env_file: Path | str) -> str:
+    """The shell line that loads the env file into the current shell."""
+    return f"set -a; . {shlex.quote(shown(env_file))}; set +a"
 
 
 @contextlib.contextmanager
@@ -290,12 +339,12 @@ def start_worker(name: str, env: dict[str, str], state_dir: Path) -> dict[str, A
     return {**record_of(proc.pid, log), "pool": pool, "since": time.time()}
 
 
-def wait_for_workers(api_url: str, procs: dict[str, dict[str, Any]]) -> None:
+def wait_for_workers(api_url: str, auth_string: str, procs: dict[str, dict[str, Any]]) -> None:
     """Wait until each worker has sent a heartbeat to the server since it started (its pool is then ready)."""
     from prefect.client.orchestration import SyncPrefectClient
 
     started, deadline = time.monotonic(), time.monotonic() + WORKER_WAIT_S
-    with SyncPrefectClient(api=api_url) as client:
+    with SyncPrefectClient(api=api_url, auth_string=auth_string) as client:
         for name in WORKERS:
             rec = procs[name]
             while True:
@@ -316,14 +365,22 @@ def wait_for_workers(api_url: str, procs: dict[str, dict[str, Any]]) -> None:
     )
 
 
-def start_services(state_dir: Path, state: dict[str, Any]) -> tuple[dict[str, str], dict[str, str | None]]:
+def start_services(
+    state_dir: Path, state: dict[str, Any], creds: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str | None]]:
     """SeaweedFS, the sample bucket and the Prefect server; the CLI's env for the server and the workers' S3 env."""
     from nst_testing.prefect import start_server
     from nst_testing.s3 import SeaweedFS, s3_environment
 
     procs = state["processes"]
     t0 = time.monotonic()
-    weed = SeaweedFS(state_dir / "seaweedfs", s3_port=port_from("NST_STACK_S3_PORT", 8333))
+    weed = SeaweedFS(
+        state_dir / "seaweedfs",
+        s3_port=port_from("NST_STACK_S3_PORT", 8333),
+        access_key=creds["AWS_ACCESS_KEY_ID"],
+        secret_key=creds["AWS_SECRET_ACCESS_KEY"],
+        locked=True,
+    )
     try:
         weed.start()
     except BaseException:
@@ -332,33 +389,34 @@ def start_services(state_dir: Path, state: dict[str, Any]) -> tuple[dict[str, st
     assert weed.proc is not None
     procs["seaweedfs"] = record_of(weed.proc.pid, weed.server.log_path)
     s3 = weed.server
-    state["s3"] = {
-        "endpoint_url": s3.endpoint_url,
-        "access_key": s3.access_key,
-        "secret_key": s3.secret_key,
-        "region": s3.region,
-        "ports": weed.ports,
-    }
+    state["s3"] = {"endpoint_url": s3.endpoint_url, "region": s3.region, "ports": weed.ports}  # keys: ENV_FILE
     write_state(state_dir, state)
     state["manifest"] = seed(s3.client(), state["bucket"])
     say(f"SeaweedFS S3 on {s3.endpoint_url}, bucket {state['bucket']} with the sample ({time.monotonic() - t0:.0f} s)")
 
     t0 = time.monotonic()
-    server = start_server(state_dir / "prefect", port=port_from("NST_STACK_PREFECT_PORT", 4200))
+    port = port_from("NST_STACK_PREFECT_PORT", 4200)
+    server = start_server(state_dir / "prefect", port=port, auth_string=creds["PREFECT_API_AUTH_STRING"])
     assert server.proc is not None
     procs["prefect-server"] = record_of(server.proc.pid, server.log)
     state.update(api_url=server.api_url, ui_url=server.ui_url)
     write_state(state_dir, state)
+    env = {"PREFECT_API_URL": server.api_url, "PREFECT_API_AUTH_STRING": creds["PREFECT_API_AUTH_STRING"]}
+    env.update(AWS_ENDPOINT_URL=s3.endpoint_url, AWS_DEFAULT_REGION=s3.region)
+    write_env(state_dir, {**env, **{k: creds[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
     say(f"Prefect server on {server.ui_url} ({time.monotonic() - t0:.0f} s)")
     return server.env, s3_environment(s3, state_dir / "seaweedfs")
 
 
 def start(state_dir: Path) -> dict[str, Any]:
     """Start the whole stack; on any failure stop what was started and re-raise."""
+    state_dir.chmod(0o700)  # data, database and logs: the owner's only
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {"repo": str(REPO), "bucket": BUCKET, "processes": {}}
+    state["env_file"] = str(state_dir / ENV_FILE)
+    creds = stack_secrets(state_dir)
     try:
-        cli_env, s3_env = start_services(state_dir, state)
+        cli_env, s3_env = start_services(state_dir, state, creds)
         # deploy and the flow runs import nst/ and flows/ of this checkout, whichever checkout the venv was made in.
         cli_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), cli_env.get("PYTHONPATH")]))
         setup_log = state_dir / "logs" / "setup.log"
@@ -378,7 +436,7 @@ def start(state_dir: Path) -> dict[str, Any]:
         for name in WORKERS:
             state["processes"][name] = start_worker(name, worker_env, state_dir)
         write_state(state_dir, state)
-        wait_for_workers(state["api_url"], state["processes"])
+        wait_for_workers(state["api_url"], creds["PREFECT_API_AUTH_STRING"], state["processes"])
     except BaseException:
         say("start failed: stopping what was started")
         stop_all(state)
@@ -402,15 +460,15 @@ def report(state: dict[str, Any]) -> None:
     lines = [
         "",
         f"Prefect UI:      {state['ui_url']}",
-        f"S3 (SeaweedFS):  {s3['endpoint_url']}  bucket {state['bucket']}  "
-        f"(AWS_ACCESS_KEY_ID={s3['access_key']} AWS_SECRET_ACCESS_KEY={s3['secret_key']})",
+        f"S3 (SeaweedFS):  {s3['endpoint_url']}  bucket {state['bucket']}",
+        f"Credentials:     {shown(state['env_file'])} (this stack's own; the UI asks for its PREFECT_API_AUTH_STRING)",
         "Processes and logs:",
         *(f"  {name:<15} pid {rec['pid']:<8} {shown(rec['log'])}" for name, rec in procs.items()),
         f"  {'set-up':<15} {'':<12} {shown(state['setup_log'])}",
         "",
         f"Run the sample manifest ({len(SAMPLE_PAIRS)} pairs, "
         f"{SAMPLE_DEFAULTS['size']} px, {SAMPLE_DEFAULTS['iterations']} iterations), then watch it in the UI:",
-        f"  export PREFECT_API_URL={state['api_url']}",
+        f"  {load_command(state['env_file'])}",
         f"  {prefect} deployment run 'stylize-manifest/on-demand' -p manifest={state['manifest']}",
         f"Outputs go to s3://{state['bucket']}/results/sample/ (<id>.png + <id>.json per pair). Stop: make down",
     ]

@@ -1,11 +1,13 @@
 """`make up` / `make down` (scripts/stack.py) as a user runs them, and compose.yaml's layout.
 
-The slow test starts the whole stack in a temporary STACK_DIR, runs the command `make up` printed, checks the outputs in
-the bucket, stops it, checks that no process of it is left, and starts it a second time on the same data.
+The slow test starts the whole stack in a temporary STACK_DIR, checks that nothing it listens on answers without the
+stack's credentials, runs the command `make up` printed (with those credentials loaded), checks the outputs in the
+bucket, stops it, checks that no process of it is left, and starts it a second time on the same data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,17 +15,25 @@ import re
 import shlex
 import shutil
 import socket
+import ssl
+import stat
 import subprocess
+import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import botocore
+import botocore.config
+import botocore.exceptions
 import pytest
 import yaml
 
 from deploy.setup import SERVER_SETTINGS
 from nst_testing.paths import REPO
 from nst_testing.prefect import PrefectServer, base_env, process_tree, wait_for_flow_run
-from nst_testing.s3 import S3Server
+from nst_testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 
 RUN_TIMEOUT_S = 900.0  # the sample takes about a minute on 2 idle cores; CI's are shared with other tests
 
@@ -45,11 +55,19 @@ def make(target: str, state_dir: Path) -> str:
 
 
 def printed_command(out: str) -> tuple[str, list[str]]:
-    """The PREFECT_API_URL to export and the `prefect deployment run` command that `make up` printed."""
-    api_url = re.search(r"^\s*export PREFECT_API_URL=(\S+)$", out, re.MULTILINE)
+    """The env file to load and the `prefect deployment run` command that `make up` printed."""
+    load = re.search(r"^\s*set -a; \. (\S+); set \+a$", out, re.MULTILINE)
     command = re.search(r"^\s*(\S+/prefect deployment run .+)$", out, re.MULTILINE)
-    assert api_url and command, out
-    return api_url.group(1), shlex.split(command.group(1))
+    assert load and command, out
+    return shlex.split(load.group(1))[0], shlex.split(command.group(1))
+
+
+def stack_env(env_file: Path) -> dict[str, str]:
+    """What `set -a; . <env_file>; set +a` puts in a shell's environment (a shell does the parsing)."""
+    script = f"set -a; . {shlex.quote(str(env_file))}; set +a; env -0"
+    result = subprocess.run(["sh", "-c", script], env={}, capture_output=True, check=True)
+    pairs = (item.split(b"=", 1) for item in result.stdout.split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode() for k, v in pairs if k not in (b"PWD", b"SHLVL", b"_")}
 
 
 def start_of(pid: int) -> int | None:
@@ -90,27 +108,116 @@ def assert_all_stopped(processes: dict[int, int], state: dict[str, Any]) -> None
 
 
 def run_printed_command(out: str, state_dir: Path) -> tuple[PrefectServer, str, Any]:
-    """Run the printed command with the printed PREFECT_API_URL, wait for the flow run to end; server, id, run."""
-    api_url, command = printed_command(out)
-    env = {**base_env(state_dir / "cli-home"), "PREFECT_API_URL": api_url}
+    """Run the printed command after loading the printed env file, wait for the flow run to end; server, id, run."""
+    env_file, command = printed_command(out)
+    loaded = stack_env(REPO / env_file)
+    env = {**base_env(state_dir / "cli-home"), **loaded}
+    without = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}  # the API refuses a run without it
+    refused = subprocess.run(command, cwd=REPO, env=without, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "UUID:" not in refused.stdout, refused.stdout
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
     assert match, result.stdout
-    server = PrefectServer(
-        api_url=api_url, ui_url="", home=state_dir, env=env, log=state_dir / "prefect" / "server.log"
-    )
+    log = state_dir / "prefect" / "server.log"
+    api_url, auth = loaded["PREFECT_API_URL"], loaded["PREFECT_API_AUTH_STRING"]
+    server = PrefectServer(api_url=api_url, ui_url="", home=state_dir, env=env, log=log, auth_string=auth)
     run = wait_for_flow_run(server, match.group(1), timeout=RUN_TIMEOUT_S)
     return server, match.group(1), run
 
 
-@pytest.mark.slow
 def stack_s3(state: dict[str, Any], state_dir: Path) -> Any:
-    """A boto3 client on the stack's SeaweedFS, from its state.json."""
-    keys = ("endpoint_url", "access_key", "secret_key", "region")
-    return S3Server(**{k: state["s3"][k] for k in keys}, log_path=state_dir / "seaweedfs" / "weed.log").client()
+    """A boto3 client on the stack's SeaweedFS, with the credentials of its env file."""
+    env = stack_env(Path(state["env_file"]))
+    keys = (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    return S3Server(state["s3"]["endpoint_url"], *keys, state["s3"]["region"], state_dir / "weed.log").client()
 
 
+def listening_ports(pids: set[int]) -> set[int]:
+    """The TCP ports the processes listen on (their socket inodes matched against /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def answer_without_client_certificate(port: int) -> bytes:
+    """What a client gets that speaks plain HTTP, then TLS without a client certificate, to 127.0.0.1:`port`."""
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):
+            got += sock.recv(65536)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, context.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /buckets/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = tls.recv(65536)
+            got += b"TLS:" + answer if answer else b""
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        pass  # refused: the server wants a certificate of the stack's CA
+    return got
+
+
+def assert_locked_down(state: dict[str, Any], state_dir: Path) -> None:
+    """Every port of the stack refuses a client without the stack's credentials; secrets are the owner's only."""
+    env_file = Path(state["env_file"])
+    env = stack_env(env_file)
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700 and stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert env["AWS_ACCESS_KEY_ID"] != ACCESS_KEY and env["AWS_SECRET_ACCESS_KEY"] != SECRET_KEY  # not published ones
+    assert env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(state)
+    api_url, s3_url = state["api_url"], state["s3"]["endpoint_url"]
+    # The Prefect API: 401 without the auth string (a deployment cannot be registered or run); health checks answer.
+    for method, path in (("POST", "/deployments/"), ("POST", "/flows/filter"), ("GET", "/admin/settings")):
+        request = urllib.request.Request(f"{api_url}{path}", data=b"{}" if method == "POST" else None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401, (method, path)
+    # S3: anonymous and wrong-key requests get 403.
+    bucket = state["bucket"]
+    unsigned = botocore.config.Config(signature_version=botocore.UNSIGNED, s3={"addressing_style": "path"})
+    server = S3Server(s3_url, ACCESS_KEY, SECRET_KEY, state["s3"]["region"], state_dir / "weed.log")
+    for client in (server.client(config=unsigned), server.client()):
+        with pytest.raises(botocore.exceptions.ClientError) as denied:
+            client.list_objects_v2(Bucket=bucket)
+        assert denied.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    # Each worker's attempt-control channel (Prefect's, on loopback): a connection without a run's token is closed.
+    workers = {rec["pid"] for name, rec in state["processes"].items() if name.endswith("worker")}
+    control = listening_ports(workers)
+    assert len(control) <= len(workers), control
+    for port in control:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"not-a-token\n")
+            assert sock.recv(100) == b"", port
+    # Everything else: every TCP port of the stack's processes is the API, S3 or a SeaweedFS port wanting mTLS.
+    pids = {pid for rec in state["processes"].values() for pid in process_tree(rec["pid"])}
+    api_port, s3_port = (int(url.rsplit(":", 1)[1].split("/", 1)[0]) for url in (api_url, s3_url))
+    internal = listening_ports(pids) - {api_port, s3_port} - control
+    assert internal and internal <= set(state["s3"]["ports"]), (internal, state["s3"]["ports"])
+    for port in sorted(internal):
+        got = answer_without_client_certificate(port)
+        assert b"TLS:" not in got and b"sample" not in got and not got.startswith(b"HTTP/1.1 200"), (port, got)
+    # weed's unix sockets (/tmp/seaweedfs-<service>-<port>.sock): only their owner may connect.
+    for port in state["s3"]["ports"]:
+        for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            assert stat.S_IMODE(sock.stat().st_mode) & 0o077 == 0, sock
+
+
+@pytest.mark.slow
 def test_make_up_run_the_printed_command_down_and_up_again(tmp_path: Path) -> None:
     state_dir = tmp_path / "stack"
     try:
@@ -120,6 +227,7 @@ def test_make_up_run_the_printed_command_down_and_up_again(tmp_path: Path) -> No
         for rec in state["processes"].values():  # every log file is printed, and exists
             assert str(rec["log"]) in out and Path(rec["log"]).is_file()
         processes = stack_processes(state_dir)
+        assert_locked_down(state, state_dir)
 
         _, run_id, run = run_printed_command(out, state_dir)
         assert run.state.is_completed(), run.state.message
