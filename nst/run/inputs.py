@@ -2,8 +2,9 @@
 
 Identities are cheap (one listing per S3 folder holding many inputs, else one stat each); an input is downloaded and
 hashed only when no record vouches for its identity, and only its bytes are kept (in the run's spool) for the batches.
-Given the input roots, a local input is stat'ed and read beneath them without following a symlink (`storage.beneath`):
-one swapped for a link out of them since the manifest was checked is never opened, and fails its pairs.
+Given the input roots, a local input is stat'ed and read beneath them without following a symlink
+(`nst.storage.beneath`): one swapped for a link out of them since the manifest was checked is never opened, and fails
+its pairs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from nst.errors import NSTError, StorageError
 from nst.images import sha256_bytes, upright_size
 from nst.manifest.inputs import is_allowed
 from nst.run.layout import READ_THREADS
-from nst.storage import beneath
 
 # An S3 folder holding at least this many of a run's inputs is listed (1 request per 1,000 keys), not HEADed per key.
 LIST_AT = 8
@@ -53,21 +53,17 @@ def _outside(uri: str) -> StorageError:
 
 
 def _stat(uri: str, roots: Sequence[str] | None) -> storage.ObjectInfo:
-    """The info of one input; a local one beneath `roots`, if given (S3 keys hold no symlinks: checked as named)."""
-    if roots is not None and not storage.is_s3(uri):
-        return beneath.stat(uri, roots)
-    if roots is not None and not is_allowed(uri, roots):
+    """The info of one input; a local one beneath `roots`, if given (S3 keys hold no symlinks: checked by name)."""
+    if roots is not None and storage.is_s3(uri) and not is_allowed(uri, roots):
         raise _outside(uri)
-    return storage.stat(uri)
+    return storage.stat(uri, roots=roots)
 
 
 def _read(uri: str, roots: Sequence[str] | None, max_bytes: int) -> tuple[bytes, storage.ObjectInfo]:
     """The bytes of one input and the info of the very version read; a local one beneath `roots`, if given."""
-    if roots is not None and not storage.is_s3(uri):
-        return beneath.read(uri, roots, max_bytes)
-    if roots is not None and not is_allowed(uri, roots):
+    if roots is not None and storage.is_s3(uri) and not is_allowed(uri, roots):
         raise _outside(uri)
-    return storage.read_with_info(uri, max_bytes=max_bytes)
+    return storage.read_with_info(uri, max_bytes=max_bytes, roots=roots)
 
 
 def stat_inputs(uris: Iterable[str], *, roots: Sequence[str] | None = None) -> dict[str, InputFacts]:

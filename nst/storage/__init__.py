@@ -12,8 +12,10 @@ the URI.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from nst.errors import StorageError
+from nst.storage import beneath
 from nst.storage.base import MAX_PRESIGN_S, ObjectInfo, Store, local_path, scheme, too_big
 from nst.storage.local import LocalStore
 from nst.storage.s3 import LIST_PAGE_SIZE, MULTIPART_THRESHOLD, S3Store
@@ -72,9 +74,19 @@ def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
     return read_with_info(uri, max_bytes=max_bytes)[0]
 
 
-def read_with_info(uri: str, *, max_bytes: int | None = None) -> tuple[bytes, ObjectInfo]:
-    """The content and the `ObjectInfo` of the very version read (one GET / one open file)."""
-    data, info = store_for(uri).read(uri, max_bytes)
+def read_with_info(
+    uri: str, *, max_bytes: int | None = None, roots: Sequence[str] | None = None
+) -> tuple[bytes, ObjectInfo]:
+    """The content and the `ObjectInfo` of the very version read (one GET / one open file).
+
+    With `roots` (resolved, as `nst.manifest.inputs.allowed_roots` gives them), a local file is opened beneath them
+    without following a symlink (`beneath.read`): one that resolves outside them, or became a symlink since it was
+    checked, is never opened. S3 keys hold no symlinks: the caller checks them against the roots by name.
+    """
+    if roots is not None and scheme(uri) != "s3":
+        data, info = beneath.read(uri, roots, max_bytes)
+    else:
+        data, info = store_for(uri).read(uri, max_bytes)
     if max_bytes is not None and len(data) > max_bytes:
         raise too_big(uri, len(data), max_bytes)
     return data, info
@@ -121,8 +133,11 @@ def delete(uri: str, *, expected: ObjectInfo | None = None) -> bool:
     return store_for(uri).delete(uri, expected)
 
 
-def stat(uri: str) -> ObjectInfo:
-    """Size and ETag (S3; with LastModified as mtime_ns) or size and mtime_ns (local) of one file or object."""
+def stat(uri: str, *, roots: Sequence[str] | None = None) -> ObjectInfo:
+    """Size and ETag (S3; with LastModified as mtime_ns) or size and mtime_ns (local) of one file or object; with
+    `roots`, a local file is stat'ed beneath them as `read_with_info` opens it (no symlink followed)."""
+    if roots is not None and scheme(uri) != "s3":
+        return beneath.stat(uri, roots)
     return store_for(uri).stat(uri)
 
 

@@ -82,7 +82,7 @@ def stat(uri: str, roots: Sequence[str]) -> ObjectInfo:
     return ObjectInfo(uri=uri, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
-def read(uri: str, roots: Sequence[str], max_bytes: int) -> tuple[bytes, ObjectInfo]:
+def read(uri: str, roots: Sequence[str], max_bytes: int | None) -> tuple[bytes, ObjectInfo]:
     """The content of a regular file under the input `roots` and the info of that open file (at most `max_bytes`)."""
     real = resolved(uri, roots, "input")
     try:
@@ -93,7 +93,7 @@ def read(uri: str, roots: Sequence[str], max_bytes: int) -> tuple[bytes, ObjectI
             os.close(fd)
             raise StorageError(f"{uri}: cannot read: not a regular file")
         with os.fdopen(fd, "rb") as fh:
-            if st.st_size > max_bytes:
+            if max_bytes is not None and st.st_size > max_bytes:
                 raise too_big(uri, st.st_size, max_bytes)
             data = fh.read(st.st_size + 1)  # +1: a file that grew since the fstat is seen
             after = os.fstat(fh.fileno())
