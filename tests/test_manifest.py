@@ -767,9 +767,9 @@ def test_missing_inputs_one_stat_each_no_listing(storage_root: str, monkeypatch:
     calls: list[str] = []
     real = storage.stat
 
-    def spy(target: str) -> storage.ObjectInfo:
+    def spy(target: str, **kwargs: Any) -> storage.ObjectInfo:
         calls.append(target)
-        return real(target)
+        return real(target, **kwargs)
 
     def no_listing(prefix: str) -> list[storage.ObjectInfo]:
         raise AssertionError(f"listed {prefix}")

@@ -152,13 +152,16 @@ def storage_reason(exc: StorageError, uri: str) -> str:
     return re.sub(r"^cannot \w+: ", "", str(exc).removeprefix(f"{uri}: "))
 
 
-def check_inputs(problems: Problems, refs: Sequence[InputRef], settings: InputSettings) -> None:
-    """Every named input exists and is within its byte limit: one stat (HEAD on S3) per distinct input, no listing."""
+def check_inputs(
+    problems: Problems, refs: Sequence[InputRef], settings: InputSettings, roots: Sequence[str] | None = None
+) -> None:
+    """Every named input exists and is within its byte limit: one stat (HEAD on S3) per distinct input, no listing;
+    with `roots`, a local input is stat'ed beneath them, no symlink followed (one swapped in since is not stat'ed)."""
     uris = sorted({ref.uri for ref in refs})
 
     def stat(uri: str) -> storage.ObjectInfo | StorageError:
         try:
-            return storage.stat(uri)
+            return storage.stat(uri, roots=roots)
         except StorageError as exc:
             return exc
 

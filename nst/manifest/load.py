@@ -126,7 +126,7 @@ def load_manifest(
     if output:
         check_outputs(problems, output, base_dir, data, expanded)
     if check_inputs:
-        check_input_refs(problems, expanded.inputs, settings)
+        check_input_refs(problems, expanded.inputs, settings, roots)
     problems.raise_if_any(source)
     return Manifest(
         name=name,
