@@ -25,6 +25,11 @@ class RunOptions(BaseModel):
     force: bool = Field(
         False, description="run pairs even if their outputs already say succeeded with the same inputs and parameters"
     )
+    replace_others: bool = Field(
+        False,
+        description="replace results another manifest (another `name:`) made from other inputs or parameters "
+        "(otherwise such a pair fails and its result stays); --force alone never does",
+    )
     rerun_older_engine: bool = Field(
         False,
         description="also run pairs whose outputs an older engine revision made (otherwise they count as done)",

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from nst import storage
-from nst.errors import NSTError
+from nst.errors import NSTError, OutputError
 from nst.manifest.model import Manifest
+from nst.run.claims import claim_pair, release_pair
 
 READ_THREADS = 16
 MAX_RECORD_BYTES = 64 * 2**20
@@ -77,11 +79,23 @@ def plan_moves(manifest: Manifest) -> tuple[list[Move], list[str]]:
         if f"{old}.claim" in names:
             notes.append(f"left {old}: claimed by a run ({old}.claim); try again when it is over")
             continue
+        if note := _busy(new, names):
+            notes.append(f"left {old}: {note}")
+            continue
         taken.add(new)
         own = re.compile(re.escape(old) + r"(\.iter\d+)?\.png")
         files = sorted(n for n in names if own.fullmatch(n))
         moves.append(Move(old, new, [(f, new + f[len(old) :]) for f in files] + [(f"{old}.json", f"{new}.json")]))
     return moves, notes
+
+
+def _busy(new: str, names: set[str]) -> str | None:
+    """Why the new id's files are not ours to write: a run holds its claim, or wrote its image (JSON to come)."""
+    if f"{new}.claim" in names:
+        return f"{new} is claimed by a run ({new}.claim); try again when it is over"
+    own = re.compile(re.escape(new) + r"(\.iter\d+)?\.png")
+    written = sorted(n for n in names if own.fullmatch(n))
+    return f"{written[0]} already exists" if written else None
 
 
 def _moved_record(record: dict[str, Any], move: Move, prefix: str) -> dict[str, Any]:
@@ -97,6 +111,34 @@ def _moved_record(record: dict[str, Any], move: Move, prefix: str) -> dict[str, 
 
 
 def apply_move(manifest: Manifest, move: Move) -> None:
+    """Holding both ids' claims (no run writes either meanwhile), move the pair: OutputError if a run took one or wrote
+    the new id since `plan_moves`, and nothing moves."""
+    token = f"migrate-ids-{uuid.uuid4().hex[:12]}"
+    held: list[str] = []
+    try:
+        for pair_id in (move.old, move.new):
+            if busy := claim_pair(manifest.output, pair_id, token):
+                raise OutputError(f"{pair_id}: {busy}; nothing moved, try again when it is over")
+            held.append(pair_id)
+        prefix = manifest.output.rstrip("/") + "/"
+        for name in (f"{move.new}.png", f"{move.new}.json"):
+            if _exists(storage.join(prefix, name)):
+                raise OutputError(f"{name} was written since the move was planned; nothing moved")
+        _move(manifest, move)
+    finally:
+        for pair_id in held:
+            release_pair(manifest.output, pair_id, token)
+
+
+def _exists(uri: str) -> bool:
+    try:
+        storage.stat(uri)
+    except NSTError:
+        return False
+    return True
+
+
+def _move(manifest: Manifest, move: Move) -> None:
     """Copy the images, write the rewritten JSON (a complete pair under the new id), then delete the old files."""
     prefix = manifest.output.rstrip("/") + "/"
     *images, (old_json, new_json) = move.files

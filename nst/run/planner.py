@@ -50,16 +50,18 @@ class Plan:
 
 
 @dataclass(slots=True)
+    refused: list[PairRecord] = field(default_factory=list)  # failed: another manifest's result would be replaced
 class _Found:
     """What plan needs of one existing record (the record itself is not kept: it may hold a long history)."""
 
     verdict: Verdict
     unverified: dict[str, str | None]  # input URI -> recorded sha256, for inputs whose identity is not the recorded one
-    skipped: PairRecord | None = None
+    skipped: PairRecord | None = None  # None: not done even if every input is unchanged
     older: bool = False  # made by another engine revision
 
 
 def selected(manifest: Manifest, options: RunOptions) -> list[PairSpec]:
+    owner: str | None = None  # another manifest whose succeeded result this is (None: ours, or nobody's)
     """The manifest's pairs that `options.pair_ids` selects (unknown ids are an error), layer names canonical."""
     specs = manifest.pairs
     if options.pair_ids is not None or options.pair_ids_file is not None:
@@ -112,8 +114,8 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
     roots = input_roots(manifest.source)  # inputs are stat'ed and read beneath them, never through a symlink out
     inputs = stat_inputs(sorted({u for p in specs for u in (p.content, *p.styles)}), roots=roots)
     listing = {i.uri: i for i in _list_output(manifest.output)}
-    index = {} if options.force else read_index(manifest.output)
-    found, seen = ({}, {}) if options.force else _existing(manifest.output, specs, listing, index, inputs)
+    index = read_index(manifest.output)  # read even with force: whose results these are still counts
+    found, seen = _existing(manifest.output, specs, listing, index, inputs)
     settings = InputSettings.from_env()
     max_pixels = max((p.params.max_input_pixels for p in specs), default=1)
 
@@ -127,26 +129,48 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
         )
 
     read({u for f in found.values() if f.verdict == "check_inputs" for u in f.unverified})
-    to_run: list[PairSpec] = []
-    skipped: list[PairRecord] = []
-    older: list[str] = []
+    the_plan = _decide(manifest, specs, found, inputs, options)
+    read({u for p in the_plan.to_run for u in (p.content, *p.styles)})
+    the_plan.claimed_done = [r.id for r in the_plan.skipped if claim_uri(manifest.output, r.id) in listing]
+    the_plan.leftovers = _intermediates(manifest.output, listing, {p.id for p in the_plan.to_run})
+    the_plan.index = {**index, **seen} if any(index.get(i) != entry for i, entry in seen.items()) else {}
+    return the_plan
+
+
+def _decide(
+    manifest: Manifest,
+    specs: list[PairSpec],
+    found: dict[str, _Found],
+    inputs: dict[str, InputFacts],
+    options: RunOptions,
+) -> Plan:
+    """Each pair's final verdict: run, skipped (done, or by an older engine) or refused (another manifest's result)."""
+    the_plan = Plan(manifest, [], inputs, [])
     for spec in specs:
         verdict = _with_inputs(found[spec.id], inputs) if spec.id in found else "run"
         if verdict == "older_engine" and options.rerun_older_engine:
             verdict = "run"
         if verdict == "run":
-            to_run.append(spec)
+            the_plan.to_run.append(spec)
             continue
-        record = found[spec.id].skipped
+        record = entry.skipped if entry is not None else None
         assert record is not None  # a record judged done or older has its skipped record
-        skipped.append(record)
+        the_plan.skipped.append(record)
         if verdict == "older_engine":
-            older.append(spec.id)
-    read({u for p in to_run for u in (p.content, *p.styles)})
-    claims = [r.id for r in skipped if claim_uri(manifest.output, r.id) in listing]
-    leftovers = _intermediates(manifest.output, listing, {p.id for p in to_run})
-    fresh = {**index, **seen} if any(index.get(i) != entry for i, entry in seen.items()) else {}
-    return Plan(manifest, to_run, inputs, skipped, older, claims, leftovers, index=fresh)
+            the_plan.older_engine.append(spec.id)
+    return the_plan
+
+
+def _refused(spec: PairSpec, output: str, owner: str) -> PairRecord:
+    """A pair that would replace another manifest's result: failed, nothing written (its result stays)."""
+    shown = owner if owner.isprintable() and len(owner) <= MAX_OWNER_CHARS else owner[:MAX_OWNER_CHARS] + "..."
+    message = (
+        f"pair {spec.id}: {output_uris(output, spec.id)[1]} is a result of manifest {shown!r} made from other "
+        "inputs or parameters; it is kept (--replace-others, or options.replace_others, replaces it)"
+    )
+    record = PairRecord.not_run(spec, output, message)
+    record.status, record.error = "failed", error_info("OwnershipError", message)
+    return record
 
 
 def _intermediates(output: str, listing: dict[str, storage.ObjectInfo], ids: set[str]) -> dict[str, list[str]]:
@@ -174,7 +198,9 @@ def _with_inputs(found: _Found, inputs: dict[str, InputFacts]) -> Verdict:
         return found.verdict
     for uri, sha in found.unverified.items():
         if sha is None or inputs[uri].sha256 != sha:  # read this run (None: unreadable)
-            return "run"
+            return "foreign" if found.owner else "run"
+    if found.skipped is None:  # the same work, but its result is gone or not the one recorded
+        return "run"
     return "older_engine" if found.older else "done"
 
 
@@ -196,13 +222,17 @@ def _existing(
             except NSTError:
                 digests[key] = None  # the pair runs, and fails there saying why
 
+    wanted: dict[int, str] = {}  # params digest per parameters object (a grid's pairs share one)
     def one(spec: PairSpec) -> tuple[PairSpec, Identity, Written] | None:
+        if id(spec.params) not in wanted:
+            wanted[id(spec.params)] = params_digest(spec.params.model_dump(mode="json"))
         info = listing.get(output_uris(output, spec.id)[1])
         if info is None:
             return None
         ident = identity(info)
         cached = index.get(spec.id)
-        if cached is not None and cached[0] == ident:
+        # An entry whose parameters differ is read again: an older nst digested them otherwise (the weights' path).
+        if cached is not None and cached[0] == ident and cached[1].params_digest == wanted[id(spec.params)]:
             return spec, ident, cached[1]
         record = read_record(info.uri)
         written = Written.of(record) if record is not None else None
@@ -211,11 +241,8 @@ def _existing(
     with ThreadPoolExecutor(READ_THREADS) as pool:
         seen = [item for item in pool.map(one, specs) if item is not None]
     judged = {}
-    wanted: dict[int, str] = {}  # params digest per parameters object (a grid's pairs share one)
     for spec, _, written in seen:
         weights = digests.get((spec.params.network, spec.params.weights))
-        if id(spec.params) not in wanted:
-            wanted[id(spec.params)] = params_digest(spec.params.model_dump(mode="json"))
         png = listing.get(output_uris(output, spec.id)[0])
         judged[spec.id] = _judge(spec, written, (weights, wanted[id(spec.params)]), png, inputs)
     return judged, {spec.id: (ident, written) for spec, ident, written in seen}
@@ -229,21 +256,29 @@ def _judge(
     inputs: dict[str, InputFacts],
 ) -> _Found:
     """A record judged on status, parameters, weights (`wanted`: their digests now), revision and the PNG beside it;
-    inputs whose identity is the recorded one are the recorded ones, the others are hashed and compared after."""
+    inputs whose identity is the recorded one are the recorded ones, the others are hashed and compared after.
+
+    Another manifest's succeeded result made from other work (inputs, parameters, weights) is `foreign`: never
+    replaced silently. The same work is that manifest's result and ours alike.
+    """
     weights, params = wanted
-    ok = (
-        written.status == "succeeded"
-        and written.id == spec.id
+    same_work = (
+        written.id == spec.id
         and [uri for uri, _, _ in written.inputs] == [spec.content, *spec.styles]
         and weights is not None
         and written.weights_sha256 == weights
         and written.params_digest == params
-        and png is not None
-        and written.image == png.uri
-        and _png_intact(written, png)
     )
-    if not ok or png is None:
-        return _Found("run", {})
+    theirs = written.status == "succeeded" and written.manifest not in (None, spec.manifest)
+    owner = written.manifest if theirs else None
+    if not same_work:
+        return _Found("foreign" if owner else "run", {}, owner=owner)
+    unverified = {uri: sha for uri, sha, ident in written.inputs if ident is None or ident != inputs[uri].identity}
+    intact = (
+        written.status == "succeeded" and png is not None and written.image == png.uri and _png_intact(written, png)
+    )
+    if png is None or not intact:
+        return _Found("check_inputs", unverified, owner=owner) if owner else _Found("run", {})
     json_uri = png.uri[: -len(".png")] + ".json"
     skipped = PairRecord(
         spec.id,
@@ -254,8 +289,7 @@ def _judge(
         json_uri,
         image_identity=written.image_identity,
     )
-    unverified = {uri: sha for uri, sha, ident in written.inputs if ident is None or ident != inputs[uri].identity}
-    return _Found("check_inputs", unverified, skipped, written.engine_revision != nst.ENGINE_REVISION)
+    return _Found("check_inputs", unverified, skipped, written.engine_revision != nst.ENGINE_REVISION, owner)
 
 
 def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
@@ -268,3 +302,23 @@ def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
         return bool(sha256_bytes(storage.read_bytes(png.uri, max_bytes=MAX_LEGACY_PNG_BYTES)) == written.image_sha256)
     except NSTError:
         return False
+
+
+def done_now(spec: PairSpec, output: str, inputs: dict[str, InputFacts]) -> PairRecord | None:
+    """The pair's `skipped` record if it is done now by `plan`'s rule (its record read afresh), else None.
+
+    `run_batch` asks once it holds the pair's claim: a concurrent run may have finished the pair since planning.
+    """
+    png_uri, json_uri = output_uris(output, spec.id)
+    record = read_record(json_uri)
+    written = Written.of(record) if record is not None else None
+    if written is None or written.status != "succeeded":
+        return None
+    try:
+        png = storage.stat(png_uri)
+        weights = weights_digest(spec.params.network, spec.params.weights)
+    except NSTError:
+        return None
+    params = params_digest(spec.params.model_dump(mode="json"))
+    found = _judge(spec, written, (weights, params), png, inputs)
+    return found.skipped if _with_inputs(found, inputs) == "done" else None

@@ -143,7 +143,7 @@ def run(
         older = len(the_plan.older_engine)
         if options.dry_run:
             records = [PairRecord.not_run(p, output, "dry run") for p in the_plan.to_run]
-            ordered = _in_manifest_order(loaded, [*records, *the_plan.skipped])
+            ordered = _in_manifest_order(loaded, [*records, *the_plan.skipped, *the_plan.refused])
             return RunSummary(run_id, loaded, ordered, dry_run=True, older_engine=older)
         probe_output(output, run_id)
         with contextlib.suppress(NSTError):  # what killed writers left (local outputs only)
@@ -154,7 +154,7 @@ def run(
             write_index(output, the_plan.index)
     reason = f"not started: max_failures={options.max_failures} reached"
     records += [PairRecord.not_run(p, output, reason) for batch in left for p in batch.pairs]
-    records = _in_manifest_order(loaded, [*records, *the_plan.skipped])
+    records = _in_manifest_order(loaded, [*records, *the_plan.skipped, *the_plan.refused])
     summary_uri = write_run_summary(output, run_id, records, manifest=loaded.source, older_engine=older)
     return RunSummary(run_id, loaded, records, summary_uri=summary_uri, older_engine=older)
 
