@@ -21,6 +21,7 @@ from nst.images import sha256_bytes
 from nst.manifest import Manifest, PairSpec
 from nst.manifest.inputs import InputSettings, input_roots
 from nst.params import StyleParams, canonical_params
+from nst.results import error_info
 from nst.run.index import Index, Written, params_digest, read_index
 from nst.run.inputs import Identity, InputFacts, identity, read_inputs, stat_inputs
 from nst.run.layout import READ_THREADS, claim_uri, output_uris, summary_uri
@@ -32,7 +33,9 @@ from nst.weights import weights_digest
 MAX_LEGACY_PNG_BYTES = 512 * 2**20
 MAX_IDS_FILE_BYTES = 64 * 2**20
 ITERATION_PNG = re.compile(r"([^/]+)\.iter\d{6}\.png")
-Verdict = Literal["run", "done", "older_engine", "check_inputs"]
+# Shown of another manifest's name (read from its record): at most this many characters.
+MAX_OWNER_CHARS = 100
+Verdict = Literal["run", "done", "older_engine", "check_inputs", "foreign"]
 
 
 @dataclass
@@ -47,10 +50,10 @@ class Plan:
     claimed_done: list[str] = field(default_factory=list)  # done pairs whose claim file is still there
     leftovers: dict[str, list[str]] = field(default_factory=dict)  # intermediate images earlier runs left, by pair
     index: Index = field(default_factory=dict)  # to store when the run ends (if new)
+    refused: list[PairRecord] = field(default_factory=list)  # failed: another manifest's result would be replaced
 
 
 @dataclass(slots=True)
-    refused: list[PairRecord] = field(default_factory=list)  # failed: another manifest's result would be replaced
 class _Found:
     """What plan needs of one existing record (the record itself is not kept: it may hold a long history)."""
 
@@ -58,10 +61,10 @@ class _Found:
     unverified: dict[str, str | None]  # input URI -> recorded sha256, for inputs whose identity is not the recorded one
     skipped: PairRecord | None = None  # None: not done even if every input is unchanged
     older: bool = False  # made by another engine revision
+    owner: str | None = None  # another manifest whose succeeded result this is (None: ours, or nobody's)
 
 
 def selected(manifest: Manifest, options: RunOptions) -> list[PairSpec]:
-    owner: str | None = None  # another manifest whose succeeded result this is (None: ours, or nobody's)
     """The manifest's pairs that `options.pair_ids` selects (unknown ids are an error), layer names canonical."""
     specs = manifest.pairs
     if options.pair_ids is not None or options.pair_ids_file is not None:
@@ -147,8 +150,13 @@ def _decide(
     """Each pair's final verdict: run, skipped (done, or by an older engine) or refused (another manifest's result)."""
     the_plan = Plan(manifest, [], inputs, [])
     for spec in specs:
-        verdict = _with_inputs(found[spec.id], inputs) if spec.id in found else "run"
-        if verdict == "older_engine" and options.rerun_older_engine:
+        entry = found.get(spec.id)
+        verdict = _with_inputs(entry, inputs) if entry is not None else "run"
+        if verdict == "foreign" and not options.replace_others:
+            the_plan.refused.append(_refused(spec, manifest.output, (entry.owner if entry else None) or "?"))
+            continue
+        rerun = verdict == "older_engine" and options.rerun_older_engine
+        if verdict == "foreign" or rerun or (options.force and verdict in ("done", "older_engine")):
             verdict = "run"
         if verdict == "run":
             the_plan.to_run.append(spec)
@@ -214,7 +222,10 @@ def _existing(
     """Each pair's existing record judged on all but the input hashes (facts from the index while the record's
     identity is unchanged, else read in parallel), and the index entries of every record seen."""
     digests: dict[tuple[str, str | None], str | None] = {}
+    wanted: dict[int, str] = {}  # params digest per parameters object (a grid's pairs share one)
     for spec in specs:
+        if id(spec.params) not in wanted:
+            wanted[id(spec.params)] = params_digest(spec.params.model_dump(mode="json"))
         key = (spec.params.network, spec.params.weights)
         if key not in digests and output_uris(output, spec.id)[1] in listing:
             try:
@@ -222,10 +233,7 @@ def _existing(
             except NSTError:
                 digests[key] = None  # the pair runs, and fails there saying why
 
-    wanted: dict[int, str] = {}  # params digest per parameters object (a grid's pairs share one)
     def one(spec: PairSpec) -> tuple[PairSpec, Identity, Written] | None:
-        if id(spec.params) not in wanted:
-            wanted[id(spec.params)] = params_digest(spec.params.model_dump(mode="json"))
         info = listing.get(output_uris(output, spec.id)[1])
         if info is None:
             return None
@@ -302,23 +310,3 @@ def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
         return bool(sha256_bytes(storage.read_bytes(png.uri, max_bytes=MAX_LEGACY_PNG_BYTES)) == written.image_sha256)
     except NSTError:
         return False
-
-
-def done_now(spec: PairSpec, output: str, inputs: dict[str, InputFacts]) -> PairRecord | None:
-    """The pair's `skipped` record if it is done now by `plan`'s rule (its record read afresh), else None.
-
-    `run_batch` asks once it holds the pair's claim: a concurrent run may have finished the pair since planning.
-    """
-    png_uri, json_uri = output_uris(output, spec.id)
-    record = read_record(json_uri)
-    written = Written.of(record) if record is not None else None
-    if written is None or written.status != "succeeded":
-        return None
-    try:
-        png = storage.stat(png_uri)
-        weights = weights_digest(spec.params.network, spec.params.weights)
-    except NSTError:
-        return None
-    params = params_digest(spec.params.model_dump(mode="json"))
-    found = _judge(spec, written, (weights, params), png, inputs)
-    return found.skipped if _with_inputs(found, inputs) == "done" else None
