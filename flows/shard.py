@@ -187,7 +187,7 @@ def shard_manifest(
     ended = [as_child(r, c.pair_ids) for r, c in zip(finished, children, strict=True)]
     for entry, child in zip(shard_list, ended, strict=True):
         entry["state"] = child.state
-    records = aggregate(loaded, ended, planned.to_run, planned.skipped)
+    records = aggregate(loaded, ended, planned.to_run, [*planned.skipped, *planned.refused])  # refused: failed
     summary = write_run_summary(
         loaded.output, parent, records, manifest=loaded.source, attempt=attempt, shards=shard_list
     )
