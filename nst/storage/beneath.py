@@ -22,7 +22,7 @@ _DIR = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.
 # O_NONBLOCK: a FIFO swapped in opens at once (and is then refused as not a regular file) instead of hanging.
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 NOT_A_LINK = "the run's own folders are real folders inside the output, never symlinks"
-SWAPPED = "not opened: its path changed to pass through a symlink after it was checked"
+SWAPPED = "not opened: a part of its path is a symlink (never followed) or a file where a folder should be"
 
 
 def under(real: str, roots: Sequence[str]) -> bool:
@@ -31,7 +31,7 @@ def under(real: str, roots: Sequence[str]) -> bool:
 
 
 def _error(exc: OSError, uri: str, action: str, swapped: str = SWAPPED) -> StorageError:
-    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):  # a component is now a symlink (or not a folder)
+    if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):  # a part of the path is (now) a symlink or a file
         return StorageError(f"{uri}: {swapped}")
     if isinstance(exc, FileNotFoundError):
         return StorageError(f"{uri}: not found: no such file or directory")
