@@ -163,9 +163,13 @@ def output_file(output: str, uri: str, ids: set[str], *, folder: bool = False) -
     """The output file of this manifest that input `uri` is, resolved (None: it is none); with `folder`, any file
     directly in the output folder counts (a glob's match: the glob reached into the output folder)."""
     try:
-        out, path = _folder(output), same_uri(uri)
+        return _output_file(_folder(output), same_uri(uri), ids, folder)
     except StorageError:
         return None
+
+
+def _output_file(out: str, path: str, ids: set[str], folder: bool) -> str | None:
+    """output_file() on comparable forms: `out` the output folder, `path` the input."""
     parent, _, name = path.rpartition("/")
     if parent == f"{out}/{RUNS_FOLDER}" or path.startswith(f"{out}/{RUNS_FOLDER}/"):
         return path
@@ -205,8 +209,23 @@ def check_outputs(problems: Problems, output: str, base_dir: str, data: dict[str
     """Refuse (a problem naming the field, the pair and the path) every input that is one of this manifest's outputs,
     and every grid glob that can list the output folder."""
     ids = {spec.id for spec in expanded.specs}
+    try:
+        out = _folder(output)
+    except StorageError:
+        return  # an output that cannot be resolved is reported where it is used
+    resolved: dict[str, str | None] = {}  # each distinct input resolved once (a grid names each many times)
+
+    def clash_of(uri: str, folder: bool = False) -> str | None:
+        if uri not in resolved:
+            try:
+                resolved[uri] = same_uri(uri)
+            except StorageError:
+                resolved[uri] = None
+        path = resolved[uri]
+        return _output_file(out, path, ids, folder) if path is not None else None
+
     for ref in expanded.inputs:
-        if clash := output_file(output, ref.uri, ids):
+        if clash := clash_of(ref.uri):
             pair = f" (pair {ref.pair_id})" if ref.pair_id else ""
             problems.add(ref.loc, f"{clash} is an output of this manifest{pair}: no output may be an input")
     grid = data.get("grid")
@@ -228,14 +247,12 @@ def check_outputs(problems: Problems, output: str, base_dir: str, data: dict[str
                     "write outputs to a folder the grid's globs do not reach",
                 )
     named = {ref.uri for ref in expanded.inputs}  # checked above; the rest of the grid's inputs are glob matches
-    matched = {(u, key) for s in expanded.specs if s.origin == "grid" for u, key in _grid_inputs(s.content, s.styles)}
-    for uri, key in sorted(m for m in matched if m[0] not in named):  # a symlinked folder can lead a glob in
-        if clash := output_file(output, uri, ids, folder=True):
-            problems.add(("grid", key), f"{clash} lies in the output folder {output}: no output may be an input")
-
-
-def _grid_inputs(content: str, styles: list[str]) -> list[tuple[str, str]]:
-    return [(content, "contents"), *((s, "styles") for s in styles)]
+    grid_specs = [spec for spec in expanded.specs if spec.origin == "grid"]
+    matched = {"contents": {spec.content for spec in grid_specs}, "styles": {u for g in grid_specs for u in g.styles}}
+    for key, uris in matched.items():
+        for uri in sorted(uris - named):  # a symlinked folder can lead a glob into the output folder
+            if clash := clash_of(uri, folder=True):
+                problems.add(("grid", key), f"{clash} lies in the output folder {output}: no output may be an input")
 
 
 def _short(uri: str, base: str) -> str:
