@@ -1,4 +1,5 @@
-"""Race helpers: a jittery `os` for `LocalStore` (scheduling stretched on demand) and claim racers for processes.
+"""Race helpers: a jittery `os` for `LocalStore` (scheduling stretched on demand), claim racers for processes, and
+`nst` with a counting engine (`python -m nst_testing.races run ...`) for concurrent runs.
 
 A real scheduler rarely pauses a process between two system calls for long; `JitteryOS` makes such pauses common, so
 a window between a check and an act (or a name left empty for an instant) is hit within seconds, not months.
@@ -9,12 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from nst import storage
 from nst.errors import StorageError
 
+# `python -m nst_testing.races`: the file each optimisation is logged to (one line `<pid> <pair id>`), and how long
+# one pair's optimisation takes.
+SPY_LOG_ENV = "NST_RACE_SPY_LOG"
+PAIR_SECONDS_ENV = "NST_RACE_PAIR_SECONDS"
 # The calls that change a name: a random pause before each one.
 NAME_CHANGES = frozenset({"rename", "replace", "link", "unlink"})
 
@@ -90,3 +97,42 @@ def _create_once_free(lapsed: storage.ObjectInfo, body: bytes) -> bool:
 def racer_run_id(racer: int) -> str:
     """The run id racer number `racer` claims with."""
     return f"racer-{racer}"
+
+
+class CountingEngine:
+    """Stands in for `nst.engine.Stylizer` in a real `nst run` process: each pair takes $NST_RACE_PAIR_SECONDS, is
+    logged to $NST_RACE_SPY_LOG, and succeeds with its content image at `size` px (weights hashed, never loaded)."""
+
+    def __init__(self, read_bytes: Any = None) -> None:
+        self.read_bytes = read_bytes
+
+    def stylize(self, jobs: Sequence[Any], **kwargs: Any) -> list[Any]:
+        """One succeeded result per job, each logged once its `optimisation` is over."""
+        from nst.images import resize_long_side
+        from nst.pairs import PairResult
+        from nst.weights import WeightsInfo, weights_digest
+
+        results = []
+        for job in jobs:
+            time.sleep(float(os.environ.get(PAIR_SECONDS_ENV, "0")))
+            p = job.params
+            sha = weights_digest(p.network, p.weights, read_bytes=self.read_bytes)
+            weights = WeightsInfo(f"fake:{p.weights or 'default'}", sha, p.network, "caffe")
+            image = resize_long_side(job.content, p.size)
+            results.append(PairResult(job.id, "succeeded", p, image, {"total": 0.0}, [], p.iterations, weights=weights))
+            with open(os.environ[SPY_LOG_ENV], "a") as log:  # one short append: lines of processes never interleave
+                log.write(f"{os.getpid()} {job.id}\n")
+        return results
+
+
+def main(argv: Sequence[str]) -> int:
+    """`nst ARGV` with `CountingEngine` as the engine."""
+    import nst.engine
+    from nst.cli import main as nst_main
+
+    vars(nst.engine)["Stylizer"] = CountingEngine
+    return nst_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from nst import storage
 from nst.run.layout import claim_uri
-from nst_testing.races import claim_racer, delete_create_racer, racer_run_id
+from nst_testing.paths import REPO, SAMPLES
+from nst_testing.races import PAIR_SECONDS_ENV, SPY_LOG_ENV, claim_racer, delete_create_racer, racer_run_id
 
+PAIRS = 50
+CONTENTS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
+STYLES = ["brick.jpg", "hubble.jpg", "ihc.jpg"]
 RACERS = 8
 CLAIMS = 90
 MAX_PAUSE_S = 0.003
@@ -73,3 +82,53 @@ def test_racing_processes_delete_expected_then_create_one_creator_holds_each(tmp
     wrong = _wrong_owners(uris, won, lambda uri: storage.read_bytes(uri).decode())
     assert wrong == {}, f"{len(wrong)} of {CLAIMS} names: (racers told they created it, holder) {wrong}"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(u).name for u in uris)
+
+
+# ------------------------------------------------------------------------------------------------- item 4
+
+
+def _put_manifest(root: str) -> str:
+    """Inputs and a 50-pair manifest (32 px, 2 iterations) under `root`; the manifest's URI."""
+    for sub, names in (("content", CONTENTS), ("styles", STYLES)):
+        for name in names:
+            storage.write_bytes(storage.join(root, f"{sub}/{name}"), (SAMPLES / sub / name).read_bytes())
+    pairs = [
+        {"id": f"p{i:02d}", "content": f"content/{CONTENTS[i % 3]}", "style": f"styles/{STYLES[i // 3 % 3]}"}
+        for i in range(PAIRS)
+    ]
+    doc = {"version": 1, "name": "race", "output": "out/", "defaults": {"size": 32, "iterations": 2}, "pairs": pairs}
+    uri = storage.join(root, "race.yaml")
+    storage.write_bytes(uri, json.dumps(doc).encode())
+    return uri
+
+
+@pytest.mark.slow
+def test_two_runs_started_a_second_apart_compute_each_pair_once(storage_root: str, tmp_path: Path) -> None:
+    """Two real `nst run --no-prefect --max-batch-pairs 1` processes, the second 1 s after the first, over one 50-pair
+    manifest: 50 optimisations in all (each logged by the engine), each pair succeeded once, by the run its record
+    names; the other run reports it skipped (done since planning) or not run (claimed)."""
+    manifest = _put_manifest(storage_root)
+    spy = tmp_path / "optimised.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), SPY_LOG_ENV: str(spy), PAIR_SECONDS_ENV: "0.1"}
+    command = [sys.executable, "-m", "nst_testing.races", "run", manifest, "--no-prefect", "--max-batch-pairs", "1"]
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        time.sleep(1.0)
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] <= [1, 1] and "Traceback" not in "".join(outs), outs
+    optimised = spy.read_text().split()[1::2]
+    assert len(optimised) == PAIRS and len(set(optimised)) == PAIRS, (sorted(optimised), outs)
+    out = storage.join(storage_root, "out/")
+    runs = storage.list_prefix(storage.join(out, "_runs/"))
+    summaries = [json.loads(storage.read_bytes(i.uri)) for i in runs if i.uri.endswith(".json")]
+    succeeded = {s["run_id"]: {p["id"] for p in s["pairs"] if p["status"] == "succeeded"} for s in summaries}
+    assert len(succeeded) == 2 and sum(len(ids) for ids in succeeded.values()) == PAIRS, outs
+    for i in range(PAIRS):
+        record = json.loads(storage.read_bytes(storage.join(out, f"p{i:02d}.json")))
+        assert record["status"] == "succeeded" and record["id"] in succeeded[record["run_id"]]

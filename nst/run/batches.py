@@ -23,6 +23,7 @@ from nst.results import exception_info
 from nst.run.claims import CLAIM_TTL_S, RunIsLive, claim_pair, release_pair
 from nst.run.inputs import InputFacts, spooled
 from nst.run.order import in_pair_order
+from nst.run.planner import done_now
 from nst.run.records import PairRecord, record_failure, write_pair_result
 
 if TYPE_CHECKING:  # the engine (torch) is imported when a batch runs, not when a run is planned
@@ -45,6 +46,7 @@ class Batch:
     run_id: str
     spool: str | None = None  # where plan() left the inputs' bytes, by sha256 (None: read them from storage)
     leftovers: dict[str, list[str]] = field(default_factory=dict)  # earlier runs' intermediate images, by pair
+    force: bool = False  # recompute done pairs (no re-check of "done" once a pair is claimed)
 
     def fail(self, spec: PairSpec, error: dict[str, Any]) -> PairRecord:
         """Record one of this batch's pairs failed (best effort: storage may be what failed)."""
@@ -69,6 +71,7 @@ def make_batches(
     run_id: str,
     spool: str | None = None,
     leftovers: dict[str, list[str]] | None = None,
+    force: bool = False,
 ) -> list[Batch]:
     """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`."""
     groups: dict[Any, list[PairSpec]] = {}
@@ -86,6 +89,7 @@ def make_batches(
             run_id,
             spool,
             {p.id: left[p.id] for p in chunk if p.id in left},
+            force,
         )
         for i, chunk in enumerate(chunks, start=1)
     ]
@@ -118,19 +122,13 @@ def run_batch(
     run_is_live: RunIsLive | None = None,
     claim_ttl_s: float = CLAIM_TTL_S,
 ) -> list[PairRecord]:
-    """Claim, decode, stylize and write one batch; a pair another live run is producing is left `not_run`.
+    """Claim, decode, stylize and write one batch; a pair another live run is producing is left `not_run`, and one
+    that became done since planning (another run finished it) is `skipped`, its claim released.
 
     With `hold_device`, the optimisation (not the reading and writing) runs while holding a device, and pairs set to
     `device: auto` run on that device.
     """
-    records: list[PairRecord] = []
-    claimed: list[PairSpec] = []
-    for spec in batch.pairs:
-        busy = claim_pair(batch.output, spec.id, batch.run_id, ttl_s=claim_ttl_s, run_is_live=run_is_live)
-        if busy is None:
-            claimed.append(spec)
-        else:
-            records.append(PairRecord.not_run(spec, batch.output, f"pair {spec.id}: {busy}; not run, retry later"))
+    records, claimed = _claim_all(batch, claim_ttl_s, run_is_live)
     try:
         problems: list[tuple[PairSpec, Problem]] = []
         for spec in claimed:
@@ -150,6 +148,29 @@ def run_batch(
         for spec in claimed:
             release_pair(batch.output, spec.id, batch.run_id)
     return in_pair_order(records, batch.pairs)
+
+
+def _claim_all(
+    batch: Batch, claim_ttl_s: float, run_is_live: RunIsLive | None
+) -> tuple[list[PairRecord], list[PairSpec]]:
+    """Claim each pair, then re-check it is still to do: (records of pairs not run or now done, pairs claimed to run).
+
+    The re-check comes after the claim, so of two runs planning one pair, the later claimer sees the other's result.
+    """
+    records: list[PairRecord] = []
+    claimed: list[PairSpec] = []
+    for spec in batch.pairs:
+        busy = claim_pair(batch.output, spec.id, batch.run_id, ttl_s=claim_ttl_s, run_is_live=run_is_live)
+        if busy is not None:
+            records.append(PairRecord.not_run(spec, batch.output, f"pair {spec.id}: {busy}; not run, retry later"))
+            continue
+        done = None if batch.force else done_now(spec, batch.output, batch.inputs)
+        if done is None:
+            claimed.append(spec)
+        else:
+            release_pair(batch.output, spec.id, batch.run_id)
+            records.append(done)
+    return records, claimed
 
 
 def _pinned(problem: Problem, device: str) -> Problem:

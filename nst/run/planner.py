@@ -310,3 +310,23 @@ def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
         return bool(sha256_bytes(storage.read_bytes(png.uri, max_bytes=MAX_LEGACY_PNG_BYTES)) == written.image_sha256)
     except NSTError:
         return False
+
+
+def done_now(spec: PairSpec, output: str, inputs: dict[str, InputFacts]) -> PairRecord | None:
+    """The pair's `skipped` record if it is done now by `plan`'s rule (its record read afresh), else None.
+
+    `run_batch` asks once it holds the pair's claim: a concurrent run may have finished the pair since planning.
+    """
+    png_uri, json_uri = output_uris(output, spec.id)
+    record = read_record(json_uri)
+    written = Written.of(record) if record is not None else None
+    if written is None or written.status != "succeeded":
+        return None
+    try:
+        png = storage.stat(png_uri)
+        weights = weights_digest(spec.params.network, spec.params.weights)
+    except NSTError:
+        return None
+    params = params_digest(spec.params.model_dump(mode="json"))
+    found = _judge(spec, written, (weights, params), png, inputs)
+    return found.skipped if _with_inputs(found, inputs) == "done" else None

@@ -137,6 +137,7 @@ def run(
             run_id=run_id,
             spool=spool,
             leftovers=the_plan.leftovers,
+            force=options.force,
         )
         if hooks.planned is not None:
             hooks.planned(the_plan, planned)
