@@ -6,6 +6,7 @@ Real local disk, the real engine at 32 px and 2 iterations.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,8 +21,9 @@ from nst.cli import main
 from nst.errors import ManifestError
 from nst.manifest import load_manifest
 from nst.params import Role, StyleParams, fields_with
-from nst.run import run
+from nst.run import Batch, Plan, run
 from nst.run.index import Written, index_uri, params_digest, write_index
+from nst.run.runner import local_hooks
 from nst.run_options import RunOptions
 from nst_testing.paths import SAMPLES
 
@@ -152,6 +154,24 @@ def test_another_manifests_result_is_not_replaced(tmp_path: Path, capsys: pytest
     assert run(str(b), RunOptions(replace_others=True)).ids("succeeded") == ["photo__s"]
     assert json.loads((out / "photo__s.json").read_text())["manifest"] == "b"
     assert run(str(a)).ids("failed") == ["photo__s"]  # now b's: a may not replace it either
+
+
+@pytest.mark.vgg  # the real engine runs (32 px, 2 iterations)
+def test_another_manifests_result_written_after_planning_is_not_replaced(tmp_path: Path) -> None:
+    """b plans its pair, then a writes its own result there before b claims it: b's claim-time re-check refuses."""
+    a, b = two_teams(tmp_path)
+    out = tmp_path / "out"
+
+    def a_runs_meanwhile(the_plan: Plan, batches: list[Batch]) -> None:
+        assert [p.id for p in the_plan.to_run] == ["photo__s", "b-own"]  # b's plan saw nothing there
+        assert run(str(a)).ids("succeeded") == ["photo__s"]
+
+    summary = run(str(b), hooks=dataclasses.replace(local_hooks(), planned=a_runs_meanwhile))
+    made_by_a = {n: (out / n).read_bytes() for n in ("photo__s.png", "photo__s.json")}
+    assert json.loads(made_by_a["photo__s.json"])["manifest"] == "a"
+    assert summary.ids("failed") == ["photo__s"] and summary.ids("succeeded") == ["b-own"]
+    assert (summary.records[0].error or {})["type"] == "OwnershipError"
+    assert run(str(b), RunOptions(replace_others=True)).ids("succeeded") == ["photo__s"]
 
 
 @pytest.mark.vgg  # the real engine runs (32 px, 2 iterations)

@@ -47,6 +47,7 @@ class Batch:
     spool: str | None = None  # where plan() left the inputs' bytes, by sha256 (None: read them from storage)
     leftovers: dict[str, list[str]] = field(default_factory=dict)  # earlier runs' intermediate images, by pair
     force: bool = False  # recompute done pairs (no re-check of "done" once a pair is claimed)
+    replace_others: bool = False  # replace another manifest's result (else a pair that became one is refused)
 
     def fail(self, spec: PairSpec, error: dict[str, Any]) -> PairRecord:
         """Record one of this batch's pairs failed (best effort: storage may be what failed)."""
@@ -72,6 +73,7 @@ def make_batches(
     spool: str | None = None,
     leftovers: dict[str, list[str]] | None = None,
     force: bool = False,
+    replace_others: bool = False,
 ) -> list[Batch]:
     """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`."""
     groups: dict[Any, list[PairSpec]] = {}
@@ -90,6 +92,7 @@ def make_batches(
             spool,
             {p.id: left[p.id] for p in chunk if p.id in left},
             force,
+            replace_others,
         )
         for i, chunk in enumerate(chunks, start=1)
     ]
@@ -164,7 +167,7 @@ def _claim_all(
         if busy is not None:
             records.append(PairRecord.not_run(spec, batch.output, f"pair {spec.id}: {busy}; not run, retry later"))
             continue
-        done = None if batch.force else done_now(spec, batch.output, batch.inputs)
+        done = done_now(spec, batch.output, batch.inputs, force=batch.force, replace_others=batch.replace_others)
         if done is None:
             claimed.append(spec)
         else:

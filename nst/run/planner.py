@@ -312,10 +312,13 @@ def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
         return False
 
 
-def done_now(spec: PairSpec, output: str, inputs: dict[str, InputFacts]) -> PairRecord | None:
-    """The pair's `skipped` record if it is done now by `plan`'s rule (its record read afresh), else None.
+def done_now(
+    spec: PairSpec, output: str, inputs: dict[str, InputFacts], *, force: bool = False, replace_others: bool = False
+) -> PairRecord | None:
+    """The pair's record if it must not run now that its claim is held (its record read afresh), else None.
 
-    `run_batch` asks once it holds the pair's claim: a concurrent run may have finished the pair since planning.
+    A concurrent run may have finished it since planning (`skipped`, unless `force`), or another manifest may have
+    written its own result there (`failed`, unless `replace_others`): `run_batch` asks once it holds the claim.
     """
     png_uri, json_uri = output_uris(output, spec.id)
     record = read_record(json_uri)
@@ -323,10 +326,16 @@ def done_now(spec: PairSpec, output: str, inputs: dict[str, InputFacts]) -> Pair
     if written is None or written.status != "succeeded":
         return None
     try:
-        png = storage.stat(png_uri)
-        weights = weights_digest(spec.params.network, spec.params.weights)
+        weights: str | None = weights_digest(spec.params.network, spec.params.weights)
     except NSTError:
-        return None
+        weights = None
+    try:
+        png: storage.ObjectInfo | None = storage.stat(png_uri)
+    except NSTError:
+        png = None
     params = params_digest(spec.params.model_dump(mode="json"))
     found = _judge(spec, written, (weights, params), png, inputs)
-    return found.skipped if _with_inputs(found, inputs) == "done" else None
+    verdict = _with_inputs(found, inputs)
+    if verdict == "foreign" and not replace_others:
+        return _refused(spec, output, found.owner or "?")
+    return found.skipped if verdict == "done" and not force else None

@@ -138,6 +138,7 @@ def run(
             spool=spool,
             leftovers=the_plan.leftovers,
             force=options.force,
+            replace_others=options.replace_others,
         )
         if hooks.planned is not None:
             hooks.planned(the_plan, planned)
