@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from nst.losses import LossTargets, total_losses
+from nst.losses import LossNormalization, LossTargets, total_losses
 from nst.params import StyleParams
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ def _autocast_dtype(params: StyleParams, device: torch.device) -> torch.dtype | 
     if params.precision == "bf16" or (params.precision == "auto" and native):
         return torch.bfloat16
     return None
+
+
+def autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
+    """Autocast to `amp` on `device`, or a disabled autocast (plain fp32) for None: `FastPath.amp`'s meaning."""
+    return torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,11 @@ def _features_and_losses(
     extractor: FeatureExtractor,
     x: Tensor,
     targets: LossTargets,
-    normalization: str,
+    normalization: LossNormalization,
     fast: FastPath,
 ) -> dict[str, Tensor]:
     """One forward pass of the loss network and the per-pair losses (the part torch.compile compiles)."""
-    amp = fast.amp
-    with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with autocast(x.device, fast.amp):
         feats = extractor(x.contiguous(memory_format=torch.channels_last) if fast.channels_last else x)
     return total_losses(feats, x, targets, normalization, fast.low_precision_gram)
 
@@ -162,7 +166,7 @@ def compile_fn(mode: str) -> Callable[..., dict[str, Tensor]]:
 class LossStep:
     """Forward + backward of one step, compiled when asked; a compile failure falls back to eager with a warning."""
 
-    def __init__(self, extractor: FeatureExtractor, fast: FastPath, normalization: str) -> None:
+    def __init__(self, extractor: FeatureExtractor, fast: FastPath, normalization: LossNormalization) -> None:
         self.extractor = extractor
         self.fast = fast
         self.normalization = normalization

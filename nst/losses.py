@@ -1,6 +1,6 @@
 """Content, Gram style and total-variation losses; one value per image of the batch, always in fp32.
 
-Normalisations (`StyleParams.normalization`):
+Normalisations (`StyleParams.normalization`, one `LossNormalization` object each, chosen by `loss_normalization`):
 - ``gatys``: content ½·Σ(F−P)², style per layer Σ(G−A)²/(4N²M²) with G = FFᵀ (Gatys et al. 2015), TV Σ of squared steps.
 - ``mean``: content mean((F−P)²), style per layer mean((G/M − A/M)²), TV mean of squared steps (the TF/Keras tutorial).
 - ``relative``: content ‖F−P‖²/‖P‖², style per layer ‖G−A‖²/‖A‖² (G, A per position), TV as ``mean``, each in parts
@@ -12,12 +12,16 @@ N = channels, M = height × width of the layer.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from nst.errors import ParamsError
+from nst.params import Normalization
 
 RELATIVE_SCALE = 1e6  # `relative` terms are in parts per million (see the module docstring)
 
@@ -64,34 +68,100 @@ def gram_matrix(features: Tensor, low_precision: bool = False) -> Tensor:
         return gram
 
 
-def content_loss(features: Tensor, target: Tensor, normalization: str) -> Tensor:
-    """Per-image content loss between features and target [B,C,H,W] → [B]."""
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        sq = (features.float() - target.float()).pow(2).flatten(1)
-        if normalization == "relative":
-            return RELATIVE_SCALE * sq.sum(1) / target.float().pow(2).flatten(1).sum(1).clamp_min(1e-30)
-        return 0.5 * sq.sum(1) if normalization == "gatys" else sq.mean(1)
+class LossNormalization(abc.ABC):
+    """How the loss terms are scaled to one value per image: one subclass per `Normalization` (module docstring).
+
+    The shared work (fp32 casts, squared differences) is here; a subclass only reduces the squared errors.
+    """
+
+    name: ClassVar[Normalization]
+
+    def content(self, features: Tensor, target: Tensor) -> Tensor:
+        """Per-image content loss between features and target [B,C,H,W] → [B]."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self._content((features.float() - target.float()).pow(2).flatten(1), target)
+
+    def style_layer(self, gram: Tensor, target_gram: Tensor) -> Tensor:
+        """Per-image style loss of one layer from Gram matrices FFᵀ/M [B,C,C] → [B]."""
+        return self._style((gram - target_gram).pow(2).flatten(1), target_gram)
+
+    def tv(self, image: Tensor) -> Tensor:
+        """Per-image total variation: squared differences of neighbouring pixels [B,C,H,W] → [B]."""
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            x = image.float()
+            dx = (x[..., :, 1:] - x[..., :, :-1]).pow(2).flatten(1)
+            dy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1)
+            return self._tv(dx, dy)
+
+    @abc.abstractmethod
+    def _content(self, sq: Tensor, target: Tensor) -> Tensor:
+        """Reduce squared feature errors [B,n] (fp32) to [B]; `target` is the content features."""
+
+    @abc.abstractmethod
+    def _style(self, sq: Tensor, target_gram: Tensor) -> Tensor:
+        """Reduce squared Gram errors [B,C·C] to [B]; `target_gram` is the target's Gram matrices."""
+
+    @abc.abstractmethod
+    def _tv(self, dx: Tensor, dy: Tensor) -> Tensor:
+        """Reduce squared horizontal and vertical pixel steps [B,n] to [B]."""
 
 
-def style_layer_loss(gram: Tensor, target_gram: Tensor, normalization: str) -> Tensor:
-    """Per-image style loss of one layer from Gram matrices FFᵀ/M [B,C,C] → [B]."""
-    # Σ(G−A)²/(4N²M²) with unnormalised G equals mean((G/M − A/M)²)/4: the two conventions differ by ¼.
-    if normalization == "relative":
-        error = (gram - target_gram).pow(2).flatten(1).sum(1) / target_gram.pow(2).flatten(1).sum(1).clamp_min(1e-30)
-        return RELATIVE_SCALE * error
-    mse = (gram - target_gram).pow(2).flatten(1).mean(1)
-    return 0.25 * mse if normalization == "gatys" else mse
+class Gatys(LossNormalization):
+    """Content ½·Σ(F−P)², style Σ(G−A)²/(4N²M²) per layer, TV Σ of squared steps (Gatys et al. 2015)."""
+
+    name = "gatys"
+
+    def _content(self, sq: Tensor, target: Tensor) -> Tensor:
+        return 0.5 * sq.sum(1)
+
+    def _style(self, sq: Tensor, target_gram: Tensor) -> Tensor:
+        # Σ(G−A)²/(4N²M²) with unnormalised G equals mean((G/M − A/M)²)/4: the two conventions differ by ¼.
+        return 0.25 * sq.mean(1)
+
+    def _tv(self, dx: Tensor, dy: Tensor) -> Tensor:
+        return dx.sum(1) + dy.sum(1)
 
 
-def tv_loss(image: Tensor, normalization: str) -> Tensor:
-    """Per-image total variation: squared differences of neighbouring pixels [B,C,H,W] → [B]."""
-    with torch.autocast(device_type=image.device.type, enabled=False):
-        x = image.float()
-        dx = (x[..., :, 1:] - x[..., :, :-1]).pow(2).flatten(1)
-        dy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1)
-        if normalization == "gatys":
-            return dx.sum(1) + dy.sum(1)
-        return (RELATIVE_SCALE if normalization == "relative" else 1.0) * (dx.mean(1) + dy.mean(1))
+class Mean(LossNormalization):
+    """Every term the mean of its squared errors (the TF/Keras tutorial)."""
+
+    name = "mean"
+
+    def _content(self, sq: Tensor, target: Tensor) -> Tensor:
+        return sq.mean(1)
+
+    def _style(self, sq: Tensor, target_gram: Tensor) -> Tensor:
+        return sq.mean(1)
+
+    def _tv(self, dx: Tensor, dy: Tensor) -> Tensor:
+        return dx.mean(1) + dy.mean(1)
+
+
+class Relative(LossNormalization):
+    """Each term its squared error over its target's, in parts per million (TV: `Mean`'s, ×1e6)."""
+
+    name = "relative"
+
+    def _content(self, sq: Tensor, target: Tensor) -> Tensor:
+        return RELATIVE_SCALE * sq.sum(1) / target.float().pow(2).flatten(1).sum(1).clamp_min(1e-30)
+
+    def _style(self, sq: Tensor, target_gram: Tensor) -> Tensor:
+        return RELATIVE_SCALE * (sq.sum(1) / target_gram.pow(2).flatten(1).sum(1).clamp_min(1e-30))
+
+    def _tv(self, dx: Tensor, dy: Tensor) -> Tensor:
+        return RELATIVE_SCALE * (dx.mean(1) + dy.mean(1))
+
+
+NORMALIZATIONS: dict[str, LossNormalization] = {n.name: n for n in (Gatys(), Mean(), Relative())}
+
+
+def loss_normalization(name: Normalization) -> LossNormalization:
+    """The loss normalisation named by `StyleParams.normalization`; an unknown name is a `ParamsError`."""
+    try:
+        return NORMALIZATIONS[name]
+    except KeyError:
+        known = ", ".join(NORMALIZATIONS)
+        raise ParamsError(f"normalization: unknown value {name!r} (one of {known})") from None
 
 
 @dataclass
@@ -123,18 +193,18 @@ def total_losses(
     features: dict[str, Tensor],
     image: Tensor,
     targets: LossTargets,
-    normalization: str,
+    normalization: LossNormalization,
     low_precision_gram: bool = False,
 ) -> dict[str, Tensor]:
     """Weighted per-image losses {content, style, tv, total}, each [B] fp32 (`gram_matrix` says what the flag does)."""
-    content_terms = [content_loss(features[name], t, normalization) for name, t in targets.content.items()]
+    content_terms = [normalization.content(features[name], t) for name, t in targets.content.items()]
     content = torch.stack(content_terms, 0).mean(0)
     style_terms = [
-        style_layer_loss(gram_matrix(features[name], low_precision_gram), t, normalization)
+        normalization.style_layer(gram_matrix(features[name], low_precision_gram), t)
         for name, t in targets.style.items()
     ]
     style = (torch.stack(style_terms, 1) * targets.style_layer_weights).sum(1)
-    tv = tv_loss(image, normalization) if targets.use_tv else torch.zeros_like(content)
+    tv = normalization.tv(image) if targets.use_tv else torch.zeros_like(content)
     weighted_content = targets.content_weight * content
     weighted_style = targets.style_weight * style
     weighted_tv = targets.tv_weight * tv

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nst.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, backend_flags
-from nst.losses import LossTargets, blended_gram, gram_matrix, total_losses
+from nst.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, autocast, backend_flags
+from nst.losses import LossTargets, blended_gram, gram_matrix, loss_normalization, total_losses
 from nst.pairs import PairProblem, PairResult
 from nst.steplog import LOSS_TERMS, ProgressCallback, ProgressEvent, StepLog, read_losses, stack_losses
 from nst.steppers import AdamStepper, ProjectedLBFGS, Stepper
@@ -78,7 +78,7 @@ def build_targets(
     """Content features and blended style Grams of every pair at one scale."""
     params = problems[0].params
     contents = torch.cat([resize(p.content.to(device), height, width) for p in problems])
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with torch.no_grad(), autocast(device, amp):
         content_feats = extractor(extractor.to_model(contents))
         content = {name: content_feats[name].detach() for name in params.content_layers}
         style: dict[str, list[Tensor]] = {name: [] for name in params.style_layers}
@@ -160,7 +160,8 @@ class _BatchLoop:
         self.low, self.high = (t.to(device).view(1, -1, 1, 1) for t in extractor.input_range())
         if isinstance(extractor, torch.nn.Module):  # weights in the activations' layout: converted once, not per step
             extractor.to(memory_format=torch.channels_last if fast.channels_last else torch.contiguous_format)
-        self.loss_step = LossStep(extractor, fast, params.normalization)
+        self.normalization = loss_normalization(params.normalization)  # the one place the name is looked up
+        self.loss_step = LossStep(extractor, fast, self.normalization)
         self.log = StepLog(
             len(problems),
             device,
@@ -178,10 +179,9 @@ class _BatchLoop:
         for scale, (h, w, factor) in enumerate(self.sizes):
             targets = build_targets(self.problems, self.extractor, h, w, factor, self.device, self.fast.amp)
             x01, rescued = self._run_scale(scale, targets, x01)
-        amp = self.fast.amp
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with torch.no_grad(), autocast(self.device, self.fast.amp):
             final = self.extractor.to_model(x01)
-            losses = total_losses(self.extractor(final), final, targets, self.params.normalization)
+            losses = total_losses(self.extractor(final), final, targets, self.normalization)
         return self.log.outcomes(self.problems, x01, read_losses(stack_losses(losses)), rescued)
 
     def _run_scale(self, scale: int, targets: LossTargets, x01: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nst.fastpath as fastpath
-from nst.losses import gram_matrix, total_losses
+from nst.losses import Gatys, gram_matrix, total_losses
 from nst.memory import CPU_MAX_PAIRS, auto_batch_pairs, max_square_side, step_memory
 from nst.optimize import FastPath, PairProblem, build_targets, initial_images, stylize_batch
 from nst.params import resolve_params
@@ -55,9 +55,9 @@ def _loss_and_grad(net: VGGFeatures, problems: list[PairProblem], amp: torch.dty
     h, w = problems[0].content.shape[-2:]
     targets = build_targets(problems, net, h, w, 1.0, CPU, amp)
     x = net.to_model(initial_images(problems, h, w, CPU)).detach().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+    with fastpath.autocast(CPU, amp):
         feats = net(x)
-    total = total_losses(feats, x, targets, "gatys")["total"]
+    total = total_losses(feats, x, targets, Gatys())["total"]
     total.sum().backward()
     assert x.grad is not None
     return total.detach(), x.grad.detach()
@@ -160,6 +160,17 @@ def fresh_compile_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+def test_autocast_helper_follows_the_fast_paths_amp() -> None:
+    """`fastpath.autocast` is the one spelling of "autocast to FastPath.amp, or plain fp32 for None"."""
+    with fastpath.autocast(CPU, None):
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with fastpath.autocast(CPU, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def _tiny_problems(optimizer: str, normalization: str = "relative") -> list[PairProblem]:
     layers = {"content_layers": ["block3_conv1"], "style_layers": ["block1_conv1", "block2_conv1", "block3_conv1"]}
     params = resolve_params(
@@ -241,9 +252,9 @@ def test_memory_model_counts_what_autograd_saves(vgg: VGGFeatures) -> None:
                 return t
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+                with fastpath.autocast(CPU, amp):
                     feats = vgg(x)
-                total_losses(feats, x, targets, "gatys")
+                total_losses(feats, x, targets, Gatys())
             saved.append(sum(storages.values()))
         model = step_memory(48, 48, params, "cpu").saved_per_pair
         assert model == pytest.approx(saved[1] - saved[0], rel=1e-3), precision

@@ -2,7 +2,7 @@
 
 import torch
 
-from nst.losses import RELATIVE_SCALE, blended_gram, content_loss, gram_matrix, style_layer_loss, tv_loss
+from nst.losses import RELATIVE_SCALE, Gatys, Mean, Relative, blended_gram, gram_matrix
 
 
 def _features(seed: int, shape: tuple[int, ...] = (2, 3, 4, 5)) -> torch.Tensor:
@@ -54,37 +54,37 @@ def test_gram_backward_and_layouts_match_autograd_of_the_formula() -> None:
 def test_content_loss_normalisations() -> None:
     f, p = _features(2), _features(3)
     diff2 = (f - p) ** 2
-    torch.testing.assert_close(content_loss(f, p, "gatys"), 0.5 * diff2.flatten(1).sum(1))
-    torch.testing.assert_close(content_loss(f, p, "mean"), diff2.flatten(1).mean(1))
+    torch.testing.assert_close(Gatys().content(f, p), 0.5 * diff2.flatten(1).sum(1))
+    torch.testing.assert_close(Mean().content(f, p), diff2.flatten(1).mean(1))
 
 
 def test_style_loss_gatys_is_paper_formula() -> None:
     f, a = _features(4), _features(5)
     b, n, h, w = f.shape
     m = h * w
-    loss = style_layer_loss(gram_matrix(f), gram_matrix(a), "gatys")
+    loss = Gatys().style_layer(gram_matrix(f), gram_matrix(a))
     for i in range(b):
         g_raw = f[i].reshape(n, m) @ f[i].reshape(n, m).T  # unnormalised, as in the paper
         a_raw = a[i].reshape(n, m) @ a[i].reshape(n, m).T
         expected = ((g_raw - a_raw) ** 2).sum() / (4 * n**2 * m**2)
         torch.testing.assert_close(loss[i], expected, rtol=1e-5, atol=1e-7)
-    mean_loss = style_layer_loss(gram_matrix(f), gram_matrix(a), "mean")
+    mean_loss = Mean().style_layer(gram_matrix(f), gram_matrix(a))
     torch.testing.assert_close(mean_loss, 4 * loss)
 
 
 def test_tv_loss_by_hand() -> None:
     x = torch.tensor([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])
     # horizontal steps: 1,2,0,0 -> squares 1+4 = 5; vertical steps: 2,1,-1 -> 4+1+1 = 6
-    torch.testing.assert_close(tv_loss(x, "gatys"), torch.tensor([11.0]))
-    torch.testing.assert_close(tv_loss(x, "mean"), torch.tensor([5 / 4 + 6 / 3]))
+    torch.testing.assert_close(Gatys().tv(x), torch.tensor([11.0]))
+    torch.testing.assert_close(Mean().tv(x), torch.tensor([5 / 4 + 6 / 3]))
 
 
 def test_blended_gram_gives_the_gradient_of_the_weighted_sum_of_losses() -> None:
     a1, a2 = gram_matrix(_features(6, (1, 3, 4, 4))), gram_matrix(_features(7, (1, 3, 4, 4)))
     f = _features(8, (1, 3, 4, 4)).requires_grad_(True)
-    blended = style_layer_loss(gram_matrix(f), blended_gram([a1, a2], [0.7, 0.3]), "mean")
+    blended = Mean().style_layer(gram_matrix(f), blended_gram([a1, a2], [0.7, 0.3]))
     (g_blend,) = torch.autograd.grad(blended.sum(), f)
-    summed = 0.7 * style_layer_loss(gram_matrix(f), a1, "mean") + 0.3 * style_layer_loss(gram_matrix(f), a2, "mean")
+    summed = 0.7 * Mean().style_layer(gram_matrix(f), a1) + 0.3 * Mean().style_layer(gram_matrix(f), a2)
     (g_sum,) = torch.autograd.grad(summed.sum(), f)
     torch.testing.assert_close(g_blend, g_sum, rtol=1e-5, atol=1e-6)
     # unnormalised blend weights mean the same as normalised ones
@@ -94,9 +94,9 @@ def test_blended_gram_gives_the_gradient_of_the_weighted_sum_of_losses() -> None
 def test_relative_normalisation_is_the_relative_squared_error() -> None:
     f, p = _features(9), _features(10)
     expected = ((f - p) ** 2).flatten(1).sum(1) / (p**2).flatten(1).sum(1)
-    torch.testing.assert_close(content_loss(f, p, "relative"), RELATIVE_SCALE * expected)
+    torch.testing.assert_close(Relative().content(f, p), RELATIVE_SCALE * expected)
     g, a = gram_matrix(f), gram_matrix(p)
     style = ((g - a) ** 2).flatten(1).sum(1) / (a**2).flatten(1).sum(1)
-    torch.testing.assert_close(style_layer_loss(g, a, "relative"), RELATIVE_SCALE * style)
+    torch.testing.assert_close(Relative().style_layer(g, a), RELATIVE_SCALE * style)
     # Scale-free: the same relative error for a style ten times brighter in feature space.
-    torch.testing.assert_close(style_layer_loss(100 * g, 100 * a, "relative"), style_layer_loss(g, a, "relative"))
+    torch.testing.assert_close(Relative().style_layer(100 * g, 100 * a), Relative().style_layer(g, a))
