@@ -68,8 +68,8 @@ def _constant(name: str) -> Any:
 
 def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """Strict JSON of UTF-8 `data`: nesting at most `max_depth`, finite numbers, short integers; else ValueError."""
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    text = raw.decode("utf-8")  # a UnicodeDecodeError is a ValueError
+    raw = data.encode() if isinstance(data, str) else data  # UnicodeEncodeError/DecodeError are ValueErrors
+    text = raw.decode()
     problem = _problem(raw, max_depth)
     if problem:
         raise ValueError(problem)

@@ -262,3 +262,13 @@ def test_stylize_writes_exactly_the_name_asked_for(tmp_path: Path, capsys: pytes
     record = json.loads((tmp_path / "out.json").read_bytes())
     assert record["output"]["image"] == str(out)
     assert record["output"]["image_identity"]["size"] == out.stat().st_size
+
+
+def test_migrate_ids_leaves_a_deeply_nested_record_where_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _workspace(tmp_path)
+    (tmp_path / "out" / "old-id.json").write_bytes(DEEP)
+    assert main(["migrate-ids", str(manifest)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "out" / "old-id.json").read_bytes() == DEEP

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from nst import storage
+from nst import safejson, storage
 from nst.errors import NSTError, OutputError
 from nst.manifest.model import Manifest
 from nst.run.claims import claim_pair, release_pair
@@ -33,10 +33,7 @@ class Move:
 
 
 def _read_json(uri: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(storage.read_bytes(uri, max_bytes=MAX_RECORD_BYTES))
-    except (NSTError, ValueError):
-        return None
+    data = safejson.read_json(uri, max_bytes=MAX_RECORD_BYTES)  # bounded: a corrupt record is left where it is
     return data if isinstance(data, dict) else None
 
 
