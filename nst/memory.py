@@ -1,31 +1,47 @@
-"""Memory model of one optimisation step, and the batch size it allows (`auto_batch_pairs`).
+"""The memory model: bytes of one optimisation step, of a worker process, and of a batch; what fits a stated memory.
 
 Bytes per pair are counted from the loss network's layer shapes: what autograd saves for the backward pass (each
 ReLU output, max-pool indices, the fp32 copies the Gram and content losses keep), the largest backward transient,
-and the optimiser's state. It describes the eager step; torch.compile saves less, so it errs on the safe side.
-`bench/throughput.py` prints the measured peak next to this estimate (`memory_model_bytes`).
+and the optimiser's state (as each `nst.steppers` optimiser holds it: `Stepper.state_bytes`, kept equal by
+tests/test_memory_model.py). It describes the eager step; torch.compile saves less, so it errs on the safe side.
+Torch-free, so that planning (batches, `nst validate`) uses it without loading the engine; checked against measured
+peak RSS by `bench/memory_model.py` (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from nst.layers import LAYER_NAMES, canonical_layer
-from nst.optimize import CUDNN_WORKSPACE_CAP_MIB
+from nst.errors import ParamsError
+from nst.layers import LAYER_NAMES, MIN_SIDE, canonical_layer
 from nst.params import StyleParams
+
+if TYPE_CHECKING:
+    import torch
+
+DeviceType = Literal["cpu", "cuda"]
 
 _BLOCK_CHANNELS = (64, 128, 256, 512, 512)  # VGG16/19 output channels per block
 CUDA_MEMORY_FRACTION = 0.85  # of free device memory; the rest absorbs allocator fragmentation
 CUDA_RESERVED_BYTES = 1 << 30  # cuDNN/cuBLAS handles, weights' bf16 copies, compiled graphs' pools
+CUDNN_WORKSPACE_CAP_MIB = 2048  # nst.fastpath's cap on cuDNN's autotuning workspace (a test keeps the two equal)
+# A CPU worker process before any pixel: Python, torch and its libraries, the engine (measured: bench/memory_model.py).
+CPU_PROCESS_BYTES = 740 << 20
 MAX_TENSOR_ELEMENTS = 2**31 - 1  # many convolution kernels index with int32: one activation must stay below this
 CPU_MEMORY_FRACTION = 0.5  # of available RAM
 CUDA_SATURATION_PIXELS = 8 * 512 * 512  # pixels per step past which a larger batch adds no throughput (to measure)
 CPU_MAX_PAIRS = 4  # on CPU larger batches gain nothing measurable (docs/performance.md)
 MAX_PAIRS = 64
+WORKER_MEMORY_ENV = "NST_WORKER_MEMORY"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
 
 
 @dataclass(frozen=True)
@@ -34,8 +50,8 @@ class StepMemory:
 
     saved_per_pair: int  # tensors autograd keeps for the backward pass
     transient_per_pair: int  # gradients alive at once at the widest layer during the backward pass
-    state_per_pair: int  # image, gradient, best image, optimiser state, loss targets
-    fixed: int  # weights and library workspaces, once per batch
+    state_per_pair: int  # image, gradient, optimiser state, loss targets
+    fixed: int  # weights and library workspaces, once per batch (on CPU: the whole process before any pixel)
 
     @property
     def per_pair(self) -> int:
@@ -46,16 +62,30 @@ class StepMemory:
         return self.fixed + pairs * self.per_pair
 
 
-def _act_bytes(params: StyleParams, device: torch.device) -> int:
-    cuda = device.type == "cuda"
-    low = params.precision == "bf16" or (params.precision == "auto" and cuda)
+def device_type(device: str | torch.device) -> DeviceType:
+    """cpu or cuda, from a device or its name ("cuda:1", "auto" counts as cpu: no GPU is assumed)."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+def activation_bytes(params: StyleParams, device: DeviceType, *, native_bf16: bool = False) -> int:
+    """Bytes per activation: 2 under bf16 autocast (`bf16`; `auto` on CUDA or on a CPU with native bf16), else 4."""
+    low = params.precision == "bf16" or (params.precision == "auto" and (device == "cuda" or native_bf16))
     return 2 if low else 4
 
 
-def step_memory(height: int, width: int, params: StyleParams, device: torch.device | str = "cuda") -> StepMemory:
+def optimizer_state_images(params: StyleParams) -> int:
+    """Float32 images of optimiser state per pair, besides the iterate and its gradient (`Stepper.state_bytes`)."""
+    if params.optimizer == "adam":
+        return 3  # best iterate, two moments
+    return 2 * params.history_size + 3  # s and y histories; accepted iterate, previous gradient, direction
+
+
+def step_memory(
+    height: int, width: int, params: StyleParams, device: str | torch.device = "cuda", *, native_bf16: bool = False
+) -> StepMemory:
     """Memory model of one eager step at height x width for these parameters (VGG layer shapes, dtypes)."""
-    device = torch.device(device)
-    act = _act_bytes(params, device)
+    kind = device_type(device)
+    act = activation_bytes(params, kind, native_bf16=native_bf16)
     network = params.network
     content = {canonical_layer(n, network) for n in params.content_layers}
     style = {canonical_layer(n, network) for n in params.style_layers}
@@ -64,9 +94,7 @@ def step_memory(height: int, width: int, params: StyleParams, device: torch.devi
     h, w = height, width
     pixels = height * width
     saved = 3 * pixels * act  # the network's (cast) input, saved by the first convolution
-    widest = 0
-    targets = 0
-    weights = 0
+    widest = targets = weights = 0
     c_in = 3
     for name in order[: deepest + 1]:
         block = int(name[5])
@@ -92,19 +120,23 @@ def step_memory(height: int, width: int, params: StyleParams, device: torch.devi
             targets += elems * act
     transient = widest * (2 * act + 4)  # upstream and downstream gradients + one fp32 loss gradient
     image = 3 * pixels * 4
-    # Adam: x, grad, masked grad, best x, two moments. L-BFGS: s and y histories + x, grad, best, direction, prev, q.
-    state = image * (6 if params.optimizer == "adam" else 2 * params.history_size + 7)
-    fixed = weights * 2
-    if device.type == "cuda":
+    # At the backward's peak: the iterate, its new gradient and the last step's masked gradient, and the optimiser's
+    # state (its own working tensors live only in the step, after the activations are freed).
+    state = image * (3 + optimizer_state_images(params))
+    fixed = weights * 2 + (2 * image if params.optimizer == "lbfgs" else 0)  # L-BFGS: the box's bounds, per batch
+    if kind == "cuda":
         fixed += CUDA_RESERVED_BYTES + (CUDNN_WORKSPACE_CAP_MIB << 20)
+    else:
+        fixed += CPU_PROCESS_BYTES
     return StepMemory(saved, transient, state + targets, fixed)
 
 
-def available_bytes(device: torch.device | str) -> int:
+def available_bytes(device: str | torch.device) -> int:
     """Bytes this process may still use on the device: free CUDA memory (plus the allocator's cached free blocks)
     or available RAM."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    if device_type(device) == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + cached)
@@ -118,7 +150,7 @@ def auto_batch_pairs(
     height: int,
     width: int,
     params: StyleParams,
-    device: torch.device | str,
+    device: str | torch.device,
     *,
     free_bytes: int | None = None,
     max_pairs: int = MAX_PAIRS,
@@ -128,13 +160,16 @@ def auto_batch_pairs(
     The fewest of: what fits in `free_bytes` (default: what the device has free now) by the memory model; on CUDA,
     enough pixels per step to fill the GPU (CUDA_SATURATION_PIXELS); on CPU, CPU_MAX_PAIRS; and `max_pairs`.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda" and str(device) == "cuda" and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     model = step_memory(height, width, params, device)
     free = available_bytes(device) if free_bytes is None else free_bytes
     fraction = CUDA_MEMORY_FRACTION if device.type == "cuda" else CPU_MEMORY_FRACTION
-    fits = int((free * fraction - model.fixed) // max(1, model.per_pair))
+    fixed = model.fixed - (CPU_PROCESS_BYTES if device.type == "cpu" else 0)  # this process already holds that
+    fits = int((free * fraction - fixed) // max(1, model.per_pair))
     useful = math.ceil(CUDA_SATURATION_PIXELS / max(1, height * width)) if device.type == "cuda" else CPU_MAX_PAIRS
     return max(1, min(fits, useful, max_pairs))
 
@@ -144,9 +179,8 @@ def max_square_side(params: StyleParams, memory_bytes: int, *, device: str = "cu
 
     Also below the int32 indexing limit of one activation tensor (64 channels at full resolution: 5792 px, 1 pair).
     """
-    fraction = CUDA_MEMORY_FRACTION if torch.device(device).type == "cuda" else CPU_MEMORY_FRACTION
-    budget = memory_bytes * fraction
-    low, high = 32, math.isqrt(MAX_TENSOR_ELEMENTS // (_BLOCK_CHANNELS[0] * pairs))
+    budget = memory_bytes * (CUDA_MEMORY_FRACTION if device_type(device) == "cuda" else 1.0)
+    low, high = 0, math.isqrt(MAX_TENSOR_ELEMENTS // (_BLOCK_CHANNELS[0] * pairs))
     while low < high:
         mid = (low + high + 1) // 2
         if step_memory(mid, mid, params, device).total(pairs) <= budget:
@@ -156,4 +190,102 @@ def max_square_side(params: StyleParams, memory_bytes: int, *, device: str = "cu
     return low
 
 
-__all__ = ["StepMemory", "auto_batch_pairs", "available_bytes", "max_square_side", "step_memory"]
+# --- A worker's stated memory, and what fits in it (planning: batches, `nst validate`).
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """The memory a worker states for one batch, on which kind of device, and where the figure came from."""
+
+    bytes: int
+    device: DeviceType
+    source: str  # e.g. "NST_WORKER_MEMORY=8GiB" or "the GPU's 80.0 GiB"
+
+    def device_for(self, params: StyleParams) -> DeviceType:
+        """The device a pair runs on here: its own `device` if set, else this worker's."""
+        return self.device if params.device == "auto" else device_type(params.device)
+
+    def budget(self, params: StyleParams) -> float:
+        """Bytes a batch may use: all of it on CPU (the model is the whole process), 85 % of a GPU's."""
+        return self.bytes * (CUDA_MEMORY_FRACTION if self.device_for(params) == "cuda" else 1.0)
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from "8GiB", "512MiB", "12G", "12e9" or a plain byte count (ParamsError naming the value otherwise)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    value = float(match.group(1)) if match else 0.0
+    if not match or not math.isfinite(value) or value < 1 or value > 2**60:
+        raise ParamsError(f"{WORKER_MEMORY_ENV}={text[:40]!r}: not a memory size (e.g. 8GiB, 512MiB, 12G)")
+    return int(value * _UNITS[match.group(2) or ""])
+
+
+@functools.cache
+def gpu_memory_bytes() -> int | None:
+    """The first GPU's total memory by nvidia-smi (no torch needed; asked once per process), or None without one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return int(out.split()[0]) << 20  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def worker_memory(environ: dict[str, str] | None = None) -> WorkerMemory | None:
+    """The worker's stated memory: `NST_WORKER_MEMORY` (on the GPU if there is one, else RAM), else the GPU's own
+    memory; None when neither is known (nothing is refused, batches are not split by memory)."""
+    env = os.environ if environ is None else environ
+    stated = env.get(WORKER_MEMORY_ENV, "").strip()
+    gpu = gpu_memory_bytes()
+    if stated:
+        return WorkerMemory(parse_memory(stated), "cuda" if gpu else "cpu", f"{WORKER_MEMORY_ENV}={stated}")
+    if gpu:
+        return WorkerMemory(gpu, "cuda", f"the GPU's {gpu / 2**30:.1f} GiB")
+    return None
+
+
+def pairs_that_fit(height: int, width: int, params: StyleParams, memory: WorkerMemory) -> int:
+    """How many pairs of this shape one batch may hold in `memory` by the model (0: not even one)."""
+    model = step_memory(height, width, params, memory.device_for(params))
+    return max(0, int((memory.budget(params) - model.fixed) // max(1, model.per_pair)))
+
+
+def largest_size(params: StyleParams, memory: WorkerMemory) -> int:
+    """The largest `size` (long side, px) whose square image fits one pair in `memory` (0: none)."""
+    return max_square_side(params, memory.bytes, device=memory.device_for(params))
+
+
+def too_big(pair_id: str, params: StyleParams, memory: WorkerMemory) -> str | None:
+    """Why this pair cannot fit `memory` at its size (its square, the largest image of that long side), or None."""
+    size = params.size
+    if pairs_that_fit(size, size, params, memory) >= 1:
+        return None
+    need = step_memory(size, size, params, memory.device_for(params)).total(1)
+    fits = largest_size(params, memory)
+    fitting = f"the largest size that fits is {fits}" if fits >= MIN_SIDE else "no size fits"
+    return (
+        f"pair {pair_id}: size {size} needs about {need / 2**30:.1f} GiB by the memory model ({size}x{size} px, "
+        f"{params.optimizer}, {params.precision}), more than {memory.source} allows; {fitting}"
+    )
+
+
+__all__ = [
+    "CPU_PROCESS_BYTES",
+    "StepMemory",
+    "WorkerMemory",
+    "auto_batch_pairs",
+    "available_bytes",
+    "max_square_side",
+    "pairs_that_fit",
+    "parse_memory",
+    "step_memory",
+    "too_big",
+    "worker_memory",
+]

@@ -27,6 +27,14 @@ class Stepper(Protocol):
         """Each pair's iterate that would be returned now [B,...] (Adam's best or last, L-BFGS's accepted)."""
         ...
 
+    def state_bytes(self) -> int:
+        """Bytes of the tensors this optimiser keeps between steps, for the whole batch (nst.memory models it)."""
+        ...
+
+
+def _nbytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class AdamStepper:
     """torch.optim.Adam on the batch, each iterate clamped into [low, high]; `keep_best` rows remember their best."""
@@ -66,6 +74,11 @@ class AdamStepper:
     def kept(self) -> Tensor:
         """The best evaluated point for keep_best rows, the last iterate for the others."""
         return torch.where(self.keep_best.view(-1, *[1] * (self.x.dim() - 1)), self.best_x, self.x.detach())
+
+    def state_bytes(self) -> int:
+        """The best iterate and Adam's two moments (3 images per pair; the moments exist after the first step)."""
+        moments = [t for t in self.adam.state[self.x].values() if t.dim() > 0]
+        return _nbytes([self.best_x, self.best_loss, *moments])
 
 
 class LBFGSHistory:
@@ -174,6 +187,13 @@ class ProjectedLBFGS:
     def kept(self) -> Tensor:
         """Each row's accepted iterate, in the batch's shape."""
         return self.accepted_x.view(self.shape)
+
+    def state_bytes(self) -> int:
+        """The s and y histories, the accepted iterate, the previous gradient and the direction (2m + 3 images per
+        pair), and the box's bounds (2 images per batch)."""
+        h = self.history
+        kept = [h.s, h.y, h.rho, h.h_diag, h.has_curvature, self.accepted_x, self.prev_grad, self.direction]
+        return _nbytes([*kept, self.step_size, self.accepted_loss, self.lower, self.upper])
 
     def step(self, x: Tensor, grad: Tensor, loss: Tensor, alive: Tensor) -> Tensor:
         """Accept or reject the evaluated trial `x` per row (Armijo); `x` becomes the next trial, inside the box."""

@@ -23,8 +23,9 @@ from nst.manifest.inputs import (
     storage_reason,
 )
 from nst.manifest.inputs import check_inputs as check_input_refs
-from nst.manifest.model import Manifest, ManifestFile, ParamOverrides
+from nst.manifest.model import Manifest, ManifestFile, PairSpec, ParamOverrides
 from nst.manifest.source import InvalidManifestError, Problems, parse_yaml
+from nst.memory import WorkerMemory, too_big, worker_memory
 from nst.params import StyleParams, format_validation_error
 from nst.storage.base import MAGIC_RE, split_pattern
 
@@ -125,8 +126,9 @@ def load_manifest(
         problems.add((), "manifest has no pairs: add `pairs:` entries or a `grid:`", line=None)
     if output:
         check_outputs(problems, output, base_dir, data, expanded)
-    if check_inputs:
+    if check_inputs:  # what a run needs: inputs that exist, pairs that fit the worker's memory
         check_input_refs(problems, expanded.inputs, settings, roots)
+        check_memory(problems, expanded.specs, worker_memory())
     problems.raise_if_any(source)
     return Manifest(
         name=name,
@@ -136,6 +138,17 @@ def load_manifest(
         defaults=expanded.defaults_raw,
         warnings=expanded.warnings,
     )
+
+
+def check_memory(problems: Problems, specs: list[PairSpec], memory: WorkerMemory | None) -> None:
+    """Refuse each pair too big for the worker's stated memory by the memory model (its square: the image is not
+    read here), naming its size and the largest size that fits; nothing without a stated memory."""
+    if memory is None:
+        return
+    for spec in specs:
+        if reason := too_big(spec.id, spec.params, memory):
+            index = re.fullmatch(r"pairs\[(\d+)\]", spec.origin)
+            problems.add(("pairs", int(index.group(1))) if index else ("grid",), reason)
 
 
 # --- No output is an input: the files a run writes (`<id>.png`, `<id>.iter<N>.png`, `<id>.json`, `<id>.claim`,

@@ -1,7 +1,8 @@
 """Batches: same-shape pairs grouped, claimed, decoded, optimised together and written one by one.
 
 Per-pair failures (bad image, NaN, an output that cannot be written) become failed records, never exceptions: a write
-is retried on its own (transient errors only), never the optimisation; a batch that runs out of memory is halved.
+is retried on its own (transient errors only), never the optimisation. Batches are sized to the worker's memory by the
+memory model (nst.memory) before they run; one that still runs out of memory is halved.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from nst import storage
 from nst.errors import NSTError, OutOfMemory, StorageError
 from nst.images import load_image, resized_size
 from nst.manifest import PairSpec
+from nst.memory import WorkerMemory, pairs_that_fit, worker_memory
 from nst.pairs import PairProblem, PairResult
 from nst.results import exception_info
 from nst.run.claims import CLAIM_TTL_S, RunIsLive, claim_pair, release_pair
@@ -74,12 +76,21 @@ def make_batches(
     leftovers: dict[str, list[str]] | None = None,
     force: bool = False,
     replace_others: bool = False,
+    memory: WorkerMemory | None = None,
 ) -> list[Batch]:
-    """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`."""
+    """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`, and of at
+    most what fits the worker's memory by the memory model (`memory`; default: `nst.memory.worker_memory()`)."""
+    memory = memory or worker_memory()
     groups: dict[Any, list[PairSpec]] = {}
     for spec in pairs:
         groups.setdefault(_shape_key(spec, inputs), []).append(spec)
-    chunks = [group[i : i + max_pairs] for group in groups.values() for i in range(0, len(group), max(1, max_pairs))]
+    chunks = []
+    for key, group in groups.items():
+        most = max(1, max_pairs)
+        if memory is not None and key[0] != "alone":
+            (width, height), params = key[0], group[0].params
+            most = max(1, min(most, pairs_that_fit(height, width, params, memory)))
+        chunks += [group[i : i + most] for i in range(0, len(group), most)]
     n = len(chunks)
     left = leftovers or {}
     return [

@@ -1,0 +1,108 @@
+"""The memory model (nst.memory) against measured peak RSS: one fresh process per size, single thread, CPU.
+
+    nice -n 10 taskset -c 0 python -m bench.memory_model --sizes 256,512,1024,2048 --iterations 3
+
+Each size runs `nst.api.stylize` (project defaults, one pair: manifests/images content astronaut.jpg, a square, and
+bench/images/candy.jpg) for a few iterations in its own process, so that its peak RSS (VmHWM) is its own. One JSON
+line per size: the model's prediction for the process (`nst.memory.step_memory(...).total(1)`), the measured peak, their
+ratio and the seconds per iteration. `--precision`, `--optimizer` and `--history-size` pass through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTENT = ROOT / "manifests/images/content/astronaut.jpg"
+STYLE = ROOT / "bench/images/candy.jpg"
+
+
+def vm_kib(field: str) -> int:
+    """A VmXXX line of /proc/self/status, in KiB (VmHWM: peak RSS; not ru_maxrss, which survives exec)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def measure(size: int, iterations: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Stylize one pair at `size` in this process; the prediction and the measurement."""
+    import torch
+
+    torch.set_num_threads(1)
+    from nst import stylize
+    from nst.fastpath import cpu_has_native_bf16
+    from nst.memory import step_memory
+    from nst.params import resolve_params
+
+    params = resolve_params({"size": size, "iterations": iterations, "device": "cpu", **overrides})
+    started = time.perf_counter()
+    result = stylize(content=str(CONTENT), styles=[str(STYLE)], params=params)
+    seconds = time.perf_counter() - started
+    height, width = result.image.height, result.image.width
+    model = step_memory(height, width, result.params, "cpu", native_bf16=cpu_has_native_bf16())
+    predicted = model.total(1)
+    measured = vm_kib("VmHWM") * 1024
+    return {
+        "bench": "memory_model",
+        "size": size,
+        "height": height,
+        "width": width,
+        "iterations": iterations,
+        "precision": result.params.precision,
+        "optimizer": result.params.optimizer,
+        "history_size": result.params.history_size,
+        "predicted_gib": round(predicted / 2**30, 3),
+        "model_parts_gib": {k: round(v / 2**30, 3) for k, v in vars(model).items()},
+        "measured_peak_rss_gib": round(measured / 2**30, 3),
+        "ratio": round(measured / predicted, 3),
+        "seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="256,512,1024", help="comma-separated output sizes (long side, px)")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--optimizer", choices=["lbfgs", "adam"])
+    parser.add_argument("--history-size", type=int)
+    parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # internal: measure this size here
+    args = parser.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "precision": args.precision,
+            "optimizer": args.optimizer,
+            "history_size": args.history_size,
+        }.items()
+        if v is not None
+    }
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.iterations, overrides)), flush=True)
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for size in (int(s) for s in args.sizes.split(",")):
+        cmd = [sys.executable, "-m", "bench.memory_model", "--measure", str(size), "--iterations", str(args.iterations)]
+        cmd += [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if done.returncode != 0:
+            line = json.dumps({"bench": "memory_model", "size": size, "failed": done.stderr.strip()[-500:]})
+        else:
+            line = done.stdout.strip().splitlines()[-1]
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
