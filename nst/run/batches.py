@@ -50,6 +50,7 @@ class Batch:
     leftovers: dict[str, list[str]] = field(default_factory=dict)  # earlier runs' intermediate images, by pair
     force: bool = False  # recompute done pairs (no re-check of "done" once a pair is claimed)
     replace_others: bool = False  # replace another manifest's result (else a pair that became one is refused)
+    input_roots: list[str] | None = None  # a local `weights:` file is read beneath them (no symlink followed)
 
     def fail(self, spec: PairSpec, error: dict[str, Any]) -> PairRecord:
         """Record one of this batch's pairs failed (best effort: storage may be what failed)."""
@@ -76,6 +77,7 @@ def make_batches(
     leftovers: dict[str, list[str]] | None = None,
     force: bool = False,
     replace_others: bool = False,
+    input_roots: list[str] | None = None,
     memory: WorkerMemory | None = None,
 ) -> list[Batch]:
     """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`, and of at
@@ -104,6 +106,7 @@ def make_batches(
             {p.id: left[p.id] for p in chunk if p.id in left},
             force,
             replace_others,
+            input_roots,
         )
         for i, chunk in enumerate(chunks, start=1)
     ]
@@ -153,9 +156,10 @@ def run_batch(
 
         def stylize(subset: list[Problem]) -> list[Result]:
             if hold_device is None:
-                return stylizer.stylize(subset, callback=on_progress)
+                return stylizer.stylize(subset, callback=on_progress, input_roots=batch.input_roots)
             with hold_device() as device:
-                return stylizer.stylize([_pinned(p, device) for p in subset], callback=on_progress)
+                pinned = [_pinned(p, device) for p in subset]
+                return stylizer.stylize(pinned, callback=on_progress, input_roots=batch.input_roots)
 
         records += _stylize_and_write(problems, batch, stylize)
     finally:
@@ -178,7 +182,14 @@ def _claim_all(
         if busy is not None:
             records.append(PairRecord.not_run(spec, batch.output, f"pair {spec.id}: {busy}; not run, retry later"))
             continue
-        done = done_now(spec, batch.output, batch.inputs, force=batch.force, replace_others=batch.replace_others)
+        done = done_now(
+            spec,
+            batch.output,
+            batch.inputs,
+            force=batch.force,
+            replace_others=batch.replace_others,
+            roots=batch.input_roots,
+        )
         if done is None:
             claimed.append(spec)
         else:

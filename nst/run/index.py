@@ -20,8 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from nst.errors import NSTError
 from nst.params import Role, StyleParams, fields_with
 from nst.run.inputs import Identity
-from nst.run.layout import summary_uri, write
-from nst.safejson import read_json
+from nst.run.layout import read_json, summary_uri, write
 
 INDEX_SCHEMA = 1
 MAX_INDEX_BYTES = 64 * 2**20  # gzip-compressed
@@ -98,6 +97,7 @@ def index_uri(output: str) -> str:
 def read_index(output: str) -> Index:
     """Pair id -> (the record's identity, its facts); empty when there is no usable index (too large, inflating past
     MAX_INDEX_INFLATED, nested too deeply, out-of-range numbers, or not shaped like an index: never an error)."""
+    # Read beneath the output (`layout.read_json`): an index behind a `_runs` symlink is absent, never trusted.
     body = read_json(index_uri(output), max_bytes=MAX_INDEX_BYTES, inflated_max=MAX_INDEX_INFLATED)
     if not isinstance(body, dict) or body.get("schema") != INDEX_SCHEMA:
         return {}

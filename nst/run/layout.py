@@ -1,7 +1,8 @@
 """Where a run's files live beside its outputs, and how they are written (transient storage errors retried).
 
-The run's own folder `<output>/_runs` is never a symlink: locally, a file in it is written through the output folder
-without following one (`storage.beneath`), so a `_runs` link planted in the output cannot send a summary elsewhere.
+The run's own folder `<output>/_runs` is never a symlink: locally, a file in it is written and read through the output
+folder without following one (`storage.beneath`), so a `_runs` link planted in the output can neither send a summary
+elsewhere nor feed the plan an index, an ids file or a summary from elsewhere (a refused read is an absent file).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nst import storage
-from nst.errors import StorageError
+from nst import safejson, storage
+from nst.errors import NSTError, StorageError
 from nst.storage import beneath
 
 # Threads for the run path's storage reads (records, inputs).
@@ -63,6 +64,28 @@ def write(uri: str, data: bytes, content_type: str) -> Any:
     if in_runs(uri):
         return with_retries(lambda: beneath.write_in(uri, data))
     return with_retries(lambda: storage.write_bytes(uri, data, content_type=content_type))
+
+
+def read(uri: str, max_bytes: int) -> bytes:
+    """The bytes of one of the run's files; a local one in `_runs/` only if it resolves inside the real
+    `<output>/_runs/`, opened along that path with no symlink followed (a `_runs` link: a StorageError)."""
+    if not in_runs(uri):
+        return storage.read_bytes(uri, max_bytes=max_bytes)
+    path = os.path.abspath(storage.local_path(uri))
+    runs = os.path.join(os.path.realpath(os.path.dirname(os.path.dirname(path))), RUNS) + os.sep
+    if not beneath.under(os.path.realpath(path), [runs]):  # said plainly here; the read below checks it as opened
+        raise StorageError(f"{uri}: not read: it resolves outside {runs} ({beneath.NOT_A_LINK})")
+    return storage.read_with_info(uri, max_bytes=max_bytes, roots=[runs])[0]
+
+
+def read_json(uri: str, *, max_bytes: int, inflated_max: int | None = None) -> Any:
+    """The JSON of one of the run's files (read as `read` does; gzip-inflated to at most `inflated_max` if given), or
+    None when it is absent, refused or not parseable within nst.safejson's limits."""
+    try:
+        data = read(uri, max_bytes)
+        return safejson.loads(safejson.gunzip(data, inflated_max) if inflated_max is not None else data)
+    except (NSTError, OSError, ValueError):
+        return None
 
 
 def in_runs(uri: str) -> bool:

@@ -25,6 +25,7 @@ from nst.results import error_info
 from nst.run.index import Index, Written, params_digest, read_index
 from nst.run.inputs import Identity, InputFacts, identity, read_inputs, stat_inputs
 from nst.run.layout import READ_THREADS, claim_uri, output_uris, summary_uri
+from nst.run.layout import read as read_runs_file
 from nst.run.records import PairRecord, read_record
 from nst.run_options import RunOptions
 from nst.weights import weights_digest
@@ -101,7 +102,7 @@ def _listed_ids(output: str, uri: str | None) -> list[str]:
 def listed_ids(uri: str, *, strict: bool = False) -> list[str]:
     """The JSON list of pair ids in a shard's ids file; [] if unreadable (an error with `strict`)."""
     try:
-        ids = safejson.loads(storage.read_bytes(uri, max_bytes=MAX_IDS_FILE_BYTES))
+        ids = safejson.loads(read_runs_file(uri, MAX_IDS_FILE_BYTES))  # beneath the output: no `_runs` link followed
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise TypeError("not a list of strings")
         return ids
@@ -118,7 +119,7 @@ def plan(manifest: Manifest, options: RunOptions, *, spool: str | None = None) -
     inputs = stat_inputs(sorted({u for p in specs for u in (p.content, *p.styles)}), roots=roots)
     listing = {i.uri: i for i in _list_output(manifest.output)}
     index = read_index(manifest.output)  # read even with force: whose results these are still counts
-    found, seen = _existing(manifest.output, specs, listing, index, inputs)
+    found, seen = _existing(manifest.output, specs, listing, index, inputs, roots)
     settings = InputSettings.from_env()
     max_pixels = max((p.params.max_input_pixels for p in specs), default=1)
 
@@ -218,6 +219,7 @@ def _existing(
     listing: dict[str, storage.ObjectInfo],
     index: Index,
     inputs: dict[str, InputFacts],
+    roots: list[str],
 ) -> tuple[dict[str, _Found], Index]:
     """Each pair's existing record judged on all but the input hashes (facts from the index while the record's
     identity is unchanged, else read in parallel), and the index entries of every record seen."""
@@ -229,7 +231,7 @@ def _existing(
         key = (spec.params.network, spec.params.weights)
         if key not in digests and output_uris(output, spec.id)[1] in listing:
             try:
-                digests[key] = weights_digest(*key)
+                digests[key] = weights_digest(*key, roots=roots)  # a `weights:` file beneath the input roots
             except NSTError:
                 digests[key] = None  # the pair runs, and fails there saying why
 
@@ -313,7 +315,13 @@ def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
 
 
 def done_now(
-    spec: PairSpec, output: str, inputs: dict[str, InputFacts], *, force: bool = False, replace_others: bool = False
+    spec: PairSpec,
+    output: str,
+    inputs: dict[str, InputFacts],
+    *,
+    force: bool = False,
+    replace_others: bool = False,
+    roots: list[str] | None = None,
 ) -> PairRecord | None:
     """The pair's record if it must not run now that its claim is held (its record read afresh), else None.
 
@@ -326,7 +334,7 @@ def done_now(
     if written is None or written.status != "succeeded":
         return None
     try:
-        weights: str | None = weights_digest(spec.params.network, spec.params.weights)
+        weights: str | None = weights_digest(spec.params.network, spec.params.weights, roots=roots)
     except NSTError:
         weights = None
     try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from nst import storage
 from nst.errors import NSTError
 from nst.manifest import Manifest, load_manifest
+from nst.manifest.inputs import input_roots
 from nst.results import STATUSES, Status, exception_info
 from nst.run import batches
 from nst.run.batches import Batch, make_batches
@@ -139,6 +140,7 @@ def run(
             leftovers=the_plan.leftovers,
             force=options.force,
             replace_others=options.replace_others,
+            input_roots=input_roots(loaded.source),
         )
         if hooks.planned is not None:
             hooks.planned(the_plan, planned)

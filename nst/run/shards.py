@@ -19,11 +19,12 @@ from nst.manifest import Manifest, PairSpec
 from nst.results import error_info
 from nst.run.batches import Batch, make_batches
 from nst.run.inputs import InputFacts
-from nst.run.layout import READ_THREADS, output_uris, summary_uri, write
+from nst.run.layout import READ_THREADS, output_uris, read_json, summary_uri, write
 from nst.run.order import in_pair_order
 from nst.run.planner import listed_ids
 from nst.run.records import PairRecord, read_record
 from nst.run_options import RunOptions
+from nst.safejson import MAX_RECORD_BYTES
 
 HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
 IDS_IN_A_PARAMETER = 200  # a child's pair ids inline in its options up to this many, else in a file (~40 B each)
@@ -139,7 +140,8 @@ def collect(manifest: Manifest, children: Sequence[Child], specs: dict[str, Pair
     output = manifest.output
     listed: dict[str, dict[str, dict[str, Any]]] = {}
     for c in children:
-        summary = read_record(summary_uri(output, c.id)) or {}
+        found = read_json(summary_uri(output, c.id), max_bytes=MAX_RECORD_BYTES)  # no `_runs` link followed
+        summary = found if isinstance(found, dict) else {}
         listed[c.id] = {p["id"]: p for p in summary.get("pairs", [])}
     wanted = [(c, pair_id) for c in children for pair_id in c.pair_ids]
 

@@ -3,6 +3,7 @@
 A path is resolved (`os.path.realpath`) and judged against the roots; its resolved form is then walked from `/` one
 component at a time with `O_NOFOLLOW`, so a component swapped for a symlink since the check (pointing anywhere) is
 refused, never followed. The file judged is the file opened; size and mtime come from the open file (`fstat`).
+`opened` hands that open file to a caller that streams it (a weights file hashed in chunks).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import secrets
 import stat as _stat
 from collections.abc import Iterator, Sequence
+from io import BufferedReader
 
 from nst.errors import StorageError
 from nst.storage.base import TMP_SUFFIX, ObjectInfo, local_path, too_big
@@ -59,6 +61,36 @@ def _folder(real_dir: str, *, create: Sequence[str] = ()) -> Iterator[int]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _opened(uri: str, real_dir: str, name: str) -> Iterator[BufferedReader]:
+    """The regular file `name` in the resolved `real_dir`, open for reading, no component followed if a symlink."""
+    try:
+        with _folder(real_dir) as dfd:
+            fd = os.open(name, _FILE, dir_fd=dfd)
+    except OSError as exc:
+        raise _error(exc, uri, "read") from None
+    if not _stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder in its own words
+        os.close(fd)
+        raise StorageError(f"{uri}: cannot read: not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        yield fh
+
+
+def _whole(uri: str, fh: BufferedReader, max_bytes: int | None) -> tuple[bytes, ObjectInfo]:
+    """All of an open file (at most `max_bytes`) and its info; a file that changes while it is read is an error."""
+    try:
+        st = os.fstat(fh.fileno())
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise too_big(uri, st.st_size, max_bytes)
+        data = fh.read(st.st_size + 1)  # +1: a file that grew since the fstat is seen
+        after = os.fstat(fh.fileno())
+    except OSError as exc:
+        raise _error(exc, uri, "read") from None
+    if len(data) != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        raise StorageError(f"{uri}: cannot read: it changed while it was read (run again once it is complete)")
+    return data, ObjectInfo(uri=uri, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
 def resolved(uri: str, roots: Sequence[str], what: str) -> str:
     """The resolved path of a local URI that lies under `roots`; a StorageError (nothing opened) otherwise."""
     real = os.path.realpath(os.path.abspath(os.path.expanduser(local_path(uri))))
@@ -82,26 +114,16 @@ def stat(uri: str, roots: Sequence[str]) -> ObjectInfo:
     return ObjectInfo(uri=uri, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
+def opened(uri: str, roots: Sequence[str]) -> contextlib.AbstractContextManager[BufferedReader]:
+    """A regular file under the input `roots`, open for reading (streamed: e.g. a weights file hashed in chunks)."""
+    real = resolved(uri, roots, "input")
+    return _opened(uri, os.path.dirname(real), os.path.basename(real))
+
+
 def read(uri: str, roots: Sequence[str], max_bytes: int | None) -> tuple[bytes, ObjectInfo]:
     """The content of a regular file under the input `roots` and the info of that open file (at most `max_bytes`)."""
-    real = resolved(uri, roots, "input")
-    try:
-        with _folder(os.path.dirname(real)) as dfd:
-            fd = os.open(os.path.basename(real), _FILE, dir_fd=dfd)
-        st = os.fstat(fd)
-        if not _stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise StorageError(f"{uri}: cannot read: not a regular file")
-        with os.fdopen(fd, "rb") as fh:
-            if max_bytes is not None and st.st_size > max_bytes:
-                raise too_big(uri, st.st_size, max_bytes)
-            data = fh.read(st.st_size + 1)  # +1: a file that grew since the fstat is seen
-            after = os.fstat(fh.fileno())
-    except OSError as exc:
-        raise _error(exc, uri, "read") from None
-    if len(data) != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-        raise StorageError(f"{uri}: cannot read: it changed while it was read (run again once it is complete)")
-    return data, ObjectInfo(uri=uri, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    with opened(uri, roots) as fh:
+        return _whole(uri, fh, max_bytes)
 
 
 def write_in(uri: str, data: bytes) -> ObjectInfo:
