@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install lock browser demo test test-fast lint typecheck schema bench-cpu docker-smoke clean
+.PHONY: install lock browser demo test test-fast test-unit lint typecheck schema bench-cpu docker-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -47,11 +47,16 @@ browser:
 demo: install
 	$(BIN)/nst run manifests/demo.yaml
 
+# Tiers (tests/conftest.py): test-unit is what to run after each edit (no server, SeaweedFS, weights file or browser:
+# about a minute); test-fast leaves out only the end-to-end `slow` tests; test runs everything, as CI does.
 test: install browser lint typecheck
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m unit tests
 
 lint: install
 	$(BIN)/ruff check nst flows nst_testing tests bench deploy scripts

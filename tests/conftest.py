@@ -1,15 +1,31 @@
-"""Shared pytest set-up: every test session gets its own PREFECT_HOME and no analytics; the S3 and Prefect fixtures."""
+"""Shared pytest set-up: every test session gets its own PREFECT_HOME and no analytics; the S3 and Prefect fixtures;
+the test tiers.
+
+Tiers (issue 31). Every test that needs none of the heavy parts is marked `unit` here, at collection, and runs in
+`make test-unit` (`pytest -m unit`): the heavy parts are a server (HEAVY_FIXTURES below: SeaweedFS, Prefect, the `s3`
+case of `storage_root`), the real engine (a weights file, the VGG network, seconds of optimisation) and a browser.
+A test is not unit when it is marked `slow`, `browser` or `vgg`, or requests a heavy fixture. Tests written before
+the tiers that run the engine are listed in ENGINE_TESTS (marked `vgg` here); a new test that loads weights
+carries `@pytest.mark.vgg` itself, or uses tests/tiny_extractor.py or a fake engine (tests/test_done.py). A
+`unit` test that loads a weights file, builds the VGG network or starts SeaweedFS, a Prefect server or worker or
+Chromium fails with UnitTierViolation, in every run (the guard below): nothing heavy hides in the unit tier.
+"""
 
 import os
 import signal
+import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import nst.engine
+import nst.vgg
+import nst.weight_formats
+import nst.weights
 from nst_testing.paths import SAMPLES
 from nst_testing.prefect import (
     PrefectServer,
@@ -158,3 +174,195 @@ def isolated_process_worker(
         stop_process(worker.proc, first=signal.SIGINT, grace_s=30)
         # Flow runs of a process worker run in process groups of their own: end any the worker left behind.
         kill_process_groups(descendants)
+
+
+# --- Tiers (see the module docstring): `vgg` and `unit` are added at collection; the guard keeps unit tests light.
+
+HEAVY_FIXTURES = frozenset(
+    {
+        "s3_server",
+        "s3_env",
+        "s3_bucket",
+        "prefect_harness",
+        "prefect_server",
+        "process_worker",
+        "isolated_prefect_server",
+        "isolated_process_worker",
+    }
+)
+HEAVY_MARKERS = ("slow", "browser", "vgg")
+ALL: frozenset[str] = frozenset()  # every test of the module
+# Tests written before the tiers that run the engine for real (a weights file, the VGG network, or seconds of
+# optimisation), by module and function name (every parameter case): marked `vgg` here. New tests carry
+# `@pytest.mark.vgg` themselves.
+ENGINE_TESTS: dict[str, frozenset[str]] = {
+    "test_vgg.py": ALL,
+    "test_engine_e2e.py": ALL,
+    "test_engine_revision.py": ALL,
+    "test_quality_bench.py": ALL,
+    "test_bounded_lbfgs.py": frozenset(
+        {
+            "test_saved_image_losses_equal_the_last_logged_losses_tiny",
+            "test_saved_image_losses_equal_the_last_logged_losses_vgg19",
+        }
+    ),
+    "test_fast_path.py": frozenset(
+        {
+            "test_bf16_step_computes_the_fp32_loss_and_gradient",
+            "test_bf16_grams_stay_fp32_and_finite",
+            "test_bf16_batched_run_tracks_the_fp32_single_pair_reference",
+            "test_memory_model_counts_what_autograd_saves",
+        }
+    ),
+    "test_optimize.py": frozenset({"test_batched_equals_single"}),
+    "test_batch.py": frozenset(
+        {
+            "test_a_bad_pair_fails_alone_and_is_recorded",
+            "test_a_dead_runs_claim_lapses",
+            "test_a_done_pairs_leftover_claim_is_cleared_unless_its_run_is_live",
+            "test_a_failure_after_the_write_never_downgrades_a_written_pair",
+            "test_a_pairs_claim_is_released_as_soon_as_it_is_written",
+            "test_a_replaced_image_is_not_done",
+            "test_a_write_error_fails_only_its_pair_and_never_reruns_the_optimisation",
+            "test_cli_run_and_validate_without_prefect",
+            "test_cli_run_takes_overrides_and_run_options",
+            "test_each_input_is_read_once_per_run",
+            "test_oom_splits_the_batch_and_retries_the_halves",
+            "test_pair_ids_pick_pairs_and_unknown_ids_are_an_error",
+            "test_run_writes_outputs_and_reruns_only_what_changed",
+            "test_two_runs_at_once_every_json_describes_the_png_beside_it",
+        }
+    ),
+    "test_cli.py": frozenset(
+        {
+            "test_output_directory_not_writable",
+            "test_preset_is_recorded_complete",
+            "test_presets_and_weights_commands",
+            "test_stylize_writes_png_and_json",
+            "test_unusual_image_modes_are_handled",
+            "test_weights_of_the_wrong_shape",
+        }
+    ),
+    "test_ids.py": frozenset(
+        {"test_a_migrated_pair_is_still_done", "test_night_two_neither_changes_nor_takes_night_ones_id"}
+    ),
+    "test_long_nights.py": frozenset(
+        {
+            "test_a_run_removes_the_temp_files_a_killed_writer_left",
+            "test_intermediates_never_fail_a_written_pair_and_old_ones_are_removed",
+            "test_without_prefect_an_unexpected_error_fails_its_batch_and_the_run_goes_on",
+        }
+    ),
+}
+
+
+class UnitTierViolation(AssertionError):
+    """A test in the unit tier reached a heavy part (weights file, VGG network, server, browser)."""
+
+
+def is_engine_test(item: pytest.Item) -> bool:
+    """Whether ENGINE_TESTS lists this test (its module, or its function in its module)."""
+    names = ENGINE_TESTS.get(item.path.name)
+    return names is not None and (names is ALL or getattr(item, "originalname", item.name) in names)
+
+
+def is_unit(item: pytest.Item) -> bool:
+    """Whether a collected test belongs to the unit tier (the rule in this module's docstring)."""
+    if any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
+        return False
+    if HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return False
+    callspec = getattr(item, "callspec", None)
+    return callspec is None or callspec.params.get("storage_root") != "s3"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the listed engine tests `vgg`, then the unit tier `unit` (`pytest -m unit`)."""
+    for item in items:
+        if is_engine_test(item):
+            item.add_marker(pytest.mark.vgg)
+        if is_unit(item):
+            item.add_marker(pytest.mark.unit)
+
+
+def heavy_command(args: Any) -> str | None:
+    """What heavy part a command line would start (SeaweedFS, a Prefect server or worker, a browser), or None."""
+    argv = [str(a) for a in args] if isinstance(args, Sequence) and not isinstance(args, str | bytes) else [str(args)]
+    names = [os.path.basename(a) for a in argv]
+    if "weed" in names:
+        return "SeaweedFS"
+    if "prefect" in names and ("server" in argv or "worker" in argv):
+        return "a Prefect server or worker"
+    if any("prefect.server" in a for a in argv):
+        return "a Prefect API server"
+    if any(n.startswith("chromium") for n in names) or "run-driver" in argv:
+        return "a browser (Playwright/Chromium)"
+    return None
+
+
+GUARD = pytest.StashKey[tuple[pytest.MonkeyPatch, list[str]]]()
+ADVICE = "use the tiny extractor or a fake engine, request the part's fixture, or mark the test vgg/slow/browser"
+
+
+def _guard(item: pytest.Item) -> tuple[pytest.MonkeyPatch, list[str]]:
+    """Patches that make weights files, the VGG network, servers and browsers raise; what was reached is recorded."""
+    patch, reached = pytest.MonkeyPatch(), []
+    where = f"{item.nodeid} is in the unit tier (tests/conftest.py) but"
+
+    def no_weights(*args: Any, **kwargs: Any) -> Any:
+        reached.append("loads a weights file or builds the VGG network")
+        raise UnitTierViolation(f"{where} {reached[-1]}: {ADVICE}")
+
+    class GuardedPopen(subprocess.Popen):  # type: ignore[type-arg]
+        def __init__(self, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+            if args is None:
+                args = kwargs.pop("args", ())
+            what = heavy_command(args)
+            if what is not None:
+                reached.append(f"starts {what}")
+                raise UnitTierViolation(f"{where} {reached[-1]}: {ADVICE}")
+            super().__init__(args, *rest, **kwargs)
+
+    # Every weights file is parsed by parse_weights (imported when called) unless cached: the cache is empty here.
+    patch.setattr(nst.weight_formats, "parse_weights", no_weights)
+    patch.setattr(nst.weights, "_cache", OrderedDict())
+    patch.setattr(nst.vgg.VGGFeatures, "__init__", no_weights)
+    patch.setattr(subprocess, "Popen", GuardedPopen)
+    return patch, reached
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    """A `unit` test runs guarded from its first fixture (module-scoped ones included) to its last teardown."""
+    if item.get_closest_marker("unit") is not None:
+        item.stash[GUARD] = _guard(item)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    finally:
+        if GUARD in item.stash:
+            item.stash[GUARD][0].undo()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A unit test that reached a heavy part fails, even if it caught the error, and its report says why first."""
+    report = yield
+    reached = item.stash[GUARD][1] if GUARD in item.stash else []
+    if reached and report.when != "teardown" and (report.failed or report.when == "call"):
+        why = f"{item.nodeid} is in the unit tier (tests/conftest.py) but {reached[0]}: {ADVICE}"
+        report.longrepr = why if report.passed else f"{why}\n\n{report.longreprtext}"
+        report.outcome = "failed"
+    return report
+
+
+@pytest.fixture
+def unit_tier_reached(request: pytest.FixtureRequest) -> list[str]:
+    """What the running unit test reached of the heavy parts (tests/test_markers.py checks the guard with it)."""
+    return request.node.stash[GUARD][1]

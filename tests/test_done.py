@@ -1,7 +1,9 @@
 """ "Done" is exact and cheap (issue 16): the truth table of what a rerun runs, on local disk and on real S3.
 
 Each case changes one thing after a first run, then asserts exactly which pairs the next run runs, and that every
-record describes the PNG beside it (sha256). The engine runs for real (32 px, 2 iterations).
+record describes the PNG beside it (sha256). Planning needs no network: the engine is tests/fake_engine.py (its image
+is the content at 32 px, its weights those the parameters name, hashed as the real engine records them, never
+loaded); the manifest, plan, claims, batches, PNG and record writes, index and summary are the product's own.
 """
 
 import json
@@ -14,12 +16,14 @@ from typing import Any
 import pytest
 
 import nst
+import nst.engine
 import nst.run.claims
 from nst import storage
 from nst.images import sha256_bytes
 from nst.run import RunSummary, run
 from nst.run_options import RunOptions
 from nst_testing.paths import SAMPLES
+from tests.fake_engine import FakeEngine
 
 MANIFEST = """\
 version: 1
@@ -58,6 +62,12 @@ def assert_records_describe_their_pngs(root: str) -> None:
         assert record["status"] == "succeeded"
         assert record["output"]["image_sha256"] == sha256_bytes(storage.read_bytes(out(root, f"{pair_id}.png")))
         assert record["engine_revision"] == nst.ENGINE_REVISION
+
+
+@pytest.fixture(autouse=True)
+def fake_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run here gets FakeEngine as its engine (`local_hooks` imports `nst.engine.Stylizer` when a batch runs)."""
+    monkeypatch.setattr(nst.engine, "Stylizer", FakeEngine)
 
 
 @pytest.fixture
