@@ -134,7 +134,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     content = load_image(data[args.content], label=f"content {args.content!r}", max_pixels=params.max_input_pixels)
     styles = [load_image(data[s], label=f"style {s!r}", max_pixels=params.max_input_pixels) for s in args.styles]
     pair_id = Path(output).stem
-    bar = tqdm(total=params.iterations * params.scales, unit="it", desc=pair_id, file=sys.stderr)
+    bar = tqdm(total=params.iterations, unit="it", desc=pair_id, file=sys.stderr)
 
     def progress(event: Any) -> None:
         bar.total = event.total_iterations

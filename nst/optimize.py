@@ -16,40 +16,33 @@ from torch import Tensor
 from nst.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, autocast, backend_flags
 from nst.losses import LossTargets, blended_gram, gram_matrix, loss_normalization, total_losses
 from nst.pairs import PairProblem, PairResult
+from nst.schedule import MIN_SCALE_SIDE, Scale, scale_iterations, scale_sizes, schedule
 from nst.steplog import LOSS_TERMS, ProgressCallback, ProgressEvent, StepLog, read_losses, stack_losses
 from nst.steppers import AdamStepper, ProjectedLBFGS, Stepper
 
 __all__ = [
     "CUDNN_WORKSPACE_CAP_MIB",
     "LOSS_TERMS",
+    "MIN_SCALE_SIDE",
     "FastPath",
     "FeatureExtractor",
     "PairProblem",
     "PairResult",
     "ProgressCallback",
     "ProgressEvent",
+    "Scale",
     "build_targets",
     "initial_images",
+    "scale_iterations",
     "scale_sizes",
+    "schedule",
     "stylize_batch",
 ]
 
-MIN_SCALE_SIDE = 32  # the coarsest scale keeps at least this many pixels on its short side
 # Under bf16 the network sees its input rounded to ~3 significant digits (0.5-1 grey level on the Caffe scale), so
 # L-BFGS's tiny first step (torch: 1/|g|_1) moves nothing it can see and its first curvature pair is noise. Under
 # autocast the first step instead moves the largest pixel by this fraction of the input range (Caffe: 255/64 = 4).
 LOW_PRECISION_FIRST_STEP = 1 / 64
-
-
-def scale_sizes(height: int, width: int, scales: int) -> list[tuple[int, int, float]]:
-    """(height, width, factor) per scale, coarse to fine; each scale doubles the previous; tiny scales are dropped."""
-    sizes = []
-    for k in range(scales - 1, -1, -1):
-        factor = 0.5**k
-        h, w = max(1, round(height * factor)), max(1, round(width * factor))
-        if k == 0 or min(h, w) >= MIN_SCALE_SIDE:
-            sizes.append((h, w, factor))
-    return sizes
 
 
 def resize(x: Tensor, height: int, width: int) -> Tensor:
@@ -156,7 +149,7 @@ class _BatchLoop:
         self.problems, self.extractor, self.device, self.fast = problems, extractor, device, fast
         self.params = params = problems[0].params
         height, width = problems[0].content.shape[-2:]
-        self.sizes = scale_sizes(height, width, params.scales)
+        self.scales = schedule(height, width, params.scales, params.iterations)
         self.low, self.high = (t.to(device).view(1, -1, 1, 1) for t in extractor.input_range())
         if isinstance(extractor, torch.nn.Module):  # weights in the activations' layout: converted once, not per step
             extractor.to(memory_format=torch.channels_last if fast.channels_last else torch.contiguous_format)
@@ -165,7 +158,7 @@ class _BatchLoop:
         self.log = StepLog(
             len(problems),
             device,
-            scales=len(self.sizes),
+            scales=len(self.scales),
             iterations=params.iterations,
             log_every=params.log_every,
             save_every=params.save_every,
@@ -174,32 +167,35 @@ class _BatchLoop:
 
     def optimize(self) -> list[PairResult[Tensor]]:
         """Optimise at each scale from the previous scale's result; judge the final images."""
-        x01 = initial_images(self.problems, *self.sizes[0][:2], self.device)
+        first = self.scales[0]
+        x01 = initial_images(self.problems, first.height, first.width, self.device)
         rescued = torch.zeros(len(self.problems), dtype=torch.bool, device=self.device)
-        for scale, (h, w, factor) in enumerate(self.sizes):
-            targets = build_targets(self.problems, self.extractor, h, w, factor, self.device, self.fast.amp)
-            x01, rescued = self._run_scale(scale, targets, x01)
+        for index, scale in enumerate(self.scales):
+            targets = build_targets(
+                self.problems, self.extractor, scale.height, scale.width, scale.factor, self.device, self.fast.amp
+            )
+            x01, rescued = self._run_scale(index, targets, x01)
         with torch.no_grad(), autocast(self.device, self.fast.amp):
             final = self.extractor.to_model(x01)
             losses = total_losses(self.extractor(final), final, targets, self.normalization)
         return self.log.outcomes(self.problems, x01, read_losses(stack_losses(losses)), rescued)
 
     def _run_scale(self, scale: int, targets: LossTargets, x01: Tensor) -> tuple[Tensor, Tensor]:
-        """`iterations` steps at one scale; returns the kept images in [0,1] and the pairs rescued from a NaN."""
-        h, w = self.sizes[scale][:2]
+        """The scale's steps; returns the kept images in [0,1] and the pairs rescued from a NaN."""
+        h, w, steps = self.scales[scale].height, self.scales[scale].width, self.scales[scale].iterations
         # x stays NCHW-contiguous so L-BFGS treats each image as one flat row; the network sees channels_last if asked.
         # Bicubic resizing overshoots [0, 1] a little: the start, like every iterate, lies inside the valid range.
         x = self.extractor.to_model(resize(x01, h, w).clamp(0, 1)).detach().contiguous().requires_grad_(True)
         stepper = self._stepper(x)
         log = self.log
-        log.begin_scale(scale, h, w)
+        log.begin_scale(scale, h, w, steps)
         # Pairs whose kept iterate (Adam's best, L-BFGS's accepted) had a finite loss at this scale.
         kept_finite = torch.zeros(len(self.problems), dtype=torch.bool, device=self.device)
 
         def shown() -> Tensor:
             return self.extractor.from_model(stepper.kept()).clamp(0, 1)
 
-        for step in range(self.params.iterations):
+        for step in range(steps):
             x.grad = None
             losses = self.loss_step(x, targets, log.alive)
             alive = log.evaluated(losses["total"])

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nst.errors import Loc, ParamsError
 from nst.layers import MIN_SIDE, Network, canonical_layer
+from nst.schedule import COARSE_TO_FINE_FROM, COARSEST_SIDE, MAX_SCALES, default_scales
 
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "style"]
@@ -71,7 +72,10 @@ class StyleParams(BaseModel):
         None, ge=MIN_SIDE, le=16384, description="style image long side in pixels; default: same as size"
     )
     iterations: Annotated[int, Role.GRAPH] = Field(
-        500, gt=0, le=100_000, description="optimisation steps at the final scale"
+        500,
+        gt=0,
+        le=100_000,
+        description="optimisation steps in all, across every scale (with scales > 1 most run at the coarse scales)",
     )
     optimizer: Annotated[Optimizer, Role.GRAPH] = Field("lbfgs", description="lbfgs (per-pair batched L-BFGS) or adam")
     lr: Annotated[float, Role.GRAPH] = Field(
@@ -117,8 +121,10 @@ class StyleParams(BaseModel):
     scales: Annotated[int, Role.GRAPH] = Field(
         1,
         ge=1,
-        le=8,
-        description="coarse-to-fine scales; each halves the size of the next, starting from the previous result",
+        le=MAX_SCALES,
+        description=f"coarse-to-fine scales, each half the size of the next and starting from its upsampled result, "
+        f"each finer one with half the steps; unset: 1 below size {COARSE_TO_FINE_FROM}, else enough for the "
+        f"coarsest to be {COARSEST_SIDE}-{2 * COARSEST_SIDE - 1} px",
     )
     keep_best: bool = Field(
         True,
@@ -156,6 +162,17 @@ class StyleParams(BaseModel):
     max_input_pixels: Annotated[int, Role.NOT_RESULT] = Field(
         80_000_000, gt=0, description="refuse input images with more pixels than this (decompression-bomb guard)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_scales(cls, data: Any) -> Any:
+        # Unset (absent or null) `scales` follows the size: coarse-to-fine from COARSE_TO_FINE_FROM px up.
+        if isinstance(data, dict) and data.get("scales") is None:
+            size = data.get("size", cls.model_fields["size"].default)
+            if (isinstance(size, str) and size.strip().isdigit()) or (isinstance(size, float) and size.is_integer()):
+                size = int(size)  # as pydantic's lax mode will read it
+            data = {**data, "scales": default_scales(size) if type(size) is int else 1}
+        return data
 
     @field_validator("content_weight", "style_weight", "tv_weight", "lr")
     @classmethod
@@ -211,7 +228,7 @@ class StyleParams(BaseModel):
     @model_validator(mode="after")
     def _few_saved_images(self) -> StyleParams:
         # Intermediate images stay in memory until the pair is written: bound how many.
-        steps = self.iterations * self.scales  # every scale runs `iterations` steps
+        steps = self.iterations  # all steps, across the scales
         if self.save_every and steps // self.save_every > MAX_SAVED_IMAGES:
             least = -(-steps // MAX_SAVED_IMAGES)
             raise ValueError(

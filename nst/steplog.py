@@ -60,8 +60,8 @@ class StepLog:
         callback: ProgressCallback | None,
     ) -> None:
         self.pairs, self.device = pairs, device
-        self.scales, self.iterations = scales, iterations
-        self.total_iterations = iterations * scales
+        self.scales, self.iterations = scales, iterations  # `iterations`: all steps, across the scales
+        self.total_iterations = iterations
         self.log_every, self.save_every = log_every, save_every
         self.callback = callback
         self.alive = torch.ones(pairs, dtype=torch.bool, device=device)
@@ -69,11 +69,12 @@ class StepLog:
         self.histories: list[list[dict[str, float]]] = [[] for _ in range(pairs)]
         self.start = time.perf_counter()
         self.iteration = 0
-        self.begin_scale(0, 0, 0)
+        self.begin_scale(0, 0, 0, iterations)
 
-    def begin_scale(self, scale: int, height: int, width: int) -> None:
-        """A new scale: its logged losses start empty; a NaN from here on may still be rescued by its kept iterate."""
-        self.scale, self.height, self.width = scale, height, width
+    def begin_scale(self, scale: int, height: int, width: int, steps: int) -> None:
+        """A new scale of `steps` steps: its logged losses start empty; a NaN from here on may still be rescued by its
+        kept iterate."""
+        self.scale, self.height, self.width, self.steps = scale, height, width, steps
         self.scale_start = self.iteration
         self.current = torch.zeros(self.pairs, len(LOSS_TERMS), device=self.device)  # each pair's current iterate
 
@@ -94,7 +95,7 @@ class StepLog:
         """
         stacked = stack_losses(losses)
         self.current = stacked if iterates is None else torch.where(iterates[:, None], stacked, self.current)
-        log_now = (step + 1) % self.log_every == 0 or step == 0 or step + 1 == self.iterations
+        log_now = (step + 1) % self.log_every == 0 or step == 0 or step + 1 == self.steps
         read = read_losses(self.current) if log_now else None
         if read is not None:
             dead = self.failed_at.cpu().tolist()

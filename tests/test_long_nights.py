@@ -113,8 +113,9 @@ def test_save_every_counts_every_scale() -> None:
     from nst.params import MAX_SAVED_IMAGES, resolve_params
 
     resolve_params({"iterations": 20 * MAX_SAVED_IMAGES, "save_every": 20})  # 20 images: allowed
+    resolve_params({"iterations": 20 * MAX_SAVED_IMAGES, "save_every": 20, "scales": 2})  # iterations: all scales'
     with pytest.raises(ParamsError, match="save_every"):
-        resolve_params({"iterations": 20 * MAX_SAVED_IMAGES, "save_every": 20, "scales": 2})
+        resolve_params({"iterations": 20 * MAX_SAVED_IMAGES + 20, "save_every": 20, "scales": 2})
 
 
 def test_a_records_history_is_bounded() -> None:

@@ -163,9 +163,10 @@ def test_multiscale_runs_coarse_to_fine_and_reports_progress() -> None:
     (result,) = stylize_batch([problem], net, callback=events.append)
     assert result.image is not None and result.image.shape == (1, 3, 64, 96)
     assert [(e.height, e.width) for e in events[:1] + events[-1:]] == [(32, 48), (64, 96)]
-    assert len(events) == 10 and events[-1].iteration == 10
+    assert len(events) == 5 and events[-1].iteration == 5  # `iterations`: all steps, 3 coarse + 2 fine
+    assert [e.scale for e in events] == [0, 0, 0, 1, 1]
     logged = [e.iteration for e in events if e.losses is not None]
-    assert logged == [1, 2, 4, 5, 6, 7, 9, 10]
+    assert logged == [1, 2, 3, 4, 5]
     assert [h["iteration"] for h in result.history] == logged
 
 

@@ -19,6 +19,7 @@ from nst.results import Status, error_info, now_iso, runner, versions
 from nst.run.inputs import Identity, InputFacts, identity
 from nst.run.layout import output_uris, summary_uri, write
 from nst.safejson import MAX_RECORD_BYTES, read_json
+from nst.schedule import schedule
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -124,6 +125,7 @@ def build_record(
         "final_losses": result.final_losses if result else None,
         "history": _bounded([row for row in (result.history if result else []) if _finite(row)]),
         "iterations": result.iterations if result else 0,
+        "schedule": _schedule(params, result),
         "seconds": round(result.seconds, 3) if result else 0.0,
         "device": result.device if result else None,
         **runner(),
@@ -139,6 +141,14 @@ def build_record(
         "run_id": run_id,
         "finished_at": now_iso(),
     }
+
+
+def _schedule(params: StyleParams, result: PairResult[Image.Image] | None) -> list[dict[str, Any]] | None:
+    """The scales the image was made at, coarse to fine, with each one's steps (None: no image)."""
+    if result is None or result.image is None:
+        return None
+    scales = schedule(result.image.height, result.image.width, params.scales, params.iterations)
+    return [scale.to_dict() for scale in scales]
 
 
 def _bounded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
