@@ -236,7 +236,7 @@ def _one_batch(tmp_path: Path, manifest: str = SAME_SHAPE, **params: Any) -> nst
 def _stylizer_with(extractor: Any) -> nst.engine.Stylizer:
     """A real Stylizer whose loss network is `extractor` (no weights file)."""
     stylizer = nst.engine.Stylizer()
-    stylizer.network = lambda params, device: (extractor, None)  # type: ignore[method-assign,assignment,return-value]
+    stylizer.network = lambda params, device, input_roots=None: (extractor, None)  # type: ignore[method-assign,assignment,return-value]
     return stylizer
 
 
