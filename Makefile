@@ -99,8 +99,8 @@ down:
 
 # The fuzz harness (tests/test_fuzz.py, issue 29): generated manifests, records, indexes, claims, ids files and image
 # headers through validate, plan and the readers, FUZZ_EXAMPLES examples per target (6 targets x 17,000 = 102,000),
-# asserting 0 uncaught exceptions and 0 messages quoting file content. `make test` runs 40 per target. Long: at ~0.05 s
-# an example on one core, about an hour and a half on 2 cores (-n auto; per-test timeout off).
+# asserting 0 uncaught exceptions and 0 messages quoting file content. `make test` runs 40 per target. Long: 12,000
+# examples took 393 s on 2 shared cores (-n auto), so 102,000 take about an hour (per-test timeout off).
 FUZZ_EXAMPLES ?= 17000
 .PHONY: fuzz
 fuzz: install
