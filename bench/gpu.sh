@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmarks, one section per call (each fits a 10-minute command limit on an H100), from the repository root:
-#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|all
+#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|all
 # Writes JSON lines (and the sweep's plot) to $OUT if set (the lent-device tool), else docs/bench/, named after the
 # GPU (h100.jsonl, h100-sweep.jsonl, h100.png, ...). `python -m bench.report FILE...` turns them into tables.
 # Packages the machine lacks travel as wheels in .whl/ (see docs/performance.md, "Running on a GPU").
@@ -34,12 +34,18 @@ run() {
     frontier) $py -m bench.frontier --size 512 --iterations 200 ${NSPT:+--neural-style-pt "$NSPT"} \
                 --configs defaults --weights 0.3,1,3,10,30 --out "$out/quality-frontier-$gpu.jsonl" \
                 --plots "$out/frontier-$gpu" ;;
-    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|all)" >&2; exit 2 ;;
+    # 1024/2048/4096 px (issue 30): peak memory against nst.memory's model (one scale, 20 iterations), then the
+    # time per pair of the default coarse-to-fine schedule at 500 iterations
+    large) $py -m bench.memory_model --device cuda --sizes 1024,2048,4096 --iterations 20 --out "$out/$gpu-large.jsonl"
+           $py -m bench.memory_model --device cuda --sizes 1024,2048,4096 --iterations 500 --schedule \
+             --out "$out/$gpu-large.jsonl" ;;
+    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|all)" >&2
+       exit 2 ;;
   esac
 }
 
 if [ "$section" = all ]; then
-  for s in throughput defaults sweep ttq coldstart pipeline quality frontier; do run "$s"; done
+  for s in throughput defaults sweep ttq coldstart pipeline quality frontier large; do run "$s"; done
 else
   run "$section"
 fi

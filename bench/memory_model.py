@@ -5,7 +5,8 @@
 Each size runs `nst.api.stylize` (project defaults, one pair: manifests/images content astronaut.jpg, a square, and
 bench/images/candy.jpg) for a few iterations in its own process, so that its peak RSS (VmHWM) is its own. One JSON
 line per size: the model's prediction for the process (`nst.memory.step_memory(...).total(1)`), the measured peak, their
-ratio and the seconds per iteration. `--precision`, `--optimizer` and `--history-size` pass through.
+ratio and the seconds. `--precision`, `--optimizer` and `--history-size` pass through; `--device cuda` measures
+the CUDA allocator's peak instead (bench/gpu.sh large), `--schedule` runs the default coarse-to-fine schedule.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def vm_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
 
 
-def measure(size: int, iterations: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Stylize one pair at `size` in this process; the prediction and the measurement."""
+def measure(size: int, iterations: int, overrides: dict[str, Any], device: str, schedule: bool) -> dict[str, Any]:
+    """Stylize one pair at `size` in this process; the prediction and the measurement (CPU: peak RSS; CUDA: the
+    allocator's peak reserved bytes, which leave out the CUDA context and library handles)."""
     import torch
 
     torch.set_num_threads(1)
@@ -40,27 +42,32 @@ def measure(size: int, iterations: int, overrides: dict[str, Any]) -> dict[str, 
     from nst.memory import step_memory
     from nst.params import resolve_params
 
-    # One scale: the model is of one step at the output size (a coarse-to-fine schedule's finest scale).
-    params = resolve_params({"size": size, "iterations": iterations, "scales": 1, "device": "cpu", **overrides})
+    # One scale unless --schedule: the model is of one step at the output size (a schedule's finest scale).
+    values = {"size": size, "iterations": iterations, "device": device, **({} if schedule else {"scales": 1})}
+    params = resolve_params({**values, **overrides})
     started = time.perf_counter()
     result = stylize(content=str(CONTENT), styles=[str(STYLE)], params=params)
     seconds = time.perf_counter() - started
     height, width = result.image.height, result.image.width
-    model = step_memory(height, width, result.params, "cpu", native_bf16=cpu_has_native_bf16())
+    model = step_memory(height, width, result.params, device, native_bf16=cpu_has_native_bf16())
     predicted = model.total(1)
-    measured = vm_kib("VmHWM") * 1024
+    cuda = device.startswith("cuda")
+    measured = torch.cuda.max_memory_reserved() if cuda else vm_kib("VmHWM") * 1024
     return {
         "bench": "memory_model",
         "size": size,
         "height": height,
         "width": width,
         "iterations": iterations,
+        "schedule": result.record.get("schedule"),
+        "device": result.record.get("device"),
         "precision": result.params.precision,
         "optimizer": result.params.optimizer,
         "history_size": result.params.history_size,
         "predicted_gib": round(predicted / 2**30, 3),
         "model_parts_gib": {k: round(v / 2**30, 3) for k, v in vars(model).items()},
-        "measured_peak_rss_gib": round(measured / 2**30, 3),
+        "measured": "cuda max_memory_reserved" if cuda else "peak RSS (VmHWM)",
+        "measured_gib": round(measured / 2**30, 3),
         "ratio": round(measured / predicted, 3),
         "seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", choices=["lbfgs", "adam"])
     parser.add_argument("--history-size", type=int)
     parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--schedule", action="store_true", help="the default schedule (else one scale)")
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # internal: measure this size here
     args = parser.parse_args(argv)
     overrides = {
@@ -87,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     if args.measure:
-        print(json.dumps(measure(args.measure, args.iterations, overrides)), flush=True)
+        print(json.dumps(measure(args.measure, args.iterations, overrides, args.device, args.schedule)), flush=True)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for size in (int(s) for s in args.sizes.split(",")):
         cmd = [sys.executable, "-m", "bench.memory_model", "--measure", str(size), "--iterations", str(args.iterations)]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+        cmd += ["--device", args.device, *(["--schedule"] if args.schedule else [])]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if done.returncode != 0:
             line = json.dumps({"bench": "memory_model", "size": size, "failed": done.stderr.strip()[-500:]})
