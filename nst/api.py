@@ -206,7 +206,8 @@ def _check_output(output: str | os.PathLike[str] | None) -> str | None:
 def _record(
     result: PairResult[Image.Image], content: InputFacts, styles: list[InputFacts], output: str | None
 ) -> dict[str, Any]:
-    """The pair's JSON record: written beside `output` and read back, or built in memory with `output` None."""
+    """The pair's JSON record as a plain dict (its stored JSON): written beside `output` and read back, or built in
+    memory with `output` None."""
     from nst.manifest import PairSpec
     from nst.run.records import build_record, read_record, write_pair_result
 
@@ -217,8 +218,8 @@ def _record(
         written = read_record(stored.json_uri)
         if written is None:
             raise OutputError(f"output {output!r}: its JSON record {stored.json_uri!r} could not be read back")
-        return written
+        return written.model_dump(exclude_unset=True)
     record = build_record(
         spec, inputs, ".", None, status=result.status, params=result.params, result=result, error=result.error
     )
-    return {**record, "output": None}
+    return record.model_copy(update={"output": None}).model_dump(exclude_unset=True)

@@ -27,7 +27,7 @@ from nst.manifest import load_manifest
 from nst.run.claims import claim_pair, parse_claim
 from nst.run.index import Written, index_uri, read_index
 from nst.run.planner import listed_ids, plan
-from nst.run.records import read_record
+from nst.run.records import Record, read_record
 from nst.run_options import RunOptions
 from nst_testing.paths import SAMPLES
 
@@ -266,7 +266,7 @@ def test_fuzz_records_through_the_reader_and_plan(ws: Path, data: bytes) -> None
     (ws / "out" / "p.json").write_bytes(data)
     (ws / "out" / "p.png").write_bytes(b"png")
     record = read_record(str(ws / "out" / "p.json"))
-    assert record is None or isinstance(record, dict)
+    assert record is None or isinstance(record, Record)
     if record is not None:
         Written.of(record)
     manifest = load_manifest(str(ws / "m.yaml"))

@@ -25,7 +25,7 @@ from flows.stylize import DeviceSlots
 from nst import run as pipeline
 from nst.manifest import load_manifest
 from nst.run.order import in_pair_order
-from nst.run.records import build_record
+from nst.run.records import build_record, record_json
 from nst.run.shards import (
     Child,
     Shard,
@@ -115,10 +115,14 @@ def test_collect_reads_summaries_and_fails_what_a_dead_shard_left_undone(
         spec = specs[pair_id]
         image = ("0" * 64, {"size": 1, "mtime_ns": 1}) if status == "succeeded" else None
         record = build_record(spec, {}, str(out), run_id, status=status, params=spec.params, image=image)
-        record["final_losses"] = {"content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}
-        record["history"] = [{"iteration": 1, "content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}]
-        (out / f"{pair_id}.json").write_text(json.dumps(record))
-        return record
+        record = record.model_copy(
+            update={
+                "final_losses": {"content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0},
+                "history": [{"iteration": 1, "content": 1.0, "style": 2.0, "tv": 0.0, "total": 3.0}],
+            }
+        )
+        (out / f"{pair_id}.json").write_bytes(record_json(record))
+        return record.model_dump()
 
     out.mkdir()
     write("a", str(ok.id))
@@ -160,7 +164,7 @@ def test_record_names_host_and_worker(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("PREFECT__WORKER_NAME", "gpu-box-7-gpu0")  # set by every Prefect worker for its flow runs
     spec = plan.to_run[0]
     record = build_record(spec, {}, "x", None, status="failed", params=spec.params)
-    assert record["worker"] == "gpu-box-7-gpu0" and record["host"]
+    assert record.worker == "gpu-box-7-gpu0" and record.host
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -18,6 +18,7 @@ from nst import safejson, storage
 from nst.errors import NSTError, OutputError
 from nst.manifest.model import Manifest
 from nst.run.claims import claim_pair, release_pair
+from nst.run.records import Record, read_record
 
 READ_THREADS = 16
 MAX_RECORD_BYTES = 64 * 2**20
@@ -32,24 +33,9 @@ class Move:
     files: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _read_json(uri: str) -> dict[str, Any] | None:
-    data = safejson.read_json(uri, max_bytes=MAX_RECORD_BYTES)  # bounded: a corrupt record is left where it is
-    return data if isinstance(data, dict) else None
-
-
-def _inputs_key(record: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
-    """(content URI, style URIs) a record names, or None if it names none."""
-    inputs = record.get("inputs")
-    if not isinstance(inputs, dict) or not isinstance(inputs.get("content"), dict):
-        return None
-    styles = inputs.get("styles")
-    content = inputs["content"].get("uri")
-    style_uris = tuple(
-        uri
-        for s in (styles if isinstance(styles, list) else [])
-        if isinstance(s, dict) and isinstance(uri := s.get("uri"), str)
-    )
-    return (content, style_uris) if isinstance(content, str) and style_uris else None
+def _inputs_key(record: Record) -> tuple[str, tuple[str, ...]]:
+    """(content URI, style URIs) a record names."""
+    return record.inputs.content.uri, tuple(s.uri for s in record.inputs.styles)
 
 
 def plan_moves(manifest: Manifest) -> tuple[list[Move], list[str]]:
@@ -58,8 +44,9 @@ def plan_moves(manifest: Manifest) -> tuple[list[Move], list[str]]:
     names = {info.uri[len(prefix) :] for info in storage.list_prefix(prefix)}
     stems = sorted(n[: -len(".json")] for n in names if n.endswith(".json") and "/" not in n)
     with ThreadPoolExecutor(min(READ_THREADS, max(1, len(stems)))) as pool:
+        # Bounded (nst.safejson) and typed: a corrupt record, or one not shaped like ours, is left where it is.
         records = dict(
-            zip(stems, pool.map(lambda s: _read_json(storage.join(prefix, f"{s}.json")), stems), strict=True)
+            zip(stems, pool.map(lambda s: read_record(storage.join(prefix, f"{s}.json")), stems), strict=True)
         )
     new_ids = {(p.content, tuple(p.styles)): p.id for p in manifest.pairs}
     moves: list[Move] = []
@@ -141,7 +128,12 @@ def _move(manifest: Manifest, move: Move) -> None:
     *images, (old_json, new_json) = move.files
     for old, new in images:
         storage.write_bytes(storage.join(prefix, new), storage.read_bytes(storage.join(prefix, old)))
-    record = json.loads(storage.read_bytes(storage.join(prefix, old_json), max_bytes=MAX_RECORD_BYTES))
+    try:
+        record = safejson.loads(storage.read_bytes(storage.join(prefix, old_json), max_bytes=MAX_RECORD_BYTES))
+    except ValueError:
+        raise OutputError(f"{old_json}: not a readable record any more; nothing moved") from None
+    if not isinstance(record, dict):
+        raise OutputError(f"{old_json}: not a readable record any more; nothing moved")
     body = json.dumps(_moved_record(record, move, prefix), indent=2).encode()
     storage.write_bytes(storage.join(prefix, new_json), body, content_type="application/json")
     for old, _ in [(old_json, new_json), *images]:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,12 +22,11 @@ from nst.errors import NSTError
 from nst.params import Role, StyleParams, fields_with
 from nst.run.inputs import Identity
 from nst.run.layout import read_json, summary_uri, write
+from nst.run.records import Output, Record, parse_record
 
 INDEX_SCHEMA = 1
 MAX_INDEX_BYTES = 64 * 2**20  # gzip-compressed
 MAX_INDEX_INFLATED = 256 * 2**20  # ~250,000 pairs' entries
-# A record without an engine revision was made before revisions were counted.
-FIRST_REVISION = 1
 
 
 @dataclass(slots=True)
@@ -46,28 +46,32 @@ class Written:
     manifest: str | None = None  # the name of the manifest that wrote it (None: written before records named one)
 
     @classmethod
-    def of(cls, record: dict[str, Any]) -> Written | None:
-        """The facts of a record's JSON; None if it is not shaped like one of ours."""
-        try:
-            section = record.get("inputs") or {}
-            entries = [section["content"], *section["styles"]]
-            output = record.get("output") or {}
-            # Strings most records share (status, digests, style URIs) are interned: 100,000 of them cost one each.
-            weights = (record.get("weights") or {}).get("sha256")
-            return cls(
-                id=str(record["id"]),
-                status=sys.intern(str(record["status"])),
-                params_digest=sys.intern(params_digest(record.get("params") or {})),
-                weights_sha256=sys.intern(weights) if isinstance(weights, str) else None,
-                engine_revision=int(record.get("engine_revision", FIRST_REVISION)),
-                inputs=[(sys.intern(str(e["uri"])), e.get("sha256"), e.get("identity")) for e in entries],
-                image=output.get("image"),
-                image_sha256=output.get("image_sha256"),
-                image_identity=output.get("image_identity"),
-                manifest=sys.intern(owner) if isinstance(owner := record.get("manifest"), str) else None,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError):
+    def of(cls, record: Record | Mapping[str, Any]) -> Written | None:
+        """The facts of a record (or of its parsed JSON; None if that is not a record)."""
+        parsed = record if isinstance(record, Record) else parse_record(record)
+        if parsed is None:
             return None
+        output = parsed.output or Output()
+        entries = [parsed.inputs.content, *parsed.inputs.styles]
+        weights = parsed.weights.sha256 if parsed.weights else None
+        # Strings most records share (status, digests, style URIs) are interned: 100,000 of them cost one each.
+        return cls(
+            id=parsed.id,
+            status=sys.intern(parsed.status),
+            params_digest=sys.intern(params_digest(parsed.params)),
+            weights_sha256=sys.intern(weights) if weights is not None else None,
+            engine_revision=parsed.engine_revision,
+            inputs=[(sys.intern(e.uri), e.sha256, _identity(e.identity)) for e in entries],
+            image=output.image,
+            image_sha256=output.image_sha256,
+            image_identity=_identity(output.image_identity),
+            manifest=sys.intern(parsed.manifest) if parsed.manifest is not None else None,
+        )
+
+
+def _identity(stored: Mapping[str, int | str] | None) -> Identity | None:
+    """A stored identity as the plain dict the index keeps (None: not recorded)."""
+    return None if stored is None else dict(stored)
 
 
 Index = dict[str, tuple[Identity, Written]]  # pair id -> (its record's identity, the record's facts)

@@ -177,9 +177,7 @@ def _refused(spec: PairSpec, output: str, owner: str) -> PairRecord:
         f"pair {spec.id}: {output_uris(output, spec.id)[1]} is a result of manifest {shown!r} made from other "
         "inputs or parameters; it is kept (--replace-others, or options.replace_others, replaces it)"
     )
-    record = PairRecord.not_run(spec, output, message)
-    record.status, record.error = "failed", error_info("OwnershipError", message)
-    return record
+    return PairRecord.failed(spec, output, error_info("OwnershipError", message))
 
 
 def _intermediates(output: str, listing: dict[str, storage.ObjectInfo], ids: set[str]) -> dict[str, list[str]]:
@@ -290,15 +288,7 @@ def _judge(
     if png is None or not intact:
         return _Found("check_inputs", unverified, owner=owner) if owner else _Found("run", {})
     json_uri = png.uri[: -len(".png")] + ".json"
-    skipped = PairRecord(
-        spec.id,
-        "skipped",
-        spec.content,
-        list(spec.styles),
-        written.image,
-        json_uri,
-        image_identity=written.image_identity,
-    )
+    skipped = PairRecord.skipped(spec, json_uri, written.image, written.image_identity)
     return _Found("check_inputs", unverified, skipped, written.engine_revision != nst.ENGINE_REVISION, owner)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, ValidationError
 
 import nst
 from nst import storage
@@ -29,6 +31,121 @@ if TYPE_CHECKING:
 RECORD_SCHEMA = 2
 # Loss rows a record keeps (evenly thinned past this): the curve, not every iteration of a 100,000-iteration run.
 MAX_HISTORY_ROWS = 1000
+# A record without an engine revision was made before revisions were counted.
+FIRST_REVISION = 1
+# Bounds of what a record read back may hold (far above what nst writes): anything past them is not ours.
+MAX_NAME = 1024  # a pair id, a manifest's name, a run id, a host
+MAX_URI = 16384
+MAX_STYLES = 10_000
+MAX_COUNT = 2**63 - 1
+
+
+def _text(limit: int) -> PlainValidator:
+    """A string of at most `limit` characters, taken as it is: a non-UTF-8 file name's escapes (lone surrogates,
+    which pydantic's own `str` refuses) included."""
+
+    def check(value: object) -> str:
+        if not isinstance(value, str) or len(value) > limit:
+            raise ValueError(f"not a string of at most {limit} characters")
+        return value
+
+    return PlainValidator(check, json_schema_input_type=str)
+
+
+Name = Annotated[str, _text(MAX_NAME)]
+Uri = Annotated[str, _text(MAX_URI)]
+Fields = dict[str, Any]  # JSON carried as it was written (parameters, an error, versions): read by no decision
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
+# An int stays an int and a float a float (a record read and written again is the same JSON); never NaN or inf.
+Number = Annotated[StrictInt, Field(ge=-MAX_COUNT, le=MAX_COUNT)] | Annotated[float, Field(allow_inf_nan=False)]
+StoredIdentity = Annotated[dict[str, Count | Name], Field(max_length=8)]  # {size, etag} or {size, mtime_ns}
+
+
+class _Part(BaseModel):
+    """Strict (a wrong type is absent, never coerced), frozen, and keeping keys a newer nst added (written back)."""
+
+    model_config = ConfigDict(
+        strict=True, extra="allow", frozen=True, validate_by_name=False, validate_by_alias=True, serialize_by_alias=True
+    )
+
+
+class InputEntry(_Part):
+    """One input a pair was made from: its URI, and its sha256 and identity as the run saw them (None: unread)."""
+
+    uri: Uri
+    sha256: Name | None = None
+    identity: StoredIdentity | None = None
+
+
+class Inputs(_Part):
+    """The content, then each style."""
+
+    content: InputEntry
+    styles: Annotated[list[InputEntry], Field(min_length=1, max_length=MAX_STYLES)]
+
+
+class Weights(_Part):
+    """The loss network's weights: where from, their sha256, the network and its input space."""
+
+    source: Uri | None = None
+    sha256: Name | None = None
+    network: Name | None = None
+    preprocessing: Name | None = None
+
+
+class Output(_Part):
+    """Where the pair's files are, and the PNG's sha256 and identity as written (None: no image)."""
+
+    image: Uri | None = None
+    json_uri: Uri | None = Field(None, alias="json")
+    image_sha256: Name | None = None
+    image_identity: StoredIdentity | None = None
+
+
+class Record(_Part):
+    """A pair's JSON record, schema 2 (older records read too: what they lack has its default; only `id`, `status`
+    and `inputs` are required, as the readers did before the model).
+
+    Built by `build_record`, written by `store_record` (`record_json`), read by `read_record`: the only three.
+    """
+
+    schema_: Annotated[StrictInt, Field(alias="schema", ge=1, le=MAX_COUNT)] = 1  # never missing from ours
+    id: Name
+    manifest: Name | None = None  # the owner's name (None: written before records named their manifest)
+    status: Status
+    params: Fields = Field(default_factory=dict)
+    inputs: Inputs
+    weights: Weights | None = None
+    engine_revision: Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)] = FIRST_REVISION
+    final_losses: dict[str, Number] | None = None
+    history: list[dict[str, Number]] = Field(default_factory=list)
+    iterations: Count = 0
+    schedule: list[Fields] | None = None
+    seconds: Number = 0.0
+    device: Name | None = None
+    host: Name | None = None
+    worker: Name | None = None
+    versions: Fields = Field(default_factory=dict)
+    output: Output | None = None
+    error: Fields | None = None
+    warnings: list[Fields] = Field(default_factory=list)
+    run_id: Name | None = None
+    finished_at: Name | None = None
+
+
+def parse_record(data: object) -> Record | None:
+    """The record of parsed JSON, or None (absent) if it is not one: never an exception."""
+    if not isinstance(data, Mapping):
+        return None
+    try:
+        return Record.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def record_json(record: Record) -> bytes:
+    """A record's stored JSON: the keys it was built or read with, in order; a NaN fails loudly (JSON has none)."""
+    return json.dumps(record.model_dump(exclude_unset=True), indent=2, allow_nan=False).encode()
 
 
 @dataclass(slots=True)
@@ -48,24 +165,31 @@ class PairRecord:
     image_identity: Identity | None = None  # the PNG's size + ETag/mtime as written (checks a Cached batch)
 
     @classmethod
-    def from_json(
-        cls, spec: PairSpec, record: dict[str, Any], status: Status | None = None, *, history: bool = True
-    ) -> PairRecord:
-        """The PairRecord of a JSON record (`status` overrides the record's, e.g. `skipped`; history if asked)."""
-        status = status or record["status"]
-        output = record.get("output") or {}
+    def of(cls, spec: PairSpec, record: Record, status: Status | None = None, *, history: bool = True) -> PairRecord:
+        """The PairRecord of a stored record (`status` overrides the record's, e.g. `skipped`; history if asked)."""
+        status = status or record.status
+        output = record.output or Output()
         return cls(
             id=spec.id,
             status=status,
             content_uri=spec.content,
             style_uris=list(spec.styles),
-            image_uri=output.get("image"),
-            json_uri=output.get("json") or "",
-            final_losses=record.get("final_losses"),
-            seconds=0.0 if status == "skipped" else float(record.get("seconds") or 0.0),
-            error=record.get("error"),
-            history=(record.get("history") or []) if history else [],
-            image_identity=output.get("image_identity"),
+            image_uri=output.image,
+            json_uri=output.json_uri or "",
+            final_losses=None if record.final_losses is None else dict(record.final_losses),
+            seconds=0.0 if status == "skipped" else float(record.seconds),
+            error=record.error,
+            history=[dict(row) for row in record.history] if history else [],
+            image_identity=None if output.image_identity is None else dict(output.image_identity),
+        )
+
+    @classmethod
+    def skipped(
+        cls, spec: PairSpec, json_uri: str, image_uri: str | None, image_identity: Identity | None
+    ) -> PairRecord:
+        """A pair already done: its image (and that image's identity as written) stay; nothing is written."""
+        return cls(
+            spec.id, "skipped", spec.content, list(spec.styles), image_uri, json_uri, image_identity=image_identity
         )
 
     @classmethod
@@ -75,22 +199,27 @@ class PairRecord:
         error = error_info("NotRun", reason)
         return cls(spec.id, "not_run", spec.content, list(spec.styles), None, json_uri, error=error)
 
+    @classmethod
+    def failed(cls, spec: PairSpec, output: str, error: dict[str, Any]) -> PairRecord:
+        """A pair failed without a record of this run (refused, or left undone by a dead shard): nothing is written."""
+        _, json_uri = output_uris(output, spec.id)
+        return cls(spec.id, "failed", spec.content, list(spec.styles), None, json_uri, error=error)
 
-def read_record(uri: str, *, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
-    """A record's (or run summary's) JSON object, or None when it cannot be read or parsed within the limits of
-    nst.safejson (size checked before reading, depth, finite numbers): the pair simply runs again."""
-    record = read_json(uri, max_bytes=max_bytes)
-    return record if isinstance(record, dict) else None
+
+def read_record(uri: str, *, max_bytes: int = MAX_RECORD_BYTES) -> Record | None:
+    """A pair's record, or None (absent: the pair simply runs again) when it cannot be read or parsed within the
+    limits of nst.safejson (size checked before reading, depth, finite numbers) or is not a `Record`."""
+    return parse_record(read_json(uri, max_bytes=max_bytes))
 
 
-def inputs_section(spec: PairSpec, inputs: dict[str, InputFacts]) -> dict[str, Any]:
+def inputs_section(spec: PairSpec, inputs: dict[str, InputFacts]) -> Inputs:
     """{content: {uri, sha256, identity}, styles: [{uri, sha256, identity}]}: what the pair was made from."""
 
-    def entry(uri: str) -> dict[str, Any]:
+    def entry(uri: str) -> InputEntry:
         fact = inputs.get(uri) or InputFacts(uri)
-        return {"uri": uri, "sha256": fact.sha256, "identity": fact.identity}
+        return InputEntry(uri=uri, sha256=fact.sha256, identity=fact.identity)
 
-    return {"content": entry(spec.content), "styles": [entry(s) for s in spec.styles]}
+    return Inputs(content=entry(spec.content), styles=[entry(s) for s in spec.styles])
 
 
 def build_record(
@@ -105,7 +234,7 @@ def build_record(
     result: PairResult[Image.Image] | None = None,
     error: dict[str, Any] | None = None,
     image_uri: str | None = None,
-) -> dict[str, Any]:
+) -> Record:
     """One pair's JSON record: what ran, on what inputs and weights, with which engine, and how it ended.
 
     `image` is the written PNG's (sha256, identity), at `image_uri` if given (`nst stylize -o out.PNG`), else at
@@ -113,34 +242,36 @@ def build_record(
     """
     default_image, json_uri = output_uris(output, spec.id)
     image_uri = image_uri or default_image
-    return {
-        "schema": RECORD_SCHEMA,
-        "id": spec.id,
-        "manifest": spec.manifest or None,  # the owner: another manifest never replaces this result silently
-        "status": status,
-        "params": params.model_dump(mode="json"),
-        "inputs": inputs_section(spec, inputs),
-        "weights": result.weights.to_dict() if result and result.weights else None,
-        "engine_revision": nst.ENGINE_REVISION,
-        "final_losses": result.final_losses if result else None,
-        "history": _bounded([row for row in (result.history if result else []) if _finite(row)]),
-        "iterations": result.iterations if result else 0,
-        "schedule": _schedule(params, result),
-        "seconds": round(result.seconds, 3) if result else 0.0,
-        "device": result.device if result else None,
-        **runner(),
-        "versions": versions(),
-        "output": {
-            "image": image_uri if image else None,
-            "json": json_uri,
-            "image_sha256": image[0] if image else None,
-            "image_identity": image[1] if image else None,
-        },
-        "error": error,
-        "warnings": result.warnings if result else [],
-        "run_id": run_id,
-        "finished_at": now_iso(),
-    }
+    return Record.model_validate(
+        {
+            "schema": RECORD_SCHEMA,
+            "id": spec.id,
+            "manifest": spec.manifest or None,  # the owner: another manifest never replaces this result silently
+            "status": status,
+            "params": params.model_dump(mode="json"),
+            "inputs": inputs_section(spec, inputs),
+            "weights": Weights(**result.weights.to_dict()) if result and result.weights else None,
+            "engine_revision": nst.ENGINE_REVISION,
+            "final_losses": result.final_losses if result else None,
+            "history": _bounded([row for row in (result.history if result else []) if _finite(row)]),
+            "iterations": result.iterations if result else 0,
+            "schedule": _schedule(params, result),
+            "seconds": round(result.seconds, 3) if result else 0.0,
+            "device": result.device if result else None,
+            **runner(),
+            "versions": versions(),
+            "output": {
+                "image": image_uri if image else None,
+                "json": json_uri,
+                "image_sha256": image[0] if image else None,
+                "image_identity": image[1] if image else None,
+            },
+            "error": error,
+            "warnings": result.warnings if result else [],
+            "run_id": run_id,
+            "finished_at": now_iso(),
+        }
+    )
 
 
 def _schedule(params: StyleParams, result: PairResult[Image.Image] | None) -> list[dict[str, Any]] | None:
@@ -235,20 +366,21 @@ def record_failure(
     except NSTError:
         if not best_effort:
             raise
-        return PairRecord.from_json(spec, record)
+        return PairRecord.of(spec, record)
 
 
 def _written_success(spec: PairSpec, output: str, run_id: str | None) -> PairRecord | None:
     """The success this run already wrote for the pair, if its record and the image it describes are both there."""
     image_uri, json_uri = output_uris(output, spec.id)
     written = read_record(json_uri)
-    if not run_id or written is None or written.get("status") != "succeeded" or written.get("run_id") != run_id:
+    if not run_id or written is None or written.status != "succeeded" or written.run_id != run_id:
         return None
+    stored = written.output.image_identity if written.output else None
     try:
-        intact = identity(storage.stat(image_uri)) == (written.get("output") or {}).get("image_identity")
+        intact = stored is not None and identity(storage.stat(image_uri)) == stored
     except NSTError:
         return None
-    return PairRecord.from_json(spec, written) if intact else None
+    return PairRecord.of(spec, written) if intact else None
 
 
 def verify_written(records: list[PairRecord]) -> list[PairRecord]:
@@ -264,11 +396,12 @@ def verify_written(records: list[PairRecord]) -> list[PairRecord]:
     return [r for r in records if r.status == "succeeded" and gone(r)]
 
 
-def store_record(spec: PairSpec, record: dict[str, Any]) -> PairRecord:
-    """Write a pair's JSON record (after its image); a NaN would not be JSON: fail loudly instead."""
-    body = json.dumps(record, indent=2, allow_nan=False).encode()
-    write(record["output"]["json"], body, "application/json")
-    return PairRecord.from_json(spec, record)
+def store_record(spec: PairSpec, record: Record) -> PairRecord:
+    """Write a pair's JSON record (after its image) at its `output.json`; a NaN would not be JSON: fail loudly."""
+    if record.output is None or not record.output.json_uri:
+        raise ValueError(f"pair {spec.id}: a record to store names its JSON's URI")
+    write(record.output.json_uri, record_json(record), "application/json")
+    return PairRecord.of(spec, record)
 
 
 def probe_output(output: str, run_id: str) -> None:

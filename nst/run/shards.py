@@ -117,18 +117,19 @@ def child_pair(output: str, child: Child, spec: PairSpec, entry: dict[str, Any] 
     """One pair of a child: the status its run summary gives (`entry`), else what its record says it wrote; a pair
     that a dead child left undone is failed, naming the child and its state."""
     _, json_uri = output_uris(output, spec.id)
-    if entry is not None and entry["status"] == "not_run":
+    status = entry.get("status") if entry is not None else None
+    if entry is not None and status == "not_run":
         return PairRecord.not_run(spec, output, (entry.get("error") or {}).get("message", "not run"))
     record = read_record(json_uri)
-    if record is not None and entry is not None and entry["status"] in ("succeeded", "failed", "skipped"):
-        return PairRecord.from_json(spec, record, entry["status"], history=history)
-    if record is not None and record.get("run_id") == child.id and record.get("status") == "succeeded":
-        return PairRecord.from_json(spec, record, "succeeded", history=history)  # written before the child died
+    if record is not None and status in ("succeeded", "failed", "skipped"):
+        return PairRecord.of(spec, record, status, history=history)
+    if record is not None and record.run_id == child.id and record.status == "succeeded":
+        return PairRecord.of(spec, record, "succeeded", history=history)  # written before the child died
     detail = f": {child.message}" if child.message else ""
     error = error_info(
         child.state, f"shard {child.name} ({child.id}) ended {child.state}{detail}; the pair did not finish"
     )
-    return PairRecord(spec.id, "failed", spec.content, spec.styles, None, json_uri, error=error)
+    return PairRecord.failed(spec, output, error)
 
 
 def collect(manifest: Manifest, children: Sequence[Child], specs: dict[str, PairSpec]) -> list[PairRecord]:
