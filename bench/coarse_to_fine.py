@@ -67,17 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--single", type=int, default=40, help="iterations of the single-scale run")
     parser.add_argument("--scales", type=int, default=3)
+    parser.add_argument("--schedule-iterations", type=int, help="the schedule's steps (default: equal cost by pixels)")
+    parser.add_argument("--only", choices=["single", "schedule"], help="run only this one")
     parser.add_argument("--pair", default="amber__candy")
     parser.add_argument("--out", help="append the JSON lines here")
     parser.add_argument("--sheet", help="write the side-by-side pictures here (jpg)")
+    parser.add_argument("--keep", help="also save each result as PNG in this folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pair = next(p for p in painting_pairs() if p.id == args.pair)
     stylizer, judge = Stylizer(), GatysJudge(torch.device("cpu"))
     run(stylizer, pair, 64, 1, 1)  # the network loaded and warm: not timed below
-    schedule_steps = equal_cost_iterations(args.single, args.scales)
+    schedule_steps = args.schedule_iterations or equal_cost_iterations(args.single, args.scales)
     images: list[tuple[str, Image.Image]] = []
-    for label, scales, iterations in (("single", 1, args.single), ("schedule", args.scales, schedule_steps)):
+    runs = [("single", 1, args.single), ("schedule", args.scales, schedule_steps)]
+    for label, scales, iterations in [r for r in runs if args.only in (None, r[0])]:
         image, seconds = run(stylizer, pair, args.size, scales, iterations)
         content = image_to_tensor(pair.content.resize(image.size, Image.Resampling.LANCZOS))
         style = image_to_tensor(resize_long_side(pair.style, max(image.size)))
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(line) + "\n")
         images.append((f"{label}: {iterations} it, {seconds:.0f} s", image))
+        if args.keep:
+            image.save(Path(args.keep) / f"{pair.id}-{args.size}-{label}-{iterations}.png")
     if args.sheet:
         Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
         sheet(pair, images, args.size).save(args.sheet, quality=88)

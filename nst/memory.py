@@ -32,8 +32,9 @@ _BLOCK_CHANNELS = (64, 128, 256, 512, 512)  # VGG16/19 output channels per block
 CUDA_MEMORY_FRACTION = 0.85  # of free device memory; the rest absorbs allocator fragmentation
 CUDA_RESERVED_BYTES = 1 << 30  # cuDNN/cuBLAS handles, weights' bf16 copies, compiled graphs' pools
 CUDNN_WORKSPACE_CAP_MIB = 2048  # nst.fastpath's cap on cuDNN's autotuning workspace (a test keeps the two equal)
-# A CPU worker process before any pixel: Python, torch and its libraries, the engine (measured: bench/memory_model.py).
-CPU_PROCESS_BYTES = 740 << 20
+# A CPU worker process before any pixel: Python, torch and its libraries, the engine, the decoded images and the
+# allocator's slack (measured with bench/memory_model.py: 740 MiB after the imports; +100 MiB centres 256-2048 px).
+CPU_PROCESS_BYTES = 840 << 20
 MAX_TENSOR_ELEMENTS = 2**31 - 1  # many convolution kernels index with int32: one activation must stay below this
 CPU_MEMORY_FRACTION = 0.5  # of available RAM
 CUDA_SATURATION_PIXELS = 8 * 512 * 512  # pixels per step past which a larger batch adds no throughput (to measure)
