@@ -25,7 +25,7 @@ from nst.color import image_to_tensor
 from nst.engine import Stylizer
 from nst.images import resize_long_side
 from nst.pairs import PairProblem
-from nst.params import canonical_params, resolve_params
+from nst.params import StyleParams, canonical_params, resolve_params
 from nst.schedule import scale_iterations
 
 
@@ -36,9 +36,12 @@ def equal_cost_iterations(single: int, scales: int) -> int:
     return max(scales, round(single / per_step))
 
 
-def run(stylizer: Stylizer, pair: Pair, size: int, scales: int, iterations: int) -> tuple[Image.Image, float]:
+def run(
+    stylizer: Stylizer, pair: Pair, size: int, scales: int, iterations: int, style_weight: float | None = None
+) -> tuple[Image.Image, float]:
     """One stylization with the defaults at this size, scales and iterations; the image and its wall seconds."""
-    params = canonical_params(resolve_params({"size": size, "scales": scales, "iterations": iterations}))
+    values = {"size": size, "scales": scales, "iterations": iterations, "style_weight": style_weight}
+    params = canonical_params(resolve_params(values))
     started = time.perf_counter()
     (result,) = stylizer.stylize([PairProblem(pair.content, [pair.style], params, pair.id)])
     assert result.image is not None, result.error
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=int, default=3)
     parser.add_argument("--schedule-iterations", type=int, help="the schedule's steps (default: equal cost by pixels)")
     parser.add_argument("--only", choices=["single", "schedule"], help="run only this one")
+    parser.add_argument("--style-weight", type=float, help="default: the project's")
     parser.add_argument("--pair", default="amber__candy")
     parser.add_argument("--out", help="append the JSON lines here")
     parser.add_argument("--sheet", help="write the side-by-side pictures here (jpg)")
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     images: list[tuple[str, Image.Image]] = []
     runs = [("single", 1, args.single), ("schedule", args.scales, schedule_steps)]
     for label, scales, iterations in [r for r in runs if args.only in (None, r[0])]:
-        image, seconds = run(stylizer, pair, args.size, scales, iterations)
+        image, seconds = run(stylizer, pair, args.size, scales, iterations, args.style_weight)
         content = image_to_tensor(pair.content.resize(image.size, Image.Resampling.LANCZOS))
         style = image_to_tensor(resize_long_side(pair.style, max(image.size)))
         judged = judge.measures(image_to_tensor(image), judge.targets(content, style))
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": label,
             "scales": scales,
             "iterations": iterations,
+            "style_weight": args.style_weight or StyleParams().style_weight,
             "per_scale": scale_iterations(iterations, scales),
             "seconds": round(seconds, 1),
             "content_err": round(judged["content_err"], 4),
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps(line) + "\n")
         images.append((f"{label}: {iterations} it, {seconds:.0f} s", image))
         if args.keep:
-            image.save(Path(args.keep) / f"{pair.id}-{args.size}-{label}-{iterations}.png")
+            name = f"{pair.id}-{args.size}-{label}-{iterations}-sw{args.style_weight or 'default'}.png"
+            image.save(Path(args.keep) / name)
     if args.sheet:
         Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
         sheet(pair, images, args.size).save(args.sheet, quality=88)
