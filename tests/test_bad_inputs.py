@@ -172,9 +172,9 @@ def test_s3_manifest_cannot_read_a_local_file(
     opened: list[str] = []
     real_stat = storage.stat
 
-    def spy(target: str) -> storage.ObjectInfo:
+    def spy(target: str, **kwargs: Any) -> storage.ObjectInfo:
         opened.append(target)
-        return real_stat(target)
+        return real_stat(target, **kwargs)
 
     monkeypatch.setattr(storage, "stat", spy)
     with pytest.raises(ManifestError) as info:
