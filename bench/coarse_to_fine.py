@@ -21,10 +21,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from bench.quality import GatysJudge, Pair, painting_pairs
-from nst.color import image_to_tensor
-from nst.engine import Stylizer
-from nst.images import resize_long_side
-from nst.pairs import PairProblem
+from nst.engine.color import image_to_tensor
+from nst.engine.images import resize_long_side
+from nst.engine.pairs import PairProblem
+from nst.engine.stylizer import Stylizer
 from nst.params import StyleParams, canonical_params, resolve_params
 from nst.schedule import scale_iterations
 

@@ -43,8 +43,8 @@ def command(variant: str, content: Path, style: Path, size: int, iterations: int
 def stylize_one(argv: Sequence[str]) -> int:
     """One pair with the product's defaults, as `nst stylize` runs it (engine, PNG write): content style out size
     iterations precision."""
-    from nst.engine import stylize
-    from nst.images import load_image
+    from nst.engine.images import load_image
+    from nst.engine.stylizer import stylize
     from nst.params import resolve_params
 
     content, style, out, size, iterations, precision = argv

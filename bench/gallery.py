@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from nst.engine import Stylizer
-from nst.images import load_image
-from nst.pairs import PairProblem
+from nst.engine.images import load_image
+from nst.engine.pairs import PairProblem
+from nst.engine.stylizer import Stylizer
 from nst.params import canonical_params, resolve_params
 from nst_testing.paths import REPO, SAMPLES
 

@@ -34,7 +34,7 @@ run() {
     frontier) $py -m bench.frontier --size 512 --iterations 200 ${NSPT:+--neural-style-pt "$NSPT"} \
                 --configs defaults --weights 0.3,1,3,10,30 --out "$out/quality-frontier-$gpu.jsonl" \
                 --plots "$out/frontier-$gpu" ;;
-    # 1024/2048/4096 px (issue 30): peak memory against nst.memory's model (one scale, 20 iterations), then the
+    # 1024/2048/4096 px (issue 30): peak memory against nst.engine.memory's model (one scale, 20 iterations), then the
     # time per pair of the default coarse-to-fine schedule at 500 iterations
     large) $py -m bench.memory_model --device cuda --sizes 1024,2048,4096 --iterations 20 --out "$out/$gpu-large.jsonl"
            $py -m bench.memory_model --device cuda --sizes 1024,2048,4096 --iterations 500 --schedule \

@@ -1,10 +1,11 @@
-"""The memory model (nst.memory) against measured peak RSS: one fresh process per size, single thread, CPU.
+"""The memory model (nst.engine.memory) against measured peak RSS: one fresh process per size, single thread, CPU.
 
     nice -n 10 taskset -c 0 python -m bench.memory_model --sizes 256,512,1024,2048 --iterations 3
 
 Each size runs `nst.api.stylize` (project defaults, one pair: manifests/images content astronaut.jpg, a square, and
 bench/images/candy.jpg) for a few iterations in its own process, so that its peak RSS (VmHWM) is its own. One JSON
-line per size: the model's prediction for the process (`nst.memory.step_memory(...).total(1)`), the measured peak, their
+line per size: the model's prediction for the process (`step_memory(...).total(1)` of
+nst.engine.memory), the measured peak, their
 ratio and the seconds. `--precision`, `--optimizer` and `--history-size` pass through; `--device cuda` measures
 the CUDA allocator's peak instead (bench/gpu.sh large), `--schedule` runs the default coarse-to-fine schedule.
 """
@@ -38,8 +39,8 @@ def measure(size: int, iterations: int, overrides: dict[str, Any], device: str, 
 
     torch.set_num_threads(1)
     from nst import stylize
-    from nst.fastpath import cpu_has_native_bf16
-    from nst.memory import step_memory
+    from nst.engine.fastpath import cpu_has_native_bf16
+    from nst.engine.memory import step_memory
     from nst.params import resolve_params
 
     # One scale unless --schedule: the model is of one step at the output size (a schedule's finest scale).

@@ -2,8 +2,8 @@
 
 The manifest is generated into a temporary directory from the sample images (manifests/images/: three contents of two
 shapes x three styles), so batches form as they would in production (same shape and parameters). Optimisation time
-is the union of the intervals spent inside `nst.optimize.stylize_batch`; everything else (hashing inputs, decoding,
-resizing, PNG encoding, JSON records, the runner's own overhead) is what keeps the GPU idle. Target: >= 90 %.
+is the union of the intervals spent inside `stylize_batch` (nst.engine.optimize); everything else (hashing inputs,
+decoding, resizing, PNG encoding, JSON records, the runner's own overhead) is what keeps the GPU idle. Target: >= 90 %.
 Each batch's first step (loss targets, torch.compile for a new shape, cuDNN autotuning) keeps the GPU mostly idle
 too: `busy_fraction_steady` counts it as idle, `busy_fraction` as busy.
 
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-import nst.optimize
-from nst.memory import auto_batch_pairs
+import nst.engine.optimize
+from nst.engine.memory import auto_batch_pairs
 from nst.params import resolve_params
 from nst.run_options import RunOptions
 from nst_testing.manifests import copy_samples, write_manifest
@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch = auto_batch_pairs(args.size, args.size, params, device)
     batch = int(batch)
     timer = IntervalTimer(device)
-    original = nst.optimize.stylize_batch
-    nst.optimize.stylize_batch = timer.wrap(original)  # Stylizer.stylize calls it through the module
+    original = nst.engine.optimize.stylize_batch
+    nst.engine.optimize.stylize_batch = timer.wrap(original)  # Stylizer.stylize calls it through the module
     try:
         with tempfile.TemporaryDirectory(prefix="nst-bench-pipeline-") as tmp:
             manifest = pipeline_manifest(Path(tmp), args.pairs, args.size, args.iterations)
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - start
             written = len(list((Path(tmp) / "out").glob("*.png")))
     finally:
-        nst.optimize.stylize_batch = original
+        nst.engine.optimize.stylize_batch = original
     busy = timer.busy_seconds()
     first = min((a for a, _ in timer.intervals), default=start)
     return {
@@ -157,7 +157,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="output long side (default 512, --cpu 32)")
     p.add_argument("--iterations", type=int, help="iterations per pair (default 500, --cpu 5)")
     p.add_argument("--runner", choices=["batch", "flow"], default="batch")
-    p.add_argument("--max-batch-pairs", default="auto", help="pairs per batch, or auto (nst.memory.auto_batch_pairs)")
+    p.add_argument(
+        "--max-batch-pairs", default="auto", help="pairs per batch, or auto (nst.engine.memory.auto_batch_pairs)"
+    )
     p.add_argument("--out", type=Path, help="append the JSON line to this file")
     args = p.parse_args(argv)
     args.size = args.size or (32 if args.cpu else 512)

@@ -76,7 +76,7 @@ def measure(manifest: str, engine: bool) -> dict[str, Any]:
     """The whole run path over the done manifest, in this process; the figures. `engine`: torch loaded first, as in
     the stylize flow's worker (planning alone does not import it)."""
     if engine:
-        import nst.engine  # noqa: F401
+        import nst.engine.stylizer  # noqa: F401
     import nst.run.runner as runner
     from nst.run import run
     from nst.run.index import index_uri

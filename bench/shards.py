@@ -60,9 +60,9 @@ def shards_manifest(directory: Path, pairs: int, size: int, iterations: int) -> 
 def calibrate(size: int, iterations: int, batch: int) -> dict[str, float]:
     """Seconds of a cold batch (network load + optimisation) and a warm one (optimisation) in this process."""
     from nst import storage
-    from nst.engine import Stylizer
-    from nst.images import load_image
-    from nst.pairs import PairProblem
+    from nst.engine.images import load_image
+    from nst.engine.pairs import PairProblem
+    from nst.engine.stylizer import Stylizer
     from nst.params import StyleParams
 
     def image(path: Path) -> Any:

@@ -50,12 +50,12 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from nst.color import image_to_tensor
-from nst.images import load_image
-from nst.memory import auto_batch_pairs, step_memory
-from nst.optimize import FastPath, PairProblem, PairResult, ProgressEvent, stylize_batch
+from nst.engine.color import image_to_tensor
+from nst.engine.images import load_image
+from nst.engine.memory import auto_batch_pairs, step_memory
+from nst.engine.optimize import FastPath, PairProblem, PairResult, ProgressEvent, stylize_batch
+from nst.engine.vgg import VGGFeatures, load_vgg
 from nst.params import StyleParams, resolve_params
-from nst.vgg import VGGFeatures, load_vgg
 from nst_testing.paths import REPO, SAMPLES
 
 FLOP_FACTOR = 2  # forward + backward to the input (frozen weights: no weight-gradient convolutions)

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
 
-from nst.optimize import ProgressCallback, ProgressEvent
+from nst.engine.optimize import ProgressCallback, ProgressEvent
 from nst.run import Batch
 
 PROGRESS_UPDATE_S = 5.0

@@ -48,7 +48,7 @@ import nst.run.batches
 from flows import outcome, report
 from flows.progress import Progress, progress_callback
 from nst import storage
-from nst.engine import Stylizer
+from nst.engine.stylizer import Stylizer
 from nst.errors import NSTError, StorageError
 from nst.manifest import PairSpec, ParamOverrides, load_manifest, override_values
 from nst.results import error_info

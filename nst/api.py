@@ -31,10 +31,10 @@ from nst.params import (
 )
 
 if TYPE_CHECKING:
-    from nst.engine import Stylizer
-    from nst.pairs import PairResult
+    from nst.engine.pairs import PairResult
+    from nst.engine.steplog import ProgressCallback
+    from nst.engine.stylizer import Stylizer
     from nst.run.inputs import InputFacts
-    from nst.steplog import ProgressCallback
 
 ImageInput = Image.Image | str | os.PathLike[str]
 IN_MEMORY = "<PIL image>"  # the record's input URI of an image passed as a PIL image
@@ -121,7 +121,7 @@ def stylize(
     read = [_read_input(s, f"styles[{i}]", resolved.max_input_pixels) for i, s in enumerate(style_list)]
     pair_id = Path(output_uri).stem if output_uri else "stylized"
 
-    from nst.pairs import PairProblem
+    from nst.engine.pairs import PairProblem
 
     resolved = canonical_params(resolved)
     job = PairProblem(content_image, [image for image, _ in read], resolved, pair_id)
@@ -139,7 +139,7 @@ def stylize(
 def _shared_stylizer() -> Stylizer:
     """One Stylizer per process: a notebook's second call reuses the loaded network."""
     from nst import storage
-    from nst.engine import Stylizer
+    from nst.engine.stylizer import Stylizer
 
     return Stylizer(read_bytes=storage.read_bytes)
 
@@ -165,7 +165,7 @@ def _style_list(styles: ImageInput | Sequence[ImageInput]) -> list[object]:
 def _read_input(source: object, field_name: str, max_pixels: int) -> tuple[Image.Image, InputFacts]:
     """A decoded RGB image and what the record says of it (URI, sha256 and identity of a file; a PIL image: none)."""
     from nst import storage
-    from nst.images import load_image, sha256_bytes
+    from nst.engine.images import load_image, sha256_bytes
     from nst.run.inputs import InputFacts, identity
 
     if isinstance(source, Image.Image):

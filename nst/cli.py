@@ -114,14 +114,14 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nst import storage
-    from nst.engine import Stylizer
-    from nst.images import load_image, sha256_bytes
+    from nst.engine.images import load_image, sha256_bytes
+    from nst.engine.pairs import PairProblem
+    from nst.engine.stylizer import Stylizer
+    from nst.engine.vgg import resolve_device
     from nst.manifest import PairSpec
-    from nst.pairs import PairProblem
     from nst.params import canonical_params
     from nst.run.inputs import InputFacts, identity
     from nst.run.records import write_pair_result
-    from nst.vgg import resolve_device
 
     params = canonical_params(resolve_params(model_values(args, StyleParams), context="parameters"))
     output = args.output
@@ -228,7 +228,7 @@ def cmd_migrate_ids(args: argparse.Namespace) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     """Say which weights resolve and from where."""
-    from nst.weights import describe_weights, load_weights
+    from nst.engine.weights import describe_weights, load_weights
 
     print("\n".join(describe_weights(args.network, args.weights)))
     _, info = load_weights(args.network, args.weights)

@@ -100,7 +100,7 @@ def racer_run_id(racer: int) -> str:
 
 
 class CountingEngine:
-    """Stands in for `nst.engine.Stylizer` in a real `nst run` process: each pair takes $NST_RACE_PAIR_SECONDS, is
+    """Stands in for the engine's `Stylizer` in a real `nst run` process: each pair takes $NST_RACE_PAIR_SECONDS, is
     logged to $NST_RACE_SPY_LOG, and succeeds with its content image at `size` px (weights hashed, never loaded)."""
 
     def __init__(self, read_bytes: Any = None) -> None:
@@ -108,9 +108,9 @@ class CountingEngine:
 
     def stylize(self, jobs: Sequence[Any], **kwargs: Any) -> list[Any]:
         """One succeeded result per job, each logged once its `optimisation` is over."""
-        from nst.images import resize_long_side
-        from nst.pairs import PairResult
-        from nst.weights import WeightsInfo, weights_digest
+        from nst.engine.images import resize_long_side
+        from nst.engine.pairs import PairResult
+        from nst.engine.weights import WeightsInfo, weights_digest
 
         results = []
         for job in jobs:
@@ -127,10 +127,10 @@ class CountingEngine:
 
 def main(argv: Sequence[str]) -> int:
     """`nst ARGV` with `CountingEngine` as the engine."""
-    import nst.engine
+    import nst.engine.stylizer
     from nst.cli import main as nst_main
 
-    vars(nst.engine)["Stylizer"] = CountingEngine
+    vars(nst.engine.stylizer)["Stylizer"] = CountingEngine
     return nst_main(argv)
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-import nst.engine
-import nst.vgg
-import nst.weight_formats
-import nst.weights
+import nst.engine.stylizer
+import nst.engine.vgg
+import nst.engine.weight_formats
+import nst.engine.weights
 from nst_testing.paths import SAMPLES
 from nst_testing.prefect import (
     PrefectServer,
@@ -54,13 +54,13 @@ os.environ.setdefault("NST_MANIFEST_ROOTS", f"{tempfile.gettempdir()},s3://")
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Pair ids of every batch that reached the engine (a spy around the real Stylizer)."""
     calls: list[list[str]] = []
-    real = nst.engine.Stylizer.stylize
+    real = nst.engine.stylizer.Stylizer.stylize
 
     def spy(self: Any, jobs: Any, **kwargs: Any) -> Any:
         calls.append([j.id for j in jobs])
         return real(self, jobs, **kwargs)
 
-    monkeypatch.setattr(nst.engine.Stylizer, "stylize", spy)
+    monkeypatch.setattr(nst.engine.stylizer.Stylizer, "stylize", spy)
     return calls
 
 
@@ -324,9 +324,9 @@ def _guard(item: pytest.Item) -> tuple[pytest.MonkeyPatch, list[str]]:
             super().__init__(args, *rest, **kwargs)
 
     # Every weights file is parsed by parse_weights (imported when called) unless cached: the cache is empty here.
-    patch.setattr(nst.weight_formats, "parse_weights", no_weights)
-    patch.setattr(nst.weights, "_cache", OrderedDict())
-    patch.setattr(nst.vgg.VGGFeatures, "__init__", no_weights)
+    patch.setattr(nst.engine.weight_formats, "parse_weights", no_weights)
+    patch.setattr(nst.engine.weights, "_cache", OrderedDict())
+    patch.setattr(nst.engine.vgg.VGGFeatures, "__init__", no_weights)
     patch.setattr(subprocess, "Popen", GuardedPopen)
     return patch, reached
 

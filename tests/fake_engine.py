@@ -1,11 +1,11 @@
-"""A stand-in for `nst.engine.Stylizer` where what is tested is the pipeline around the engine (planning, "done",
+"""A stand-in for the engine's `Stylizer` where what is tested is the pipeline around the engine (planning, "done",
 records, claims), not the optimisation: no network is built and no weights file is parsed (the unit tier)."""
 
 from typing import Any
 
-from nst.images import resize_long_side
-from nst.pairs import PairProblem, PairResult
-from nst.weights import WeightsInfo, weights_digest
+from nst.engine.images import resize_long_side
+from nst.engine.pairs import PairProblem, PairResult
+from nst.engine.weights import WeightsInfo, weights_digest
 
 
 class FakeEngine:

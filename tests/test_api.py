@@ -17,12 +17,12 @@ from PIL import Image
 import nst
 from nst.api import StyleOptions, Stylized, StylizeFailed
 from nst.cli import main
-from nst.engine import Stylizer
+from nst.engine.pairs import PairProblem, PairResult
+from nst.engine.steplog import ProgressCallback, ProgressEvent
+from nst.engine.stylizer import Stylizer
 from nst.errors import NSTError, OutputError, ParamsError, StorageError
-from nst.pairs import PairProblem, PairResult
 from nst.params import StyleParams
 from nst.results import error_info
-from nst.steplog import ProgressCallback, ProgressEvent
 from nst_testing.paths import REPO, SAMPLES
 
 CONTENT = SAMPLES / "content" / "chelsea.jpg"

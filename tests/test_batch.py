@@ -10,8 +10,8 @@ from typing import Any, cast
 import pytest
 import torch
 
-import nst.engine
-import nst.images
+import nst.engine.images
+import nst.engine.stylizer
 import nst.run
 import nst.run.batches
 from nst import storage
@@ -172,7 +172,7 @@ grid: {contents: [content/chelsea.jpg, content/coffee.jpg], styles: [styles/bric
     manifest = load_manifest(uri)
     the_plan = nst.run.plan(manifest, RunOptions())
     batches = nst.run.make_batches(the_plan.to_run, the_plan.inputs, max_pairs=8, output=manifest.output, run_id="test")
-    stylizer = nst.engine.Stylizer()
+    stylizer = nst.engine.stylizer.Stylizer()
     records = [r for b in batches for r in nst.run.batches.run_batch(b, stylizer=FaultyStylizer(stylizer, fault))]
     assert len(batches) == 1 and len(records) == 4
     assert {r.status for r in records} == {"succeeded"}
@@ -233,9 +233,9 @@ def _one_batch(tmp_path: Path, manifest: str = SAME_SHAPE, **params: Any) -> nst
     return batches[0]
 
 
-def _stylizer_with(extractor: Any) -> nst.engine.Stylizer:
+def _stylizer_with(extractor: Any) -> nst.engine.stylizer.Stylizer:
     """A real Stylizer whose loss network is `extractor` (no weights file)."""
-    stylizer = nst.engine.Stylizer()
+    stylizer = nst.engine.stylizer.Stylizer()
     stylizer.network = lambda params, device, input_roots=None: (extractor, None)  # type: ignore[method-assign,assignment,return-value]
     return stylizer
 
@@ -295,7 +295,7 @@ def test_a_write_error_fails_only_its_pair_and_never_reruns_the_optimisation(
     batch = _one_batch(tmp_path)
     first, second = (p.id for p in batch.pairs)
     (tmp_path / "out" / f"{second}.png").mkdir(parents=True)  # a real, permanent write error on one pair
-    records = nst.run.batches.run_batch(batch, stylizer=nst.engine.Stylizer())
+    records = nst.run.batches.run_batch(batch, stylizer=nst.engine.stylizer.Stylizer())
     assert {r.id: r.status for r in records} == {first: "succeeded", second: "failed"}
     assert len(engine_calls) == 1
     assert _strict_json(str(tmp_path / "out" / f"{first}.json"))["status"] == "succeeded"
@@ -306,7 +306,7 @@ def test_a_write_error_fails_only_its_pair_and_never_reruns_the_optimisation(
 def test_a_failure_after_the_write_never_downgrades_a_written_pair(tmp_path: Path) -> None:
     """What a timeout or crash of the batch task does: record_failure keeps a success this run already wrote."""
     batch = _one_batch(tmp_path)
-    written = nst.run.batches.run_batch(batch, stylizer=nst.engine.Stylizer())
+    written = nst.run.batches.run_batch(batch, stylizer=nst.engine.stylizer.Stylizer())
     assert {r.status for r in written} == {"succeeded"}
     late = [batch.fail(p, error_info("Timeout", "late")) for p in batch.pairs]
     assert {r.status for r in late} == {"succeeded"}
@@ -376,7 +376,7 @@ def _assert_json_describes_png(root: str, pair_id: str) -> dict[str, Any]:
     out = storage.join(root, "out/")
     rec = json.loads(storage.read_bytes(storage.join(out, f"{pair_id}.json")))
     png = storage.read_bytes(storage.join(out, f"{pair_id}.png"))
-    assert rec["output"]["image_sha256"] == nst.images.sha256_bytes(png)
+    assert rec["output"]["image_sha256"] == nst.engine.images.sha256_bytes(png)
     return cast(dict[str, Any], rec)
 
 
@@ -412,7 +412,7 @@ def test_a_pairs_claim_is_released_as_soon_as_it_is_written(tmp_path: Path, monk
         return real_write(target, data, **kwargs)
 
     monkeypatch.setattr(storage, "write_bytes", write)
-    records = nst.run.batches.run_batch(batch, stylizer=nst.engine.Stylizer())
+    records = nst.run.batches.run_batch(batch, stylizer=nst.engine.stylizer.Stylizer())
     assert [r.status for r in records[:2]] == ["succeeded", "succeeded"]
     assert claims_seen == [False]
     assert list((tmp_path / "out").glob("*.claim")) == []

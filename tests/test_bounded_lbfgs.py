@@ -5,10 +5,10 @@ from typing import Any
 import pytest
 import torch
 
-from nst.optimize import FastPath, PairProblem, stylize_batch
+from nst.engine.optimize import FastPath, PairProblem, stylize_batch
+from nst.engine.steppers import ProjectedLBFGS
+from nst.engine.vgg import VGGFeatures, load_vgg
 from nst.params import PRESETS, resolve_params
-from nst.steppers import ProjectedLBFGS
-from nst.vgg import VGGFeatures, load_vgg
 from tests.tiny_extractor import TinyExtractor
 
 TINY_LAYERS: dict[str, Any] = {

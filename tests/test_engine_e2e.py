@@ -5,9 +5,9 @@ import time
 import torch
 from PIL import Image
 
-from nst.color import image_to_tensor
-from nst.engine import stylize
-from nst.images import resize_long_side
+from nst.engine.color import image_to_tensor
+from nst.engine.images import resize_long_side
+from nst.engine.stylizer import stylize
 from nst.params import resolve_params
 from nst_testing.paths import SAMPLES
 

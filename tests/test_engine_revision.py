@@ -23,8 +23,8 @@ PARAMS: dict[str, Any] = {"size": 32, "iterations": 5, "precision": "fp32", "dev
 
 def final_losses() -> dict[str, float]:
     """The final losses of the fixed run, with this checkout's engine and defaults."""
-    from nst.engine import stylize
-    from nst.images import load_image
+    from nst.engine.images import load_image
+    from nst.engine.stylizer import stylize
     from nst.params import resolve_params
 
     content = load_image(SAMPLES / "content" / "chelsea.jpg", label="content", max_pixels=10**8)

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-import nst.fastpath as fastpath
-from nst.losses import Gatys, gram_matrix, total_losses
-from nst.memory import CPU_MAX_PAIRS, auto_batch_pairs, max_square_side, step_memory
-from nst.optimize import FastPath, PairProblem, build_targets, initial_images, stylize_batch
+import nst.engine.fastpath as fastpath
+from nst.engine.losses import Gatys, gram_matrix, total_losses
+from nst.engine.memory import CPU_MAX_PAIRS, auto_batch_pairs, max_square_side, step_memory
+from nst.engine.optimize import FastPath, PairProblem, build_targets, initial_images, stylize_batch
+from nst.engine.steppers import ProjectedLBFGS
+from nst.engine.vgg import VGGFeatures, load_vgg
 from nst.params import resolve_params
-from nst.steppers import ProjectedLBFGS
-from nst.vgg import VGGFeatures, load_vgg
 from nst_testing.paths import SAMPLES
 from tests.tiny_extractor import TinyExtractor
 
@@ -35,8 +35,8 @@ def vgg() -> VGGFeatures:
 def _sample(name: str, size: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    from nst.color import image_to_tensor
-    from nst.images import load_image
+    from nst.engine.color import image_to_tensor
+    from nst.engine.images import load_image
 
     img = load_image(SAMPLES / name, label=name, max_pixels=10**8)
     return image_to_tensor(ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC))
@@ -225,7 +225,7 @@ def test_compile_failure_falls_back_to_eager(
     monkeypatch.setattr(fastpath, "compile_fn", broken_compiler)
     net = TinyExtractor()
     problems = _tiny_problems("adam")
-    with caplog.at_level(logging.WARNING, logger="nst.fastpath"):
+    with caplog.at_level(logging.WARNING, logger="nst.engine.fastpath"):
         fallback = stylize_batch(problems, net, fast=FastPath(compile="default"))
     eager = stylize_batch(problems, net, fast=FastPath())
     assert "running eagerly" in caplog.text

@@ -23,7 +23,7 @@ import nst.run
 import nst.run.batches
 from flows.stylize import GPU_SHARDS_LIMIT, SLOT_LEASE_S, stylize_manifest
 from nst import storage
-from nst.images import sha256_bytes
+from nst.engine.images import sha256_bytes
 from nst.run import Batch
 from nst.run_options import RunOptions
 from nst_testing.paths import REPO, SAMPLES

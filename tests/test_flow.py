@@ -21,7 +21,7 @@ from prefect.flow_engine import run_flow
 from prefect.states import AwaitingRetry, State
 
 import flows.stylize as flow_module
-import nst.images
+import nst.engine.images
 import nst.run
 import nst.run.batches
 from flows.stylize import stylize_manifest
@@ -262,7 +262,9 @@ def test_retry_after_outputs_were_deleted_runs_them_again(tmp_path: Path, engine
     for pair_id in ("a", "b", "c"):
         written = record(tmp_path, pair_id)
         png = (tmp_path / "out" / f"{pair_id}.png").read_bytes()
-        assert written["status"] == "succeeded" and written["output"]["image_sha256"] == nst.images.sha256_bytes(png)
+        assert written["status"] == "succeeded" and written["output"]["image_sha256"] == nst.engine.images.sha256_bytes(
+            png
+        )
 
 
 def test_pair_ids_and_force(tmp_path: Path, engine: EngineCalls) -> None:
@@ -409,11 +411,11 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
     """cpu_slots=1: optimisations never overlap, but the next batch's images are read during the current one."""
     import threading
 
-    import nst.engine
+    import nst.engine.stylizer
 
     lock = threading.Lock()
     events: list[tuple[str, str, float]] = []  # (what, pairs, time)
-    real = nst.engine.Stylizer.stylize
+    real = nst.engine.stylizer.Stylizer.stylize
 
     def stylize(self: Any, jobs: Sequence[Any], **kwargs: Any) -> Any:
         ids = ",".join(j.id for j in jobs)
@@ -433,7 +435,7 @@ def test_one_batch_per_slot_and_the_next_batch_reads_meanwhile(
             events.append(("loaded", spec.id, time.monotonic()))
         return job
 
-    monkeypatch.setattr(nst.engine.Stylizer, "stylize", stylize)
+    monkeypatch.setattr(nst.engine.stylizer.Stylizer, "stylize", stylize)
     monkeypatch.setattr(nst.run.batches, "_load_problem", loaded)
     pairs = [{"id": "wide", "content": CHELSEA, "style": BRICK}, {"id": "square", "content": ASTRONAUT, "style": IHC}]
     state = stylize_manifest(str(write_manifest(tmp_path, pairs)), options=RunOptions(cpu_slots=1), return_state=True)

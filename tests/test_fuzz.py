@@ -21,8 +21,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nst.engine.images import load_image
 from nst.errors import NSTError
-from nst.images import load_image
 from nst.manifest import load_manifest
 from nst.run.claims import claim_pair, parse_claim
 from nst.run.index import Written, index_uri, read_index

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from nst.color import image_to_tensor, luminance_transfer, match_color, rgb_to_yiq, tensor_to_image
+from nst.engine.color import image_to_tensor, luminance_transfer, match_color, rgb_to_yiq, tensor_to_image
+from nst.engine.images import _to_rgb, encode_png, load_image, resize_long_side, sha256_bytes
 from nst.errors import ImageError
-from nst.images import _to_rgb, encode_png, load_image, resize_long_side, sha256_bytes
 from nst_testing.paths import SAMPLES
 
 LABEL = "pair astronaut__hubble: content 'content/astronaut.png'"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import nst.engine
+import nst.engine.stylizer
 import nst.run
 import nst.run.runner as run_module
 from nst import storage
@@ -54,7 +54,7 @@ def test_without_prefect_an_unexpected_error_fails_its_batch_and_the_run_goes_on
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     pairs = [{"id": "wide", "content": CHELSEA, "style": BRICK}, {"id": "square", "content": ASTRONAUT, "style": BRICK}]
-    hooks = nst.run.local_hooks(FaultyStylizer(nst.engine.Stylizer(), boom_first))  # type: ignore[arg-type]
+    hooks = nst.run.local_hooks(FaultyStylizer(nst.engine.stylizer.Stylizer(), boom_first))  # type: ignore[arg-type]
     summary = nst.run.run(manifest(tmp_path, pairs), hooks=hooks)
     assert len(calls) == 2
     statuses = {r.id: r.status for r in summary.records}

@@ -2,7 +2,7 @@
 
 import torch
 
-from nst.losses import RELATIVE_SCALE, Gatys, Mean, Relative, blended_gram, gram_matrix
+from nst.engine.losses import RELATIVE_SCALE, Gatys, Mean, Relative, blended_gram, gram_matrix
 
 
 def _features(seed: int, shape: tuple[int, ...] = (2, 3, 4, 5)) -> torch.Tensor:

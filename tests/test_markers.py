@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import nst.engine
-import nst.weights
+import nst.engine.stylizer
+import nst.engine.weights
 from nst.params import StyleParams
 from tests.conftest import ALL, ENGINE_TESTS, UnitTierViolation, heavy_command
 
@@ -86,7 +86,7 @@ def test_a_unit_test_cannot_load_weights_or_start_a_server(
 ) -> None:
     assert request.node.get_closest_marker("unit") is not None
     with pytest.raises(UnitTierViolation, match="loads a weights file or builds the VGG network"):
-        nst.engine.Stylizer().network(StyleParams(), torch.device("cpu"))  # the engine's default network
+        nst.engine.stylizer.Stylizer().network(StyleParams(), torch.device("cpu"))  # the engine's default network
     with pytest.raises(UnitTierViolation, match="SeaweedFS"):
         subprocess.run(["/nonexistent/weed", "server"], check=False)
     app = "prefect.server.api.server:create_app"  # how Prefect starts its in-process (ephemeral) API

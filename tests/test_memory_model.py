@@ -1,4 +1,4 @@
-"""The memory model (nst.memory): its scaling, the optimisers' own state, and its two uses before a run: batches split
+"""The memory model: its scaling, the optimisers' own state, and its two uses before a run: batches split
 to the worker's memory, and `nst validate` refusing a pair too big for it, naming the size that fits."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nst import memory
 from nst.cli import main
+from nst.engine import memory
+from nst.engine.memory import WorkerMemory, largest_size, pairs_that_fit, parse_memory, step_memory, worker_memory
+from nst.engine.steppers import AdamStepper, ProjectedLBFGS
 from nst.errors import ManifestError, ParamsError
 from nst.manifest import PairSpec, load_manifest
-from nst.memory import WorkerMemory, largest_size, pairs_that_fit, parse_memory, step_memory, worker_memory
 from nst.params import StyleParams, resolve_params
 from nst.run import make_batches
 from nst.run.inputs import InputFacts
-from nst.steppers import AdamStepper, ProjectedLBFGS
 
 pytestmark = pytest.mark.unit
 GIB = 1 << 30
@@ -89,7 +89,7 @@ def test_adam_state_is_what_the_model_counts() -> None:
 
 
 def test_cudnn_cap_matches_the_fast_path() -> None:
-    from nst.fastpath import CUDNN_WORKSPACE_CAP_MIB
+    from nst.engine.fastpath import CUDNN_WORKSPACE_CAP_MIB
 
     assert memory.CUDNN_WORKSPACE_CAP_MIB == CUDNN_WORKSPACE_CAP_MIB
 
@@ -97,7 +97,8 @@ def test_cudnn_cap_matches_the_fast_path() -> None:
 def test_the_model_needs_no_torch() -> None:
     # Planning (batches, validate) uses the model without loading the engine.
     code = (
-        "import sys; from nst.memory import step_memory, too_big, WorkerMemory; from nst.params import StyleParams; "
+        "import sys; from nst.engine.memory import step_memory, too_big, WorkerMemory; "
+        "from nst.params import StyleParams; "
         "step_memory(512, 512, StyleParams(), 'cpu'); too_big('p', StyleParams(), WorkerMemory(1 << 30, 'cpu', 'x')); "
         "print('torch' in sys.modules)"
     )

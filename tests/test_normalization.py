@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from nst.engine.losses import NORMALIZATIONS, RELATIVE_SCALE, LossNormalization, gram_matrix, loss_normalization
+from nst.engine.optimize import PairProblem, stylize_batch
 from nst.errors import ParamsError
-from nst.losses import NORMALIZATIONS, RELATIVE_SCALE, LossNormalization, gram_matrix, loss_normalization
-from nst.optimize import PairProblem, stylize_batch
 from nst.params import Normalization, resolve_params
 from tests.tiny_extractor import TinyExtractor
 

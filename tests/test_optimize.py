@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 import torch
 
-from nst.optimize import PairProblem, ProgressEvent, scale_sizes, stylize_batch
+from nst.engine.optimize import PairProblem, ProgressEvent, scale_sizes, stylize_batch
+from nst.engine.steppers import LBFGSHistory, first_step_size
 from nst.params import resolve_params
-from nst.steppers import LBFGSHistory, first_step_size
 from tests.tiny_extractor import TinyExtractor
 
 LAYERS: dict[str, Any] = {

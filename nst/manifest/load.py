@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from nst import storage
+from nst.engine.memory import WorkerMemory, too_big, worker_memory
 from nst.errors import ManifestError, StorageError
 from nst.manifest.expand import Expansion, expand, plain_uri, pydantic_problems, yaml_type
 from nst.manifest.ids import file_stem
@@ -25,7 +26,6 @@ from nst.manifest.inputs import (
 from nst.manifest.inputs import check_inputs as check_input_refs
 from nst.manifest.model import Manifest, ManifestFile, PairSpec, ParamOverrides
 from nst.manifest.source import InvalidManifestError, Problems, parse_yaml
-from nst.memory import WorkerMemory, too_big, worker_memory
 from nst.params import StyleParams, format_validation_error
 from nst.storage.base import MAGIC_RE, split_pattern
 

@@ -2,7 +2,7 @@
 
 Per-pair failures (bad image, NaN, an output that cannot be written) become failed records, never exceptions: a write
 is retried on its own (transient errors only), never the optimisation. Batches are sized to the worker's memory by the
-memory model (nst.memory) before they run; one that still runs out of memory is halved.
+memory model (nst.engine.memory) before they run; one that still runs out of memory is halved.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from nst import storage
+from nst.engine.images import load_image, resized_size
+from nst.engine.memory import WorkerMemory, pairs_that_fit, worker_memory
+from nst.engine.pairs import PairProblem, PairResult
 from nst.errors import NSTError, OutOfMemory, StorageError
-from nst.images import load_image, resized_size
 from nst.manifest import PairSpec
-from nst.memory import WorkerMemory, pairs_that_fit, worker_memory
-from nst.pairs import PairProblem, PairResult
 from nst.results import exception_info
 from nst.run.claims import CLAIM_TTL_S, RunIsLive, claim_pair, release_pair
 from nst.run.inputs import InputFacts, spooled
@@ -29,8 +29,8 @@ from nst.run.planner import done_now
 from nst.run.records import PairRecord, record_failure, write_pair_result
 
 if TYPE_CHECKING:  # the engine (torch) is imported when a batch runs, not when a run is planned
-    from nst.engine import Stylizer
-    from nst.optimize import ProgressCallback
+    from nst.engine.optimize import ProgressCallback
+    from nst.engine.stylizer import Stylizer
 
 HoldDevice = Callable[[], AbstractContextManager[str]]
 Problem = PairProblem[Image.Image]
@@ -81,7 +81,7 @@ def make_batches(
     memory: WorkerMemory | None = None,
 ) -> list[Batch]:
     """Group pairs with the same output shape and graph parameters into batches of at most `max_pairs`, and of at
-    most what fits the worker's memory by the memory model (`memory`; default: `nst.memory.worker_memory()`)."""
+    most what fits the worker's memory by the memory model (`memory`; default: `nst.engine.memory.worker_memory()`)."""
     memory = memory or worker_memory()
     groups: dict[Any, list[PairSpec]] = {}
     for spec in pairs:
@@ -218,7 +218,7 @@ def _stylize_and_write(
     except NSTError as exc:  # a problem of the whole batch's parameters (unknown layer, missing weights...)
         return [batch.fail(spec, exception_info(exc)) for spec, _ in jobs]
     if oom is not None:  # out of the except block: the failed batch's tensors are unreachable now
-        from nst.engine import free_memory
+        from nst.engine.stylizer import free_memory
 
         free_memory()
         if len(jobs) == 1:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nst import storage
+from nst.engine.images import sha256_bytes, upright_size
 from nst.errors import NSTError, StorageError
-from nst.images import sha256_bytes, upright_size
 from nst.manifest.inputs import is_allowed
 from nst.run.layout import READ_THREADS
 

@@ -16,8 +16,9 @@ from typing import Literal
 
 import nst
 from nst import safejson, storage
+from nst.engine.images import sha256_bytes
+from nst.engine.weights import weights_digest
 from nst.errors import ManifestError, NSTError
-from nst.images import sha256_bytes
 from nst.manifest import Manifest, PairSpec
 from nst.manifest.inputs import InputSettings, input_roots
 from nst.params import StyleParams, canonical_params
@@ -28,7 +29,6 @@ from nst.run.layout import READ_THREADS, claim_uri, output_uris, summary_uri
 from nst.run.layout import read as read_runs_file
 from nst.run.records import PairRecord, read_record
 from nst.run_options import RunOptions
-from nst.weights import weights_digest
 
 # Records written before image identities were recorded: their PNG is read (at most this many bytes) and hashed once.
 MAX_LEGACY_PNG_BYTES = 512 * 2**20

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, Va
 
 import nst
 from nst import storage
+from nst.engine.images import encode_png, sha256_bytes
 from nst.errors import NSTError
-from nst.images import encode_png, sha256_bytes
 from nst.manifest import PairSpec
 from nst.params import StyleParams
 from nst.results import Status, error_info, now_iso, runner, versions
@@ -26,7 +26,7 @@ from nst.schedule import schedule
 if TYPE_CHECKING:
     from PIL import Image
 
-    from nst.pairs import PairResult
+    from nst.engine.pairs import PairResult
 
 RECORD_SCHEMA = 2
 # Loss rows a record keeps (evenly thinned past this): the curve, not every iteration of a 100,000-iteration run.

@@ -33,8 +33,8 @@ from nst.run.records import PairRecord, probe_output, write_run_summary
 from nst.run_options import RunOptions
 
 if TYPE_CHECKING:
-    from nst.engine import Stylizer
-    from nst.optimize import ProgressCallback
+    from nst.engine.optimize import ProgressCallback
+    from nst.engine.stylizer import Stylizer
 
 # Ids named in one message (a state, a log line): the first ones, then a count; the full list is in the summary.
 IDS_IN_A_MESSAGE = 20
@@ -89,7 +89,7 @@ def local_hooks(stylizer: Stylizer | None = None, on_progress: ProgressCallback 
     def run_one(batch: Batch) -> list[PairRecord]:
         try:
             if not engines:
-                from nst.engine import Stylizer
+                from nst.engine.stylizer import Stylizer
 
                 engines.append(Stylizer(read_bytes=storage.read_bytes))
             return batches.run_batch(batch, stylizer=engines[0], on_progress=on_progress)

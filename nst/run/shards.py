@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from nst.images import resized_size
+from nst.engine.images import resized_size
 from nst.manifest import Manifest, PairSpec
 from nst.results import error_info
 from nst.run.batches import Batch, make_batches

@@ -33,7 +33,7 @@ from nst.storage import beneath
 if TYPE_CHECKING:  # torch is imported only to load weights, not to find or hash them (planning needs no torch)
     from torch import Tensor
 
-    from nst.weight_formats import ParsedWeights, Preprocessing
+    from nst.engine.weight_formats import ParsedWeights, Preprocessing
 
 # Reads the whole content of a URI (e.g. `nst.storage.read_bytes`).
 ReadBytes = Callable[[str], bytes]
@@ -333,7 +333,7 @@ def load_weights(
         if data is None:  # the digest was cached but these weights are not: read them (and hash what was read)
             sha, data = _digest(cand, read_bytes, roots, keep_data=True, cached=False)
             key = (cand.source, sha, network)
-        from nst.weight_formats import parse_weights
+        from nst.engine.weight_formats import parse_weights
 
         parsed = parse_weights(data or b"", network, cand.source, sha, cand.path)  # data: never None after a read
         with _lock:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from nst.losses import LossNormalization, LossTargets, total_losses
+from nst.engine.losses import LossNormalization, LossTargets, total_losses
 from nst.params import StyleParams
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ COMPILE_RECOMPILE_LIMIT = 64  # shapes (scales, batch sizes, image sizes) one wo
 
 
 class FeatureExtractor(Protocol):
-    """What the loop needs of a loss network (nst.vgg.VGGFeatures satisfies it)."""
+    """What the loop needs of a loss network (nst.engine.vgg.VGGFeatures satisfies it)."""
 
     def __call__(self, x: Tensor) -> dict[str, Tensor]: ...
     def to_model(self, x01: Tensor) -> Tensor: ...

@@ -1,6 +1,6 @@
 """Image I/O with Pillow: decoding (EXIF, colour modes, 16-bit, pixel limit), sizes, PNG encoding, hashes.
 
-Needs no torch: planning a run reads headers and hashes only. Tensors and colour live in `nst.color`.
+Needs no torch: planning a run reads headers and hashes only. Tensors and colour live in `nst.engine.color`.
 """
 
 from __future__ import annotations

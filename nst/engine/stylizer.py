@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from nst import optimize
-from nst.color import image_to_tensor, luminance_transfer, match_color, tensor_to_image
+from nst.engine import optimize
+from nst.engine.color import image_to_tensor, luminance_transfer, match_color, tensor_to_image
+from nst.engine.images import resize_long_side
+from nst.engine.optimize import ProgressCallback
+from nst.engine.pairs import PairProblem, PairResult
+from nst.engine.vgg import VGGFeatures, load_vgg, resolve_device
+from nst.engine.weights import ReadBytes, WeightsInfo
 from nst.errors import NSTError, OutOfMemory
-from nst.images import resize_long_side
-from nst.optimize import ProgressCallback
-from nst.pairs import PairProblem, PairResult
 from nst.params import StyleParams, canonical_params
-from nst.vgg import VGGFeatures, load_vgg, resolve_device
-from nst.weights import ReadBytes, WeightsInfo
 
 
 def device_name(device: torch.device) -> str:

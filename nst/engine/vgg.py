@@ -1,6 +1,6 @@
 """The VGG16/VGG19 feature extractor: a frozen trunk up to the deepest requested layer, in the weights' input space.
 
-The weights (and the input space they expect: Caffe or torchvision pre-processing) come from `nst.weights`.
+The weights (and the input space they expect: Caffe or torchvision pre-processing) come from `nst.engine.weights`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from nst.engine.weight_formats import Preprocessing
+from nst.engine.weights import ReadBytes, WeightsInfo, load_weights
 from nst.errors import ParamsError, WeightsError
 from nst.layers import LAYER_NAMES, Network, canonical_layer
-from nst.weight_formats import Preprocessing
-from nst.weights import ReadBytes, WeightsInfo, load_weights
 
 # Caffe (original Oxford VGG) input: BGR, 0-255, minus this per-channel mean (BGR order).
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)

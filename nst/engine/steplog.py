@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from nst.pairs import PairProblem, PairResult
+from nst.engine.pairs import PairProblem, PairResult
 from nst.results import error_info
 
 LOSS_TERMS = ("content", "style", "tv", "total")

@@ -1,8 +1,8 @@
 """The batched optimisation loop: per-pair L-BFGS or Adam, multi-scale, best iterate, NaN isolation, progress events.
 
 The loop knows nothing about images on disk: it takes [0,1] RGB tensors and a feature extractor and returns tensors.
-The optimiser is a `Stepper` (nst.steppers), what is logged and reported a `StepLog` (nst.steplog), and how the step
-runs on a device a `FastPath` (nst.fastpath).
+The optimiser is a `Stepper` (nst.engine.steppers), what is logged and reported a `StepLog`
+(nst.engine.steplog), and how the step runs on a device a `FastPath` (nst.engine.fastpath).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nst.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, autocast, backend_flags
-from nst.losses import LossTargets, blended_gram, gram_matrix, loss_normalization, total_losses
-from nst.pairs import PairProblem, PairResult
+from nst.engine.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, autocast, backend_flags
+from nst.engine.losses import LossTargets, blended_gram, gram_matrix, loss_normalization, total_losses
+from nst.engine.pairs import PairProblem, PairResult
+from nst.engine.steplog import LOSS_TERMS, ProgressCallback, ProgressEvent, StepLog, read_losses, stack_losses
+from nst.engine.steppers import AdamStepper, ProjectedLBFGS, Stepper
 from nst.schedule import MIN_SCALE_SIDE, Scale, scale_iterations, scale_sizes, schedule
-from nst.steplog import LOSS_TERMS, ProgressCallback, ProgressEvent, StepLog, read_losses, stack_losses
-from nst.steppers import AdamStepper, ProjectedLBFGS, Stepper
 
 __all__ = [
     "CUDNN_WORKSPACE_CAP_MIB",

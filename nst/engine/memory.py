@@ -2,7 +2,7 @@
 
 Bytes per pair are counted from the loss network's layer shapes: what autograd saves for the backward pass (each
 ReLU output, max-pool indices, the fp32 copies the Gram and content losses keep), the largest backward transient,
-and the optimiser's state (as each `nst.steppers` optimiser holds it: `Stepper.state_bytes`, kept equal by
+and the optimiser's state (as each `nst.engine.steppers` optimiser holds it: `Stepper.state_bytes`, kept equal by
 tests/test_memory_model.py). It describes the eager step; torch.compile saves less, so it errs on the safe side.
 Torch-free, so that planning (batches, `nst validate`) uses it without loading the engine; checked against measured
 peak RSS by `bench/memory_model.py` (docs/performance.md).
@@ -31,7 +31,7 @@ DeviceType = Literal["cpu", "cuda"]
 _BLOCK_CHANNELS = (64, 128, 256, 512, 512)  # VGG16/19 output channels per block
 CUDA_MEMORY_FRACTION = 0.85  # of free device memory; the rest absorbs allocator fragmentation
 CUDA_RESERVED_BYTES = 1 << 30  # cuDNN/cuBLAS handles, weights' bf16 copies, compiled graphs' pools
-CUDNN_WORKSPACE_CAP_MIB = 2048  # nst.fastpath's cap on cuDNN's autotuning workspace (a test keeps the two equal)
+CUDNN_WORKSPACE_CAP_MIB = 2048  # nst.engine.fastpath's cap on cuDNN's autotuning workspace (a test keeps the two equal)
 # A CPU worker process before any pixel: Python, torch and its libraries, the engine, the decoded images and the
 # allocator's slack (measured with bench/memory_model.py: 740 MiB after the imports; +100 MiB centres 256-2048 px).
 CPU_PROCESS_BYTES = 840 << 20

@@ -1,7 +1,7 @@
 """The engine's two pair types: what goes in (`PairProblem`) and what comes out (`PairResult`).
 
-Each is generic over the image type: PIL images at the engine's door (nst.engine), [1,3,H,W] tensors in [0,1] inside
-the optimisation loop (nst.optimize). No torch or PIL import here: planning code imports this module cheaply.
+Each is generic over the image type: PIL images at the engine's door (stylizer.py), [1,3,H,W] tensors in [0,1] inside
+the optimisation loop (nst.engine.optimize). No torch or PIL import here: planning code imports this module cheaply.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from nst.params import StyleParams
 from nst.results import Status
 
 if TYPE_CHECKING:
-    from nst.weights import WeightsInfo
+    from nst.engine.weights import WeightsInfo
 
 ImageT = TypeVar("ImageT")
 

@@ -28,7 +28,7 @@ class Stepper(Protocol):
         ...
 
     def state_bytes(self) -> int:
-        """Bytes of the tensors this optimiser keeps between steps, for the whole batch (nst.memory models it)."""
+        """Bytes of the tensors this optimiser keeps between steps, for the whole batch (memory.py models it)."""
         ...
 
 
