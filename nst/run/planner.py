@@ -1,10 +1,11 @@
 """Plan a run: which pairs are done (skipped) and which run, reading as little as possible.
 
 A pair is done when its JSON record says succeeded, with the same result parameters, the same inputs (sha256), the
-same weights (sha256) and this engine revision, and the PNG beside it is the one the record describes (size + ETag or
-mtime, as its write returned). Input hashes are reused from the record while an input's size + ETag/mtime are
-unchanged; only new or changed inputs, and the inputs of pairs that will run, are downloaded. PNGs are never read
-(except once for records written before the image's identity was recorded).
+same weights (sha256) and this engine revision, made on the schedule (scales and steps) these parameters run now, and
+the PNG beside it is the one the record describes (size + ETag or mtime, as its write returned). Input hashes are
+reused from the record while an input's size + ETag/mtime are unchanged; only new or changed inputs, and the inputs of
+pairs that will run, are downloaded. PNGs are never read (except once for records written before the image's identity
+was recorded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import nst
 from nst import safejson, storage
@@ -27,8 +28,9 @@ from nst.run.index import Index, Written, params_digest, read_index
 from nst.run.inputs import Identity, InputFacts, identity, read_inputs, stat_inputs
 from nst.run.layout import READ_THREADS, claim_uri, output_uris, summary_uri
 from nst.run.layout import read as read_runs_file
-from nst.run.records import PairRecord, read_record
+from nst.run.records import PairRecord, Steps, read_record, schedule_steps
 from nst.run_options import RunOptions
+from nst.schedule import scale_sizes, schedule
 
 # Records written before image identities were recorded: their PNG is read (at most this many bytes) and hashed once.
 MAX_LEGACY_PNG_BYTES = 512 * 2**20
@@ -37,6 +39,8 @@ ITERATION_PNG = re.compile(r"([^/]+)\.iter\d{6}\.png")
 # Shown of another manifest's name (read from its record): at most this many characters.
 MAX_OWNER_CHARS = 100
 Verdict = Literal["run", "done", "older_engine", "check_inputs", "foreign"]
+# An index entry that does not say which schedule its record lists (taken before index entries kept it).
+UNKNOWN: Any = object()
 
 
 @dataclass
@@ -233,7 +237,7 @@ def _existing(
             except NSTError:
                 digests[key] = None  # the pair runs, and fails there saying why
 
-    def one(spec: PairSpec) -> tuple[PairSpec, Identity, Written] | None:
+    def one(spec: PairSpec) -> tuple[PairSpec, Identity, Written, list[Steps] | None] | None:
         info = listing.get(output_uris(output, spec.id)[1])
         if info is None:
             return None
@@ -241,19 +245,44 @@ def _existing(
         cached = index.get(spec.id)
         # An entry whose parameters differ is read again: an older nst digested them otherwise (the weights' path).
         if cached is not None and cached[0] == ident and cached[1].params_digest == wanted[id(spec.params)]:
-            return spec, ident, cached[1]
+            steps = _indexed_schedule(cached[1])
+            if steps is not UNKNOWN or spec.params.scales == 1:  # one scale: every record's schedule is this one
+                return spec, ident, cached[1], None if steps is UNKNOWN else steps
         record = read_record(info.uri)
         written = Written.of(record) if record is not None else None
-        return (spec, ident, written) if written is not None else None
+        return (spec, ident, written, schedule_steps(record)) if record is not None and written is not None else None
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         seen = [item for item in pool.map(one, specs) if item is not None]
     judged = {}
-    for spec, _, written in seen:
+    for spec, _, written, steps in seen:
         weights = digests.get((spec.params.network, spec.params.weights))
         png = listing.get(output_uris(output, spec.id)[0])
-        judged[spec.id] = _judge(spec, written, (weights, wanted[id(spec.params)]), png, inputs)
-    return judged, {spec.id: (ident, written) for spec, ident, written in seen}
+        judged[spec.id] = _judge(spec, written, (weights, wanted[id(spec.params)]), png, inputs, steps)
+    return judged, {spec.id: (ident, written) for spec, ident, written, _ in seen}
+
+
+def _indexed_schedule(written: Written) -> Any:
+    """The schedule an index entry says its record lists (`Written.schedule`, as `schedule_steps` reads it), or
+    UNKNOWN where the entry does not keep it: its record is then read for a pair of several scales."""
+    return getattr(written, "schedule", UNKNOWN)
+
+
+def _other_schedule(params: StyleParams, recorded: list[Steps] | None) -> bool:
+    """Whether the record's image was made on another schedule than `params` (equal in digest to the record's: the
+    same scales, iterations and size) run now, judged from the record alone.
+
+    A record that lists none was made before `iterations` meant all steps: each of its scales ran every step, so it
+    differs wherever it ran two scales or more (the output's long side is `size`; its short side, unrecorded, is taken
+    as long: a pair whose coarser scales were dropped as too small is judged other, never wrongly done).
+    """
+    if recorded is None:
+        return len(scale_sizes(params.size, params.size, params.scales)) > 1
+    if not recorded:
+        return True
+    height, width, _ = recorded[-1]  # the finest scale is the output's size
+    now = schedule(height, width, params.scales, params.iterations)
+    return recorded != [(s.height, s.width, s.iterations) for s in now]
 
 
 def _judge(
@@ -262,9 +291,11 @@ def _judge(
     wanted: tuple[str | None, str],
     png: storage.ObjectInfo | None,
     inputs: dict[str, InputFacts],
+    steps: list[Steps] | None,
 ) -> _Found:
-    """A record judged on status, parameters, weights (`wanted`: their digests now), revision and the PNG beside it;
-    inputs whose identity is the recorded one are the recorded ones, the others are hashed and compared after.
+    """A record judged on status, parameters, weights (`wanted`: their digests now), revision, schedule (`steps`: the
+    one it lists, `schedule_steps`) and the PNG beside it; inputs whose identity is the recorded one are the recorded
+    ones, the others are hashed and compared after. Another revision or schedule is `older_engine`.
 
     Another manifest's succeeded result made from other work (inputs, parameters, weights) is `foreign`: never
     replaced silently. The same work is that manifest's result and ours alike.
@@ -289,7 +320,8 @@ def _judge(
         return _Found("check_inputs", unverified, owner=owner) if owner else _Found("run", {})
     json_uri = png.uri[: -len(".png")] + ".json"
     skipped = PairRecord.skipped(spec, json_uri, written.image, written.image_identity)
-    return _Found("check_inputs", unverified, skipped, written.engine_revision != nst.ENGINE_REVISION, owner)
+    older = written.engine_revision != nst.ENGINE_REVISION or _other_schedule(spec.params, steps)
+    return _Found("check_inputs", unverified, skipped, older, owner)
 
 
 def _png_intact(written: Written, png: storage.ObjectInfo) -> bool:
@@ -332,7 +364,7 @@ def done_now(
     except NSTError:
         png = None
     params = params_digest(spec.params.model_dump(mode="json"))
-    found = _judge(spec, written, (weights, params), png, inputs)
+    found = _judge(spec, written, (weights, params), png, inputs, schedule_steps(record) if record else None)
     verdict = _with_inputs(found, inputs)
     if verdict == "foreign" and not replace_others:
         return _refused(spec, output, found.owner or "?")

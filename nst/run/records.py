@@ -282,6 +282,23 @@ def _schedule(params: StyleParams, result: PairResult[Image.Image] | None) -> li
     return [scale.to_dict() for scale in scales]
 
 
+Steps = tuple[int, int, int]  # one scale of a schedule as the planner compares it: (height, width, iterations)
+
+
+def schedule_steps(record: Record) -> list[Steps] | None:
+    """The record's schedule as (height, width, iterations) per scale, coarse to fine: None when it lists none
+    (made before records did, or no image), [] when what it lists is not a schedule (never one a pair runs)."""
+    if record.schedule is None:
+        return None
+    steps = []
+    for scale in record.schedule:
+        height, width, iterations = (scale.get(k) for k in ("height", "width", "iterations"))
+        if type(height) is not int or type(width) is not int or type(iterations) is not int:
+            return []
+        steps.append((height, width, iterations))
+    return steps
+
+
 def _bounded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """At most MAX_HISTORY_ROWS rows, evenly spaced, the last one kept: records do not grow with iterations."""
     if len(rows) <= MAX_HISTORY_ROWS:
