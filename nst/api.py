@@ -110,20 +110,20 @@ def stylize(
     """Stylize `content` with one or more `styles` (PIL images, paths or s3:// URIs); parameters as in `StyleParams`.
 
     `params` and keyword parameters merge like CLI flags (explicit values beat a preset; keywords beat `params`).
-    `progress` gets each step's `ProgressEvent`; `output` (a .png path or URI) also writes the image and its JSON
-    record as `nst stylize` does. Networks stay loaded between calls (or in `stylizer`). Bad input: an NSTError
-    naming the field; a failed optimisation: `StylizeFailed`.
+    `progress` gets each step's `ProgressEvent`; `output` (a .png path or URI) also writes the image at exactly that
+    name and its JSON record beside it. `nst stylize` is this function. Networks stay loaded between calls (or in
+    `stylizer`). Bad input: an NSTError naming the field; a failed optimisation: `StylizeFailed`.
     """
-    resolved = _resolve(params, dict(overrides))
+    from nst.engine.pairs import PairProblem
+    from nst.engine.vgg import resolve_device
+
+    resolved = canonical_params(_resolve(params, dict(overrides)))  # layer names checked before any reading
     style_list = _style_list(styles)
     output_uri = _check_output(output)
+    resolve_device(resolved.device)  # a device this machine lacks is one line now, before any reading
     content_image, content_fact = _read_input(content, "content", resolved.max_input_pixels)
     read = [_read_input(s, f"styles[{i}]", resolved.max_input_pixels) for i, s in enumerate(style_list)]
     pair_id = Path(output_uri).stem if output_uri else "stylized"
-
-    from nst.engine.pairs import PairProblem
-
-    resolved = canonical_params(resolved)
     job = PairProblem(content_image, [image for image, _ in read], resolved, pair_id)
     (result,) = (stylizer or _shared_stylizer()).stylize([job], callback=progress)
     record = _record(result, content_fact, [fact for _, fact in read], output_uri)
@@ -186,7 +186,9 @@ def _read_input(source: object, field_name: str, max_pixels: int) -> tuple[Image
 
 
 def _check_output(output: str | os.PathLike[str] | None) -> str | None:
-    """The output URI, refused now (OutputError) if it is not a .png or its local directory cannot be written."""
+    """The output URI, refused now (OutputError) if it is not a .png or its local directory cannot be written.
+
+    The one output check of a single pair: `stylize(output=...)` and `nst stylize -o` (which calls `stylize`)."""
     if output is None:
         return None
     from nst import storage
@@ -214,7 +216,8 @@ def _record(
     spec = PairSpec(id=result.id, content=content.uri, styles=[s.uri for s in styles], params=result.params)
     inputs = {fact.uri: fact for fact in (content, *styles)}
     if output is not None:
-        stored = write_pair_result(spec, inputs, result, os.path.dirname(output) or ".", None)
+        # The image at exactly the name asked for (`out.PNG` too), the JSON beside it: the writer of manifest runs.
+        stored = write_pair_result(spec, inputs, result, os.path.dirname(output) or ".", None, image_uri=output)
         written = read_record(stored.json_uri)
         if written is None:
             raise OutputError(f"output {output!r}: its JSON record {stored.json_uri!r} could not be read back")

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from nst.errors import NSTError, OutputError, ParamsError
+from nst.errors import NSTError, ParamsError
 from nst.params import PRESETS, StyleParams, format_validation_error, resolve_params
 from nst.run_options import RunOptions
+
+if TYPE_CHECKING:
+    from nst.engine.steplog import ProgressEvent
 
 
 def _flag(name: str) -> str:
@@ -97,68 +99,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output_writable(output: str) -> None:
-    from nst import storage
+class _ProgressBar:
+    """The tqdm bar of `nst stylize` on stderr, opened at the first step: an early error stays the only line."""
 
-    if storage.is_s3(output):
-        return
-    directory = Path(output).expanduser().resolve().parent
-    if not directory.is_dir():
-        raise OutputError(f"output {output!r}: directory {str(directory)!r} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise OutputError(f"output {output!r}: directory {str(directory)!r} is not writable")
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total_iterations, unit="it", desc=self.desc, file=sys.stderr)
+        self.bar.total = event.total_iterations
+        self.bar.n = event.iteration
+        if event.losses:
+            losses = event.losses[0]
+            self.bar.set_postfix(content=f"{losses['content']:.3g}", style=f"{losses['style']:.3g}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
-    """Stylize one pair and write OUT.png and OUT.json (the same record as a manifest run)."""
-    from tqdm import tqdm
+    """Stylize one pair through the public API (`nst.api.stylize`): OUT.png and OUT.json, as a manifest run writes."""
+    from nst import api  # looked up at call time: one code path for a single pair, whichever face calls it
 
-    from nst import storage
-    from nst.engine.images import load_image, sha256_bytes
-    from nst.engine.pairs import PairProblem
-    from nst.engine.stylizer import Stylizer
-    from nst.engine.vgg import resolve_device
-    from nst.manifest import PairSpec
-    from nst.params import canonical_params
-    from nst.run.inputs import InputFacts, identity
-    from nst.run.records import write_pair_result
-
-    params = canonical_params(resolve_params(model_values(args, StyleParams), context="parameters"))
-    output = args.output
-    if not output.lower().endswith(".png"):
-        raise OutputError(f"output {output!r}: must end in .png")
-    _check_output_writable(output)
-    resolve_device(params.device)  # a device this machine lacks is one line now, before any reading
-    read = {u: storage.read_with_info(u) for u in [args.content, *args.styles]}
-    data = {u: d for u, (d, _) in read.items()}
-    content = load_image(data[args.content], label=f"content {args.content!r}", max_pixels=params.max_input_pixels)
-    styles = [load_image(data[s], label=f"style {s!r}", max_pixels=params.max_input_pixels) for s in args.styles]
-    pair_id = Path(output).stem
-    bar = tqdm(total=params.iterations, unit="it", desc=pair_id, file=sys.stderr)
-
-    def progress(event: Any) -> None:
-        bar.total = event.total_iterations
-        bar.n = event.iteration
-        if event.losses:
-            losses = event.losses[0]
-            bar.set_postfix(content=f"{losses['content']:.3g}", style=f"{losses['style']:.3g}", refresh=False)
-        bar.refresh()
-
+    bar = _ProgressBar(Path(args.output).stem)
     try:
-        (result,) = Stylizer(read_bytes=storage.read_bytes).stylize(
-            [PairProblem(content, styles, params, pair_id)], callback=progress
+        result = api.stylize(
+            content=args.content,
+            styles=list(args.styles),
+            output=args.output,
+            progress=bar,
+            **model_values(args, StyleParams),
         )
+    except api.StylizeFailed as exc:  # the failed record is written beside OUT.png; the engine's message, one line
+        error = exc.record.get("error") or {}
+        print(f"nst: error: {error.get('message', 'failed')}", file=sys.stderr)
+        return 1
     finally:
         bar.close()
-    spec = PairSpec(id=pair_id, content=args.content, styles=list(args.styles), params=params)
-    inputs = {u: InputFacts(u, identity(info), sha256_bytes(d)) for u, (d, info) in read.items()}
-    # Same writer as manifest runs: the image at exactly the requested path (`out.PNG` too), the JSON beside it.
-    record = write_pair_result(spec, inputs, result, os.path.dirname(output) or ".", None, image_uri=output)
-    if record.status != "succeeded":
-        print(f"nst: error: {record.error['message'] if record.error else 'failed'}", file=sys.stderr)
-        return 1
-    losses = record.final_losses or {}
-    print(f"wrote {record.image_uri} and {record.json_uri} (style loss {losses.get('style', 0):.4g})")
+    written = result.record["output"]
+    print(f"wrote {written['image']} and {written['json']} (style loss {result.losses.get('style', 0):.4g})")
     return 0
 
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import nst
+import nst.api
 from nst.api import StyleOptions, Stylized, StylizeFailed
 from nst.cli import main
 from nst.engine.pairs import PairProblem, PairResult
@@ -92,9 +93,11 @@ def test_params_and_keywords_merge_like_cli_flags() -> None:
 
 @pytest.mark.vgg
 def test_output_writes_the_record_nst_stylize_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = nst.stylize(content=CONTENT, styles=STYLE, output=tmp_path / "api.png", **TINY)
-    assert Image.open(tmp_path / "api.png").tobytes() == result.image.tobytes()
+    result = nst.stylize(content=CONTENT, styles=STYLE, output=tmp_path / "api.PNG", **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api.PNG", "api.json"]  # exactly the name asked for
+    assert Image.open(tmp_path / "api.PNG").tobytes() == result.image.tobytes()
     assert json.loads((tmp_path / "api.json").read_text()) == result.record
+    assert result.record["output"]["image"] == str(tmp_path / "api.PNG")
     assert (
         main(
             ["stylize", str(CONTENT), str(STYLE), "-o", str(tmp_path / "cli.png"), "--size", "32", "--iterations", "2"]
@@ -110,7 +113,11 @@ class NaNStylizer(Stylizer):
     """Every pair fails as a loss gone NaN at its first step would (no network loaded)."""
 
     def stylize(
-        self, jobs: Sequence[PairProblem[Image.Image]], *, callback: ProgressCallback | None = None
+        self,
+        jobs: Sequence[PairProblem[Image.Image]],
+        *,
+        callback: ProgressCallback | None = None,
+        input_roots: Sequence[str] | None = None,
     ) -> list[PairResult[Image.Image]]:
         error = error_info("NonFiniteLoss", "loss became NaN/inf at iteration 1", 1)
         return [PairResult(j.id, "failed", j.params, None, None, [], 1, error=error) for j in jobs]
@@ -145,6 +152,44 @@ def test_bad_input_is_an_nst_error_naming_the_field(bad: dict[str, Any], error: 
     with pytest.raises(error) as caught:
         nst.stylize(**kwargs)
     assert str(caught.value).startswith(field) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["out.jpg", "s3://bucket/out.JPEG", "{tmp}/no-such-dir/o.png", "{tmp}/a-file/o.png"],
+    ids=["not-png", "s3-not-png", "missing-dir", "parent-is-a-file"],
+)
+def test_one_output_check_for_both_faces(
+    bad: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stylize(output=...)` and `nst stylize -o` refuse the same outputs with the same one line, before any reading."""
+    bad = bad.format(tmp=tmp_path)
+    (tmp_path / "a-file").write_text("not a directory")
+    checked: list[object] = []
+    real_check = nst.api._check_output
+
+    def check(output: str | os.PathLike[str] | None) -> str | None:
+        checked.append(output)
+        return real_check(output)
+
+    monkeypatch.setattr(nst.api, "_check_output", check)
+    with pytest.raises(OutputError) as caught:
+        nst.stylize(content="no-such-photo.jpg", styles=STYLE, output=bad, **TINY)
+    message = str(caught.value)
+    assert message.startswith(f"output {bad!r}:") and "\n" not in message
+    argv = ["stylize", "no-such-photo.jpg", str(STYLE), "-o", bad, "--size", "32", "--iterations", "2"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"nst: error: {message}\n"
+    assert checked == [bad, bad]  # the CLI went through the API's one check
+    assert not Path(bad).exists()
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_any_reading() -> None:
+    if pytest.importorskip("torch").cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ParamsError) as caught:
+        nst.stylize(content="no-such-photo.jpg", styles=STYLE, device="cuda", **TINY)
+    assert str(caught.value).startswith("device:") and "CUDA" in str(caught.value)
 
 
 def test_style_options_are_style_params_fields() -> None:

