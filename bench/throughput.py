@@ -5,15 +5,23 @@ manifests/images/, square-cropped and resized to --size) and prints JSON lines (
 
 - `env`: device, versions, flags, FLOPs per image-iteration and the measured matmul ceilings;
 - `throughput`: per configuration and optimizer: image-iterations/s, ratio to the reference, % of the FLOP ceiling,
-  peak memory (and the memory model's estimate), final total loss per pair (of the output image, i.e. clamped to
-  [0, 1]) and its relative difference to the reference's after the same number of iterations; the same for the last
-  iterate's loss before clamping (`last_iterate_*`; L-BFGS iterates leave [0, 1], so clamping moves its loss);
+  peak memory (and the memory model's estimate); parity on the two axes of docs/quality.md: each pair's output (as
+  8-bit) scored by bench/quality.py's judge (`GatysJudge`: content_err, style_err), each axis's ratio to the
+  reference's and a verdict (`parity`: every pair's both axes within --parity-tolerance); for information the final
+  total loss per pair and the last iterate's, and their relative differences to the reference's (a chaotic L-BFGS
+  run's loss is no parity measure);
 - `sweep` (with --plot): throughput vs batch size per configuration, drawn to the --plot PNG;
 - `ttq` (--ttq): seconds until each pair's loss reaches what the gatys L-BFGS fp32 reference reaches after
   --ttq-iterations, for the default fast path with 1..3 scales;
 - `history` (--history-sweep): L-BFGS history length vs throughput and final loss;
 - `cold_start` (--cold-start): process start -> first step done, compile included, with an empty inductor cache, a
   warm one, and a fresh one primed from saved cache artifacts (torch.compiler.save/load_cache_artifacts).
+
+The configurations always include what users get: the fast path nst picks for its default parameters on this device
+(`product_default_fast`, through `FastPath.for_params`), named `default` unless another configuration equals it (on
+CUDA `bf16-compile`, on a CPU without native bf16 `fp32-batched`); `env.default_config` names it and its rows say
+`product_default: true`. `bf16-nst` is what nst runs with precision bf16 (on a CPU with native bf16, the default), so
+that a CPU without native bf16 still measures the parity of that default.
 
 FLOPs per image-iteration = VGGFeatures.flops_per_image(H, W) x FLOP_FACTOR (2: the forward pass plus the backward
 pass to the input; the weights are frozen, so no weight-gradient convolutions). Gram products (~5 % more) are not
@@ -23,6 +31,8 @@ GPU, one command (about 8 minutes on an H100; docs/performance.md):
     python bench/throughput.py --size 512 --out docs/bench/h100.jsonl --plot docs/bench/h100.png
 CPU proxy (relative numbers only, a few minutes):
     python bench/throughput.py --cpu --out docs/bench/cpu.jsonl --plot docs/bench/cpu.png
+Parity of what users get, CPU, the product's parameters (docs/performance.md):
+    python -m bench.throughput --cpu --preset none --optimizers lbfgs --out docs/bench/throughput-parity-cpu.jsonl
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from PIL import Image, ImageOps
@@ -58,6 +68,9 @@ from nst.engine.vgg import VGGFeatures, load_vgg
 from nst.params import StyleParams, resolve_params
 from nst_testing.paths import REPO, SAMPLES
 
+if TYPE_CHECKING:
+    from bench.quality import GatysJudge
+
 FLOP_FACTOR = 2  # forward + backward to the input (frozen weights: no weight-gradient convolutions)
 # Nominal dense bf16 tensor-core rates (TFLOP/s) by device name, for the "% of nominal peak" column.
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
@@ -67,6 +80,13 @@ GPU_CONFIGS = ("reference", "fp32-batched", "bf16", "bf16-compile", "bf16-cudagr
 CPU_CONFIGS = ("reference", "fp32-batched", "bf16", "bf16-nhwc")
 SWEEP_CONFIGS_GPU = ("fp32-batched", "bf16", "bf16-compile", "bf16-cudagraphs")
 SWEEP_CONFIGS_CPU = ("fp32-batched", "bf16")
+PRODUCT_CONFIGS = ("default", "bf16-nst")  # added by make_configs where no hand-written configuration equals them
+AXES = ("content_err", "style_err")  # docs/quality.md's two axes, scored by bench/quality.py's GatysJudge
+# Parity holds when every pair's content_err and style_err are within this fraction of the reference's. docs/quality.md
+# section 5 measured L-BFGS's own run-to-run noise on these axes (fp32 against fp32, summation order only; 64 px, 100
+# iterations, the defaults' style weight 3) at up to 4.9 % on one pair: a smaller change cannot be told from noise.
+# At style weight 10 (and the gatys preset's far heavier style) that noise reached 9.4 %.
+PARITY_TOLERANCE = 0.05
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -83,8 +103,21 @@ class Config:
     note: str = ""
 
 
+def product_default_params() -> StyleParams:
+    """The parameters a user gets when setting none (precision auto, compile auto), resolved as nst resolves them."""
+    return resolve_params({}, context="bench")
+
+
+def product_default_fast(device: torch.device) -> FastPath:
+    """The fast path nst runs its default parameters with on this device (what `stylize_batch` picks by itself)."""
+    return FastPath.for_params(product_default_params(), device)
+
+
 def make_configs(device: torch.device) -> dict[str, Config]:
-    """Every configuration the benchmark knows, by name (flags that only exist on CUDA are off elsewhere)."""
+    """Every configuration the benchmark knows, by name (flags that only exist on CUDA are off elsewhere).
+
+    The product's default is among them: an existing configuration if one equals it, else one named `default`.
+    """
     cuda = device.type == "cuda"
     bf16 = FastPath(amp=torch.bfloat16, channels_last=cuda, cudnn_benchmark=cuda, tf32_gram=cuda, fused_adam=cuda)
     fp32_tuned = FastPath(channels_last=cuda, cudnn_benchmark=cuda, fused_adam=cuda)
@@ -98,16 +131,41 @@ def make_configs(device: torch.device) -> dict[str, Config]:
         Config("bf16-cudagraphs", "bf16", dataclasses.replace(bf16, compile="reduce-overhead"), note="+ CUDA graphs"),
         Config("bf16-max-autotune", "bf16", dataclasses.replace(bf16, compile="max-autotune"), note="slow compile"),
     ]
+    params = product_default_params()
+    product = [
+        ("default", params.precision, "what nst runs by default here"),
+        ("bf16-nst", "bf16", "what nst runs with precision bf16 (the default on CPUs with native bf16)"),
+    ]
+    for name, precision, what in product:
+        fast = FastPath.for_params(params.model_copy(update={"precision": precision}), device)
+        if not any(c.fast == fast and c.batched for c in configs):
+            configs.insert(2, Config(name, precision, fast, note=f"{what} (precision {precision}): {_flags(fast)}"))
     return {c.name: c for c in configs}
 
 
-def default_config_name(device: torch.device, configs: dict[str, Config]) -> str | None:
+def _flags(fast: FastPath) -> str:
+    """A fast path in a few words: its dtype and the flags that are on."""
+    described = fast.describe()
+    on = [k for k, v in described.items() if v is True or (k == "compile" and v != "off")]
+    return ", ".join([described["amp"], *on])
+
+
+def default_config_name(device: torch.device, configs: dict[str, Config]) -> str:
     """Which configuration equals what users get by default on this device (precision auto, compile auto)."""
-    default = FastPath.for_params(StyleParams(), device)
+    default = product_default_fast(device)
     for name, cfg in configs.items():
         if cfg.fast == default and cfg.batched:
             return name
-    return None
+    raise LookupError(f"no configuration runs nst's default fast path on {device}: {default.describe()}")
+
+
+def with_default(names: Sequence[str], default: str, *more: str) -> list[str]:
+    """`names`, with the product's default configuration (and `more`) added after the fp32 ones if not there."""
+    out = list(names)
+    for name in reversed([default, *more]):
+        if name not in out:
+            out.insert(min(2, len(out)), name)
+    return out
 
 
 def load_pairs(size: int, count: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -347,9 +405,12 @@ def throughput_section(bench: Bench) -> None:
     """
     args, configs, extractor, device, env, emit = bench.parts()
     pairs = load_pairs(args.size, args.pairs)
+    judge = make_judge(device)
+    targets = [judge.targets(c, s) for _, c, s in pairs]
     for optimizer in args.optimizers:
         ref_losses: list[float] | None = None
         ref_last: list[float] | None = None
+        ref_axes: dict[str, list[float]] | None = None
         records: dict[str, dict[str, Any]] = {}
         rates: dict[str, list[float]] = {}
         batches: dict[str, int] = {}
@@ -368,6 +429,7 @@ def throughput_section(bench: Bench) -> None:
                 "iterations": args.iterations,
                 "warmup": args.warmup,
                 "fast": cfg.fast.describe(),
+                "product_default": name == env["default_config"],
                 "note": cfg.note,
                 "device": env["device"],
                 "torch": env["torch"],
@@ -384,8 +446,12 @@ def throughput_section(bench: Bench) -> None:
             rates[name] = [res.rate]
             losses = [o.final_losses["total"] if o.final_losses else math.nan for o in res.outcomes]
             last = [o.history[-1]["total"] if o.history else math.nan for o in res.outcomes]
+            axes = judge_outputs(judge, res.outcomes, targets)
             if name == "reference":
-                ref_losses, ref_last = losses, last
+                ref_losses, ref_last, ref_axes = losses, last, axes
+            record.update({axis: [_round(v, 5) for v in axes[axis]] for axis in AXES})
+            if ref_axes is not None:
+                record.update(axis_parity(axes, ref_axes, args.parity_tolerance))
             record.update(
                 {
                     "first_step_s": round(res.first_step_s, 3),
@@ -427,6 +493,56 @@ def throughput_section(bench: Bench) -> None:
                 record.update(_rates(max(rates[name]), ref_rate, env))
                 record["rates"] = [round(r, 3) for r in rates[name]]
             emit(record)
+
+
+def make_judge(device: torch.device) -> GatysJudge:
+    """bench/quality.py's two-axis judge (`python bench/throughput.py` puts bench/, not the repository, on sys.path)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench.quality import GatysJudge
+
+    return GatysJudge(device)
+
+
+def to_8bit(image: Tensor) -> Tensor:
+    """The image as it is saved (8 bits per channel), in [0, 1]: docs/quality.md scores saved images."""
+    return (image.detach().float().clamp(0, 1) * 255).round() / 255
+
+
+def judge_outputs(
+    judge: GatysJudge, outcomes: Sequence[PairResult[Tensor]], targets: Sequence[dict[str, Any]]
+) -> dict[str, list[float]]:
+    """content_err and style_err of each pair's output (NaN for a pair without one), from the judge's own network."""
+    axes: dict[str, list[float]] = {axis: [] for axis in AXES}
+    for outcome, target in zip(outcomes, targets, strict=True):
+        measured = dict.fromkeys(AXES, math.nan)
+        if outcome.image is not None:
+            measured = judge.measures(to_8bit(outcome.image), target)
+        for axis in AXES:
+            axes[axis].append(float(measured[axis]))
+    return axes
+
+
+def axis_parity(axes: dict[str, list[float]], ref: dict[str, list[float]], tolerance: float) -> dict[str, Any]:
+    """Each axis's ratio to the reference's, per pair; the largest |ratio - 1|; parity if that is within `tolerance`.
+
+    A pair without a finite value on either side counts as an infinite change (no parity).
+    """
+    out: dict[str, Any] = {}
+    worst = 0.0
+    for axis in AXES:
+        ratios = [a / b if b > 0 else math.nan for a, b in zip(axes[axis], ref[axis], strict=True)]
+        out[f"{axis}_ratio"] = [_round(r, 4) for r in ratios]
+        worst = max([worst, *(abs(r - 1) if math.isfinite(r) else math.inf for r in ratios)])
+    out["max_abs_axis_change"] = _round(worst, 4)
+    out["parity_tolerance"] = tolerance
+    out["parity"] = worst <= tolerance
+    return out
+
+
+def _round(value: float, digits: int) -> float | None:
+    """Rounded for the JSON line; None for NaN/inf (JSON has neither)."""
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def _error(exc: BaseException) -> str:
@@ -733,9 +849,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="iterations excluded from timing (default 20, --cpu 5)")
     p.add_argument("--repeats", type=int, help="extra short timing runs per configuration (default 0, --cpu 3)")
     p.add_argument("--timing-iterations", type=int, help="timed iterations of a repeat (default 50, --cpu 10)")
-    p.add_argument("--configs", type=_names, help="configurations, comma-separated (see make_configs)")
+    p.add_argument(
+        "--configs",
+        type=_names,
+        help="configurations, comma-separated (see make_configs; default: the device's list and the product's default)",
+    )
     p.add_argument("--optimizers", type=_names, default=["adam", "lbfgs"])
     p.add_argument("--preset", default="gatys", help="parameter preset of every run; none: the project's defaults")
+    p.add_argument(
+        "--parity-tolerance",
+        type=float,
+        default=PARITY_TOLERANCE,
+        help="largest change of content_err "
+        "or style_err against the reference, per pair, that is parity (default 0.05: see PARITY_TOLERANCE)",
+    )
     p.add_argument("--out", type=Path, help="also write the JSON lines here")
     p.add_argument("--plot", type=Path, help="run the batch-size sweep and draw throughput vs batch to this PNG")
     p.add_argument("--sweep-configs", type=_names)
@@ -765,8 +892,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else (3 if cpu else 0)
     args.timing_iterations = args.timing_iterations or (10 if cpu else 50)
     args.warmup = args.warmup or (5 if cpu else 20)
-    args.configs = args.configs or list(CPU_CONFIGS if cpu else GPU_CONFIGS)
-    args.sweep_configs = args.sweep_configs or list(SWEEP_CONFIGS_CPU if cpu else SWEEP_CONFIGS_GPU)
+    # Unset --configs / --sweep-configs: the device's list plus the product's default (main, `run_lists`).
     args.sweep_batches = args.sweep_batches or ([1, 2, 4] if cpu else [1, 2, 4, 8, 16, 32])
     args.sweep_iterations = args.sweep_iterations or (8 if cpu else 30)
     args.sweep_repeats = args.sweep_repeats or (2 if cpu else 1)
@@ -789,6 +915,18 @@ def _quiet_compile_warnings() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def run_lists(args: argparse.Namespace, device: torch.device, configs: dict[str, Config]) -> str:
+    """Fill the unset configuration lists (each with the product's default); return the default's name."""
+    default = default_config_name(device, configs)
+    cuda = device.type == "cuda"
+    product = [n for n in PRODUCT_CONFIGS if n in configs and n != default]
+    args.configs = args.configs or with_default(GPU_CONFIGS if cuda else CPU_CONFIGS, default, *product)
+    args.sweep_configs = args.sweep_configs or with_default(SWEEP_CONFIGS_GPU if cuda else SWEEP_CONFIGS_CPU, default)
+    args.ttq_config = args.ttq_config or default
+    args.history_config = args.history_config or default
+    return default
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.first_step:
@@ -808,18 +946,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no CUDA device: running the CPU proxy (--cpu)", file=sys.stderr)
         return main([*(argv if argv is not None else sys.argv[1:]), "--cpu"])
     configs = make_configs(device)
+    default = run_lists(args, device, configs)
     unknown = [n for n in [*args.configs, *args.sweep_configs] if n not in configs]
     if unknown:
         print(f"unknown configurations {unknown}; known: {', '.join(configs)}", file=sys.stderr)
         return 2
-    default = default_config_name(device, configs)
-    args.ttq_config = args.ttq_config or default or "bf16"
-    args.history_config = args.history_config or default or "bf16"
     emit = Emitter(args.out)
     params = bench_params(args, "adam", "fp32", 1)
     extractor, weights = load_vgg("vgg19", None, layers=[*params.content_layers, *params.style_layers], device=device)
     env = env_record(device, args.size, extractor, quick=False)
     env.update({"weights": weights.source, "default_config": default, "argv": sys.argv[1:]})
+    env["default_fast"] = configs[default].fast.describe()
     emit(env)
     bench = Bench(args, configs, extractor, device, env, emit)
     with _quiet_compile_warnings():
@@ -840,21 +977,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def summary(records: Sequence[dict[str, Any]]) -> None:
-    """A short table last (stderr), so the end of the output says what happened."""
+    """A short table last (stderr), so the end of the output says what happened (* marks the product's default)."""
     rows = [r for r in records if r.get("kind") == "throughput"]
     if not rows:
         return
-    print(f"\n{'config':<18}{'opt':<7}{'batch':>6}{'img-it/s':>11}{'x ref':>8}{'max |dloss|':>13}", file=sys.stderr)
+    head = f"{'config':<18}{'opt':<7}{'batch':>6}{'img-it/s':>10}{'x ref':>7}{'content x ref':>21}{'style x ref':>21}"
+    print(f"\n{head}{'parity':>9}", file=sys.stderr)
     for r in rows:
+        name = r["config"] + ("*" if r.get("product_default") else "")
         if "error" in r:
-            print(f"{r['config']:<18}{r['optimizer']:<7}{r['batch']:>6}  {r['error'][:60]}", file=sys.stderr)
+            print(f"{name:<18}{r['optimizer']:<7}{r['batch']:>6}  {r['error'][:60]}", file=sys.stderr)
             continue
-        diff = r.get("max_abs_rel_diff")
+        spans = [_span(r.get(f"{axis}_ratio")) for axis in AXES]
+        verdict = "ref" if "parity" not in r else ("yes" if r["parity"] else "NO")
         print(
-            f"{r['config']:<18}{r['optimizer']:<7}{r['batch']:>6}{r['image_iterations_per_s']:>11.2f}"
-            f"{r['ratio_to_reference'] or 0:>8.2f}{'' if diff is None else f'{100 * diff:.2f} %':>13}",
+            f"{name:<18}{r['optimizer']:<7}{r['batch']:>6}{r['image_iterations_per_s']:>10.2f}"
+            f"{r['ratio_to_reference'] or 0:>7.2f}{spans[0]:>21}{spans[1]:>21}{verdict:>9}",
             file=sys.stderr,
         )
+
+
+def _span(ratios: Sequence[float | None] | None) -> str:
+    """`lowest..highest` of per-pair ratios, or - where there are none."""
+    values = [v for v in ratios or [] if v is not None]
+    if not values:
+        return "-"
+    return f"{min(values):.3f}..{max(values):.3f}" + ("" if len(values) == len(ratios or []) else " (+NaN)")
 
 
 if __name__ == "__main__":
