@@ -146,11 +146,6 @@ def test_a_new_record_is_done_and_a_rerun_of_one_scale_reads_no_record(
     assert reads == Counter()
 
 
-@pytest.mark.xfail(
-    "schedule" not in Written.__dataclass_fields__,
-    reason="the index keeps no schedule yet (nst/run/index.py: /tmp/nst-helpers/index-schedule.patch)",
-    strict=True,
-)
 def test_a_rerun_of_several_scales_reads_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = put(tmp_path, 128, ", scales: 2")
     assert verdicts(manifest) == (IDS, [], 0)

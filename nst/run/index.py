@@ -22,9 +22,9 @@ from nst.errors import NSTError
 from nst.params import Role, StyleParams, fields_with
 from nst.run.inputs import Identity
 from nst.run.layout import read_json, summary_uri, write
-from nst.run.records import Output, Record, parse_record
+from nst.run.records import Output, Record, Steps, parse_record, schedule_steps
 
-INDEX_SCHEMA = 1
+INDEX_SCHEMA = 2  # 2: entries keep the record's schedule (an index of 1 is read as none: its records are read once)
 MAX_INDEX_BYTES = 64 * 2**20  # gzip-compressed
 MAX_INDEX_INFLATED = 256 * 2**20  # ~250,000 pairs' entries
 
@@ -44,6 +44,7 @@ class Written:
     image_sha256: str | None
     image_identity: Identity | None
     manifest: str | None = None  # the name of the manifest that wrote it (None: written before records named one)
+    schedule: list[Steps] | None = None  # (height, width, iterations) per scale as the record lists them (None: none)
 
     @classmethod
     def of(cls, record: Record | Mapping[str, Any]) -> Written | None:
@@ -66,6 +67,7 @@ class Written:
             image_sha256=output.image_sha256,
             image_identity=_identity(output.image_identity),
             manifest=sys.intern(parsed.manifest) if parsed.manifest is not None else None,
+            schedule=schedule_steps(parsed),
         )
 
 

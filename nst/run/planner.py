@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import nst
 from nst import safejson, storage
@@ -39,8 +39,6 @@ ITERATION_PNG = re.compile(r"([^/]+)\.iter\d{6}\.png")
 # Shown of another manifest's name (read from its record): at most this many characters.
 MAX_OWNER_CHARS = 100
 Verdict = Literal["run", "done", "older_engine", "check_inputs", "foreign"]
-# An index entry that does not say which schedule its record lists (taken before index entries kept it).
-UNKNOWN: Any = object()
 
 
 @dataclass
@@ -245,9 +243,7 @@ def _existing(
         cached = index.get(spec.id)
         # An entry whose parameters differ is read again: an older nst digested them otherwise (the weights' path).
         if cached is not None and cached[0] == ident and cached[1].params_digest == wanted[id(spec.params)]:
-            steps = _indexed_schedule(cached[1])
-            if steps is not UNKNOWN or spec.params.scales == 1:  # one scale: every record's schedule is this one
-                return spec, ident, cached[1], None if steps is UNKNOWN else steps
+            return spec, ident, cached[1], cached[1].schedule
         record = read_record(info.uri)
         written = Written.of(record) if record is not None else None
         return (spec, ident, written, schedule_steps(record)) if record is not None and written is not None else None
@@ -260,12 +256,6 @@ def _existing(
         png = listing.get(output_uris(output, spec.id)[0])
         judged[spec.id] = _judge(spec, written, (weights, wanted[id(spec.params)]), png, inputs, steps)
     return judged, {spec.id: (ident, written) for spec, ident, written, _ in seen}
-
-
-def _indexed_schedule(written: Written) -> Any:
-    """The schedule an index entry says its record lists (`Written.schedule`, as `schedule_steps` reads it), or
-    UNKNOWN where the entry does not keep it: its record is then read for a pair of several scales."""
-    return getattr(written, "schedule", UNKNOWN)
 
 
 def _other_schedule(params: StyleParams, recorded: list[Steps] | None) -> bool:
