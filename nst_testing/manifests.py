@@ -8,6 +8,15 @@ from typing import Any
 
 from nst_testing.paths import SAMPLES
 
+# One pair (chelsea x brick, id p) at 32 px and 2 iterations, as YAML text; inputs relative to the manifest's folder.
+ONE_PAIR_MANIFEST = """\
+version: 1
+output: out/
+defaults: {size: 32, iterations: 2}
+pairs:
+  - {id: p, content: content/chelsea.jpg, style: styles/brick.jpg}
+"""
+
 
 def write_manifest(root: Path, pairs: list[dict[str, Any]], *, name: str | None = None, **defaults: Any) -> Path:
     """`root`/manifest.yaml with `pairs` and tiny default settings (32 px, 2 iterations) that `defaults` override."""

@@ -35,6 +35,7 @@ from nst_testing.prefect import (
     run_setup,
     wait_for_flow_run,
 )
+from nst_testing.procs import outputs, start
 from nst_testing.s3 import (
     S3Server,
     SeaweedFS,
@@ -88,21 +89,10 @@ def test_two_runs_of_one_manifest_at_once_with_different_parameters(s3_env: S3Se
     manifest = put_manifest(root)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "nst.cli", "run", manifest, "--no-prefect", "--iterations", str(n)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        start([sys.executable, "-m", "nst.cli", "run", manifest, "--no-prefect", "--iterations", str(n)], env)
         for n in (2, 3)
     ]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = outputs(procs)
     records = outputs_consistent(root)
     assert set(records) == {f"{c[:-4]}__{s[:-4]}" for c in CONTENTS for s in STYLES}, outs
     # Each pair ends with one run's consistent result; pairs one run found claimed are done by a rerun of it.

@@ -9,7 +9,6 @@ NST_FUZZ_EXAMPLES so that all targets together run at least 100,000.
 import gzip
 import json
 import os
-import shutil
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from nst.run.index import Written, index_uri, read_index
 from nst.run.planner import listed_ids, plan
 from nst.run.records import Record, read_record
 from nst.run_options import RunOptions
-from nst_testing.paths import SAMPLES
+from nst_testing.manifests import ONE_PAIR_MANIFEST, copy_samples
 
 FUZZ_EXAMPLES = int(os.environ.get("NST_FUZZ_EXAMPLES", "40"))
 MARKER = "Qz9!MARK#9zQ"  # a "secret" planted in every generated file; never a plain word, so keys hiding applies
@@ -40,13 +39,6 @@ fuzz = settings(
     derandomize=FUZZ_EXAMPLES <= 100,  # the suite's examples are the same in every run; `make fuzz` explores
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
-MANIFEST = """\
-version: 1
-output: out/
-defaults: {size: 32, iterations: 2}
-pairs:
-  - {id: p, content: content/chelsea.jpg, style: styles/brick.jpg}
-"""
 # Keys whose values messages may name (paths, the manifest's name): their generated values never hold MARKER.
 NAMED_KEYS = ["name", "output", "content", "style", "styles", "contents", "weights"]
 NAMED = st.sampled_from(["content/chelsea.jpg", "content/*.jpg", "/etc/passwd", "../x.jpg", "s3://b/k.jpg", "", "out/"])
@@ -59,10 +51,9 @@ KEYS += ["style_weight", "content_layers", "max_failures"]
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A manifest directory with the sample images and an output folder, shared by every example of the module."""
     root = tmp_path_factory.mktemp("fuzz")
-    for sub in ("content", "styles"):
-        shutil.copytree(SAMPLES / sub, root / sub)
+    copy_samples(root)
     (root / "out" / "_runs").mkdir(parents=True)
-    (root / "m.yaml").write_text(MANIFEST)
+    (root / "m.yaml").write_text(ONE_PAIR_MANIFEST)
     yield root
 
 
@@ -216,7 +207,7 @@ def image_like(draw: st.DrawFn) -> bytes:
 @st.composite
 def manifest_text(draw: st.DrawFn) -> str:
     """YAML text: the sample manifest with generated keys and values (YAML-dumped), or odd YAML spliced into it."""
-    doc: dict[str, Any] = yaml.safe_load(MANIFEST)
+    doc: dict[str, Any] = yaml.safe_load(ONE_PAIR_MANIFEST)
     for _ in range(draw(st.integers(0, 4))):
         where = draw(st.sampled_from(["top", "defaults", "pair"]))
         pairs = doc.get("pairs")
@@ -317,7 +308,7 @@ def test_fuzz_image_headers_through_load_image_and_plan(ws: Path, data: bytes) -
     only_nst_errors(lambda: load_image(data, label="content 'x.png'", max_pixels=2**20))
     path = ws / "content" / "fuzzed.png"
     path.write_bytes(data)
-    doc = MANIFEST.replace("content/chelsea.jpg", "content/fuzzed.png")
+    doc = ONE_PAIR_MANIFEST.replace("content/chelsea.jpg", "content/fuzzed.png")
     (ws / "m2.yaml").write_text(doc)
     manifest = only_nst_errors(lambda: load_manifest(str(ws / "m2.yaml")))
     if manifest is not None:

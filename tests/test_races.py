@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import pytest
 from nst import storage
 from nst.run.layout import claim_uri
 from nst_testing.paths import REPO, SAMPLES
+from nst_testing.procs import outputs, race, start
 from nst_testing.races import PAIR_SECONDS_ENV, SPY_LOG_ENV, claim_racer, delete_create_racer, racer_run_id
 
 PAIRS = 50
@@ -39,15 +39,7 @@ def _race(target: Callable[..., None], *args: object) -> dict[int, list[str]]:
     """Run `target(*args, racer, MAX_PAUSE_S, barrier, results)` in RACERS processes; what each put on `results`."""
     ctx = multiprocessing.get_context("forkserver")  # fresh interpreters forked from one that imported nst once
     ctx.set_forkserver_preload(["nst.run.claims", "nst_testing.races"])
-    barrier, results = ctx.Barrier(RACERS), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, racer, MAX_PAUSE_S, barrier, results)) for racer in range(RACERS)]
-    for proc in procs:
-        proc.start()
-    won = dict(results.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
-    return won
+    return race(ctx, RACERS, target, lambda racer, barrier, results: (*args, racer, MAX_PAUSE_S, barrier, results))
 
 
 def _wrong_owners(uris: list[str], won: dict[int, list[str]], holder: Callable[[str], str]) -> dict[str, object]:
@@ -113,14 +105,9 @@ def test_two_runs_started_a_second_apart_compute_each_pair_once(storage_root: st
     command = [sys.executable, "-m", "nst_testing.races", "run", manifest, "--no-prefect", "--max-batch-pairs", "1"]
     procs = []
     for _ in range(2):
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(start(command, env))
         time.sleep(1.0)
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = outputs(procs)
     assert [p.returncode for p in procs] <= [1, 1] and "Traceback" not in "".join(outs), outs
     optimised = spy.read_text().split()[1::2]
     assert len(optimised) == PAIRS and len(set(optimised)) == PAIRS, (sorted(optimised), outs)

@@ -23,27 +23,20 @@ from nst.cli import main
 from nst.errors import ManifestError
 from nst.manifest import load_manifest
 from nst.run.claims import claim_pair, parse_claim
-from nst.run.index import MAX_INDEX_INFLATED, index_uri, read_index
+from nst.run.index import INDEX_SCHEMA, MAX_INDEX_INFLATED, index_uri, read_index
 from nst.run.planner import listed_ids
 from nst.run.records import read_record
+from nst_testing.manifests import ONE_PAIR_MANIFEST, copy_samples
 from nst_testing.paths import REPO, SAMPLES
 
 CONTENT = str(SAMPLES / "content" / "chelsea.jpg")
 STYLE = str(SAMPLES / "styles" / "brick.jpg")
 DEEP = b"[" * 200_000
-MANIFEST = """\
-version: 1
-output: out/
-defaults: {size: 32, iterations: 2}
-pairs:
-  - {id: p, content: content/chelsea.jpg, style: styles/brick.jpg}
-"""
 
 
-def _workspace(root: Path, manifest: str = MANIFEST) -> Path:
+def _workspace(root: Path, manifest: str = ONE_PAIR_MANIFEST) -> Path:
     """The sample images under `root` and `manifest` as `root`/m.yaml; the manifest's path."""
-    for sub in ("content", "styles"):
-        shutil.copytree(SAMPLES / sub, root / sub)
+    copy_samples(root)
     (root / "out").mkdir()
     path = root / "m.yaml"
     path.write_text(manifest)
@@ -74,8 +67,14 @@ CORRUPT = {
     "record-4200-digit-int": ("p.json", _record(engine_revision="9" * 4200)),
     "record-nan": ("p.json", _record(seconds="NaN")),
     "index-deep": ("_runs/records-index.json.gz", gzip.compress(DEEP)),
-    "index-1e400": ("_runs/records-index.json.gz", gzip.compress(b'{"schema": 1, "records": {"p": 1e400}}')),
-    "index-not-an-index": ("_runs/records-index.json.gz", gzip.compress(b'{"schema": 1, "records": {"p": [1, 2]}}')),
+    "index-1e400": (
+        "_runs/records-index.json.gz",
+        gzip.compress(b'{"schema": %d, "records": {"p": 1e400}}' % INDEX_SCHEMA),
+    ),
+    "index-not-an-index": (
+        "_runs/records-index.json.gz",
+        gzip.compress(b'{"schema": %d, "records": {"p": [1, 2]}}' % INDEX_SCHEMA),
+    ),
     "claim-deep": ("p.claim", b"[" * 60_000),
     "claim-huge-expiry": ("p.claim", b'{"run_id": "x", "expires_at": 1' + b"0" * 4000 + b"}"),
     "claim-1e400": ("p.claim", b'{"run_id": "x", "expires_at": 1e400}'),
@@ -224,7 +223,7 @@ def test_a_non_utf8_file_name_prints_on_a_strict_utf8_terminal(tmp_path: Path) -
 def test_a_long_integer_in_any_notation_is_refused_at_validate(
     tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = _workspace(tmp_path, MANIFEST.replace("brick.jpg}", f"brick.jpg, log_every: {value}}}"))
+    manifest = _workspace(tmp_path, ONE_PAIR_MANIFEST.replace("brick.jpg}", f"brick.jpg, log_every: {value}}}"))
     assert main(["validate", str(manifest)]) == 1
     err = capsys.readouterr().err
     assert "pairs[0].log_every" in err and "integer is too long" in err and "Traceback" not in err
@@ -234,7 +233,9 @@ def test_a_long_integer_in_any_notation_is_refused_at_validate(
 
 def test_a_tag_that_cannot_be_read_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for value in ['!!int ""', '!!float ""', "!!bool maybe", "!!timestamp now"]:
-        manifest = _workspace(tmp_path / value[2:5], MANIFEST.replace("brick.jpg}", f"brick.jpg, seed: {value}}}"))
+        manifest = _workspace(
+            tmp_path / value[2:5], ONE_PAIR_MANIFEST.replace("brick.jpg}", f"brick.jpg, seed: {value}}}")
+        )
         assert main(["validate", str(manifest)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("nst: error:") and "Traceback" not in err, err

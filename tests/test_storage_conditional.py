@@ -23,6 +23,7 @@ from nst import storage
 from nst.errors import StorageError
 from nst.storage import ObjectInfo
 from nst_testing.faults import write_past_a_size_limit
+from nst_testing.procs import race
 
 RACERS = 8
 ROUNDS = 5
@@ -222,21 +223,15 @@ def test_racing_processes_exactly_one_takeover_wins(storage_root: str) -> None:
     ctx = multiprocessing.get_context("spawn")  # no inherited boto3 client or locks
     uri = storage.join(storage_root, "procs/p.claim")
     lapsed = storage.write_bytes(uri, b"lapsed claim")
-    barrier, results = ctx.Barrier(RACERS), ctx.Queue()
-    procs = [ctx.Process(target=_process_racer, args=(uri, lapsed, i, barrier, results)) for i in range(RACERS)]
-    for proc in procs:
-        proc.start()
-    outcome = dict(results.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    outcome = race(ctx, RACERS, _process_racer, lambda racer, barrier, results: (uri, lapsed, racer, barrier, results))
     winners = [racer for racer, won in outcome.items() if won]
     assert len(winners) == 1, outcome
     assert storage.read_bytes(uri) == f"taken by racer {winners[0]}".encode()
 
 
 def test_takeover_and_create_never_both_win(tmp_path: Path) -> None:
-    """Locally a takeover empties the name for an instant: a racing create_new may win then, but never both."""
+    """20 rounds of a takeover (replace_if of a lapsed claim) racing a create_new of the same name: one of the two
+    wins, never both; the file holds the winner's bytes and no temp file is left beside it."""
     uri = str(tmp_path / "p.claim")
     for _ in range(20):
         lapsed = storage.write_bytes(uri, b"lapsed claim")
