@@ -49,11 +49,17 @@ demo: install
 
 # Tiers (tests/conftest.py): test-unit is what to run after each edit (no server, SeaweedFS, weights file or browser:
 # about a minute); test-fast leaves out only the end-to-end `slow` tests; test runs everything, as CI does.
+# test and test-fast run on TEST_WORKERS pytest-xdist processes: the end-to-end tests mostly wait on servers and
+# workers, so more processes than cores pay. Each process starts its own servers on free ports; a module that shares
+# one server keeps its tests on one process (--dist loadgroup); the longest tests are handed out first (conftest.py).
+TEST_WORKERS ?= 4
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: install browser lint typecheck
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(XDIST) tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" tests
 
 test-unit: install
 	$(BIN)/python -m pytest -q -m unit tests

@@ -28,6 +28,7 @@ import nst.engine.weight_formats
 import nst.engine.weights
 from nst_testing.paths import SAMPLES
 from nst_testing.prefect import (
+    DB_TEMPLATE_ENV,
     PrefectServer,
     Worker,
     WorkerFactory,
@@ -39,8 +40,12 @@ from nst_testing.prefect import (
 )
 from nst_testing.s3 import S3Server, point_boto3_at, reset_storage_clients, running_seaweedfs
 
-_home = tempfile.mkdtemp(prefix="nst-test-prefect-")
-os.environ.setdefault("PREFECT_HOME", _home)
+# Every test process gets its own PREFECT_HOME (the pytest-xdist workers too: they inherit the parent's environment).
+if "PREFECT_HOME" not in os.environ or os.environ.get("NST_TEST_OWN_PREFECT_HOME") == "1":
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="nst-test-prefect-")
+    os.environ["NST_TEST_OWN_PREFECT_HOME"] = "1"
+# Prefect servers of this session start from a copy of the first one's migrated database (nst_testing/prefect.py).
+os.environ.setdefault(DB_TEMPLATE_ENV, os.path.join(tempfile.mkdtemp(prefix="nst-test-prefect-db-"), "template.db"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -277,12 +282,41 @@ def is_unit(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the listed engine tests `vgg`, then the unit tier `unit` (`pytest -m unit`)."""
+    """Mark the listed engine tests `vgg`, then the unit tier `unit` (`pytest -m unit`); order for parallel workers."""
     for item in items:
         if is_engine_test(item):
             item.add_marker(pytest.mark.vgg)
         if is_unit(item):
             item.add_marker(pytest.mark.unit)
+        if MODULE_SERVER in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    if getattr(config.option, "numprocesses", None):
+        items[:] = longest_first(items)
+
+
+MODULE_SERVER = "isolated_prefect_server"  # module-scoped: its module's tests share one worker (--dist loadgroup)
+
+
+def cost_rank(item: pytest.Item) -> int:
+    """0 for end-to-end tests (minutes each), 1 for the other heavy ones, 2 for the unit tier."""
+    if item.get_closest_marker("slow") or item.get_closest_marker("browser"):
+        return 0
+    return 2 if item.get_closest_marker("unit") else 1
+
+
+def longest_first(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The collection, end-to-end tests first (pytest-xdist hands tests out in this order, so the long ones start
+    at once and the short ones fill the gaps); a module that shares one server keeps its tests together."""
+    group_rank: dict[str, int] = {}
+    for item in items:
+        if (group := item.get_closest_marker("xdist_group")) is not None:
+            group_rank[group.args[0]] = min(group_rank.get(group.args[0], 2), cost_rank(item))
+
+    def rank(item: pytest.Item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        return group_rank[group.args[0]] if group is not None else cost_rank(item)
+
+    return sorted(items, key=rank)
 
 
 def heavy_command(args: Any) -> str | None:
