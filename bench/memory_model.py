@@ -8,6 +8,9 @@ line per size: the model's prediction for the process (`step_memory(...).total(1
 nst.engine.memory), the measured peak, their
 ratio and the seconds. `--precision`, `--optimizer` and `--history-size` pass through; `--device cuda` measures
 the CUDA allocator's peak instead (bench/gpu.sh large), `--schedule` runs the default coarse-to-fine schedule.
+`--recompute on|off` forces recomputing activations in the backward pass (default `auto`: the engine's choice,
+`nst.engine.memory.needs_recompute`); the prediction is the model of the step the engine took, and `step_seconds`
+times each forward + backward (`LossStep`), where recomputing costs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,34 @@ def vm_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
 
 
-def measure(size: int, iterations: int, overrides: dict[str, Any], device: str, schedule: bool) -> dict[str, Any]:
+def instrument(recompute: str) -> tuple[list[tuple[int, int, bool]], list[float]]:
+    """Force (on/off) or record the engine's recompute choice per scale, and time each forward + backward."""
+    import nst.engine.fastpath as fastpath
+    import nst.engine.optimize as optimize
+
+    choices: list[tuple[int, int, bool]] = []
+    step_seconds: list[float] = []
+    decide, loss_step = vars(optimize)["needs_recompute"], fastpath.LossStep.__call__
+
+    def needs_recompute(height: int, width: int, *args: Any, **kwargs: Any) -> bool:
+        chosen = decide(height, width, *args, **kwargs) if recompute == "auto" else recompute == "on"
+        choices.append((height, width, chosen))
+        return chosen
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        out = loss_step(self, *args, **kwargs)
+        step_seconds.append(round(time.perf_counter() - started, 2))
+        return out
+
+    vars(optimize)["needs_recompute"] = needs_recompute  # the engine looks it up in its module
+    fastpath.LossStep.__call__ = timed  # type: ignore[method-assign]
+    return choices, step_seconds
+
+
+def measure(
+    size: int, iterations: int, overrides: dict[str, Any], device: str, schedule: bool, recompute: str = "auto"
+) -> dict[str, Any]:
     """Stylize one pair at `size` in this process; the prediction and the measurement (CPU: peak RSS; CUDA: the
     allocator's peak reserved bytes, which leave out the CUDA context and library handles)."""
     import torch
@@ -43,6 +73,8 @@ def measure(size: int, iterations: int, overrides: dict[str, Any], device: str, 
     from nst.engine.memory import step_memory
     from nst.params import resolve_params
 
+    choices, step_seconds = instrument(recompute)
+
     # One scale unless --schedule: the model is of one step at the output size (a schedule's finest scale).
     values = {"size": size, "iterations": iterations, "device": device, **({} if schedule else {"scales": 1})}
     params = resolve_params({**values, **overrides})
@@ -50,7 +82,10 @@ def measure(size: int, iterations: int, overrides: dict[str, Any], device: str, 
     result = stylize(content=str(CONTENT), styles=[str(STYLE)], params=params)
     seconds = time.perf_counter() - started
     height, width = result.image.height, result.image.width
-    model = step_memory(height, width, result.params, device, native_bf16=cpu_has_native_bf16())
+    recomputed = bool(choices and choices[-1][2])  # at the finest scale, whose step the model describes
+    native = cpu_has_native_bf16()
+    model = step_memory(height, width, result.params, device, native_bf16=native, recompute=recomputed)
+    plain = step_memory(height, width, result.params, device, native_bf16=native)
     predicted = model.total(1)
     cuda = device.startswith("cuda")
     measured = torch.cuda.max_memory_reserved() if cuda else vm_kib("VmHWM") * 1024
@@ -65,12 +100,16 @@ def measure(size: int, iterations: int, overrides: dict[str, Any], device: str, 
         "precision": result.params.precision,
         "optimizer": result.params.optimizer,
         "history_size": result.params.history_size,
+        "recompute": recompute,
+        "recomputed": [list(c) for c in choices],
         "predicted_gib": round(predicted / 2**30, 3),
+        "plain_model_gib": round(plain.total(1) / 2**30, 3),
         "model_parts_gib": {k: round(v / 2**30, 3) for k, v in vars(model).items()},
         "measured": "cuda max_memory_reserved" if cuda else "peak RSS (VmHWM)",
         "measured_gib": round(measured / 2**30, 3),
         "ratio": round(measured / predicted, 3),
         "seconds": round(seconds, 1),
+        "step_seconds": step_seconds,
         "threads": torch.get_num_threads(),
     }
 
@@ -85,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--schedule", action="store_true", help="the default schedule (else one scale)")
+    parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # internal: measure this size here
     args = parser.parse_args(argv)
     overrides = {
@@ -97,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     if args.measure:
-        print(json.dumps(measure(args.measure, args.iterations, overrides, args.device, args.schedule)), flush=True)
+        record = measure(args.measure, args.iterations, overrides, args.device, args.schedule, args.recompute)
+        print(json.dumps(record), flush=True)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for size in (int(s) for s in args.sizes.split(",")):
         cmd = [sys.executable, "-m", "bench.memory_model", "--measure", str(size), "--iterations", str(args.iterations)]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
-        cmd += ["--device", args.device, *(["--schedule"] if args.schedule else [])]
+        cmd += ["--device", args.device, "--recompute", args.recompute, *(["--schedule"] if args.schedule else [])]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if done.returncode != 0:
             line = json.dumps({"bench": "memory_model", "size": size, "failed": done.stderr.strip()[-500:]})

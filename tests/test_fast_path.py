@@ -235,8 +235,10 @@ def test_compile_failure_falls_back_to_eager(
         assert torch.equal(a.image, b.image)
 
 
-def test_memory_model_counts_what_autograd_saves(vgg: VGGFeatures) -> None:
-    # Saved-for-backward bytes per pair, measured with saved_tensors_hooks (batch of 2 minus batch of 1).
+@pytest.mark.parametrize("recompute", [False, True])
+def test_memory_model_counts_what_autograd_saves(vgg: VGGFeatures, recompute: bool) -> None:
+    # Saved-for-backward bytes per pair, measured with saved_tensors_hooks (batch of 2 minus batch of 1). Recomputing,
+    # the checkpoints' own hooks take what they recompute: what reaches these is what is kept (their inputs, losses').
     for precision, amp in (("fp32", None), ("bf16", torch.bfloat16)):
         params = resolve_params({"preset": "gatys", "precision": precision})
         saved = []
@@ -253,10 +255,10 @@ def test_memory_model_counts_what_autograd_saves(vgg: VGGFeatures) -> None:
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 with fastpath.autocast(CPU, amp):
-                    feats = vgg(x)
+                    feats = vgg.recomputing(x) if recompute else vgg(x)
                 total_losses(feats, x, targets, Gatys())
             saved.append(sum(storages.values()))
-        model = step_memory(48, 48, params, "cpu").saved_per_pair
+        model = step_memory(48, 48, params, "cpu", recompute=recompute).saved_per_pair
         assert model == pytest.approx(saved[1] - saved[0], rel=1e-3), precision
 
 

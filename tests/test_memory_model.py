@@ -12,7 +12,16 @@ import torch
 
 from nst.cli import main
 from nst.engine import memory
-from nst.engine.memory import WorkerMemory, largest_size, pairs_that_fit, parse_memory, step_memory, worker_memory
+from nst.engine.memory import (
+    WorkerMemory,
+    largest_size,
+    needs_recompute,
+    pairs_that_fit,
+    parse_memory,
+    step_memory,
+    too_big,
+    worker_memory,
+)
 from nst.engine.steppers import AdamStepper, ProjectedLBFGS
 from nst.errors import ManifestError, ParamsError
 from nst.manifest import PairSpec, load_manifest
@@ -56,6 +65,53 @@ def test_model_orders_precisions_optimisers_and_history() -> None:
         == step_memory(512, 512, StyleParams(precision="fp32"), "cpu").per_pair
     )
     assert step_memory(512, 512, auto, "cpu", native_bf16=True).per_pair < step_memory(512, 512, auto, "cpu").per_pair
+
+
+def test_recomputing_keeps_less_and_peaks_lower() -> None:
+    params = StyleParams()
+    for side in (1024, 2048):
+        plain, recompute = (step_memory(side, side, params, "cpu", recompute=r) for r in (False, True))
+        assert recompute.saved_per_pair < plain.saved_per_pair / 2  # only the layers the losses read are kept
+        assert recompute.transient_per_pair > plain.transient_per_pair  # one run's activations come back
+        assert recompute.total(1) < plain.total(1)
+        assert recompute.state_per_pair == plain.state_per_pair  # the optimiser's state is what it is
+    per_pair = [step_memory(s, s, params, "cpu", recompute=True).per_pair for s in (1024, 2048)]
+    assert per_pair[1] / per_pair[0] == pytest.approx(4, rel=0.01)
+    # 2048 px, the defaults on a CPU (fp32): over 12 GB by the plain model, under it recomputing.
+    assert (
+        step_memory(2048, 2048, params, "cpu").total(1)
+        > 12e9
+        > step_memory(2048, 2048, params, "cpu", recompute=True).total(1)
+    )
+
+
+def test_recompute_only_where_the_plain_step_does_not_fit() -> None:
+    params = StyleParams()
+    twelve = WorkerMemory(12 * 10**9, "cpu", "NST_WORKER_MEMORY=12GB")
+    assert needs_recompute(2048, 2048, params, "cpu", memory=twelve)
+    assert not needs_recompute(1024, 1024, params, "cpu", memory=twelve)
+    assert needs_recompute(1024, 1024, params, "cpu", pairs=4, memory=twelve)  # a batch counts all its pairs
+    assert not needs_recompute(2048, 2048, params, "cpu", memory=WorkerMemory(64 * GIB, "cpu", "x"))
+    # Nothing stated: half the RAM free now (this process already holds its own share).
+    assert needs_recompute(2048, 2048, params, "cpu", free_bytes=22 * GIB)
+    assert not needs_recompute(2048, 2048, params, "cpu", free_bytes=24 * GIB)
+    assert not needs_recompute(1024, 1024, params, "cpu", free_bytes=8 * GIB)
+    assert needs_recompute(2048, 2048, params, "cuda", free_bytes=12 * GIB)  # the GPU's: 85 % of its free memory
+    assert not needs_recompute(2048, 2048, params, "cuda", free_bytes=24 * GIB)
+
+
+def test_a_pair_that_fits_only_recomputing_is_accepted() -> None:
+    params = StyleParams(size=2048)
+    plain, recompute = (step_memory(2048, 2048, params, "cpu", recompute=r).total(1) for r in (False, True))
+    between = WorkerMemory((plain + recompute) // 2, "cpu", "test")
+    assert pairs_that_fit(2048, 2048, params, between) == 1 and too_big("p", params, between) is None
+    assert largest_size(params, between) >= 2048
+    # Where one pair fits plainly, batches are not made bigger by recomputing (it costs a forward pass a step).
+    two = WorkerMemory(step_memory(1024, 1024, params, "cpu").total(2), "cpu", "test")
+    assert pairs_that_fit(1024, 1024, params, two) == 2
+    below = WorkerMemory(recompute - 1, "cpu", "test")
+    assert pairs_that_fit(2048, 2048, params, below) == 0
+    assert "size 2048 needs about" in (too_big("p", params, below) or "")
 
 
 @pytest.mark.parametrize("history", [3, 20])

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -35,6 +35,13 @@ class FeatureExtractor(Protocol):
     def to_model(self, x01: Tensor) -> Tensor: ...
     def from_model(self, y: Tensor) -> Tensor: ...
     def input_range(self) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class Recomputable(Protocol):
+    """A loss network that can recompute its activations in the backward pass (`VGGFeatures.recomputing`)."""
+
+    def recomputing(self, x: Tensor) -> dict[str, Tensor]: ...
 
 
 def cpu_has_native_bf16() -> bool:
@@ -76,6 +83,8 @@ class FastPath:
     tf32_gram: bool = False  # TF32 matmuls, i.e. the Gram products (exact for bf16 features)
     fused_adam: bool = False  # one fused kernel per Adam step (CUDA)
     low_precision_gram: bool = False  # Gram products in the features' bf16 (CPU: fp32 products cost ~12 % of a step)
+    # Recompute activations in the backward pass: None decides per scale by the memory model (`needs_recompute`).
+    recompute: bool | None = None
 
     @classmethod
     def for_params(cls, params: StyleParams, device: torch.device | str) -> FastPath:
@@ -140,10 +149,13 @@ def _features_and_losses(
     targets: LossTargets,
     normalization: LossNormalization,
     fast: FastPath,
+    recompute: bool = False,
 ) -> dict[str, Tensor]:
-    """One forward pass of the loss network and the per-pair losses (the part torch.compile compiles)."""
+    """One forward pass of the loss network and the per-pair losses (the part torch.compile compiles); with
+    `recompute` (a `Recomputable` extractor) the activations between the layers the losses read are recomputed."""
     with autocast(x.device, fast.amp):
-        feats = extractor(x.contiguous(memory_format=torch.channels_last) if fast.channels_last else x)
+        x_in = x.contiguous(memory_format=torch.channels_last) if fast.channels_last else x
+        feats = extractor.recomputing(x_in) if recompute else extractor(x_in)  # type: ignore[attr-defined]
     return total_losses(feats, x, targets, normalization, fast.low_precision_gram)
 
 
@@ -172,10 +184,14 @@ class LossStep:
         self.normalization = normalization
         self.mode = fast.compile if fast.compile != "off" and fast.compile not in _compile_broken else None
         self.proven: set[tuple[int, ...]] = set()  # input shapes whose compiled step has run once
+        self.recompute = False
 
-    def __call__(self, x: Tensor, targets: LossTargets, alive: Tensor) -> dict[str, Tensor]:
-        """Losses of the batch [B] each; x.grad holds the gradient of the alive pairs' total loss."""
-        if self.mode is None:
+    def __call__(self, x: Tensor, targets: LossTargets, alive: Tensor, recompute: bool = False) -> dict[str, Tensor]:
+        """Losses of the batch [B] each; x.grad holds the gradient of the alive pairs' total loss. `recompute`
+        (honoured for a `Recomputable` extractor) trades a second forward pass for the saved activations; such a
+        step runs eagerly (the memory model's step; checkpoints under torch.compile are not measured yet)."""
+        self.recompute = recompute and isinstance(self.extractor, Recomputable)
+        if self.mode is None or self.recompute:
             return self._run(_features_and_losses, x, targets, alive)
         shape = tuple(x.shape)
         if shape in self.proven:
@@ -198,6 +214,6 @@ class LossStep:
     ) -> dict[str, Tensor]:
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-        losses = fn(self.extractor, x, targets, self.normalization, self.fast)
+        losses = fn(self.extractor, x, targets, self.normalization, self.fast, self.recompute)
         torch.where(alive & torch.isfinite(losses["total"]), losses["total"], 0.0).sum().backward()  # type: ignore[no-untyped-call]
         return losses

@@ -3,7 +3,8 @@
 Bytes per pair are counted from the loss network's layer shapes: what autograd saves for the backward pass (each
 ReLU output, max-pool indices, the fp32 copies the Gram and content losses keep), the largest backward transient,
 and the optimiser's state (as each `nst.engine.steppers` optimiser holds it: `Stepper.state_bytes`, kept equal by
-tests/test_memory_model.py). It describes the eager step; torch.compile saves less, so it errs on the safe side.
+tests/test_memory_model.py); also of the step that recomputes activations in the backward pass, and when the
+engine takes it (`needs_recompute`). It describes the eager step; torch.compile saves less, so it errs on the safe side.
 Torch-free, so that planning (batches, `nst validate`) uses it without loading the engine; checked against measured
 peak RSS by `bench/memory_model.py` (docs/performance.md).
 """
@@ -35,6 +36,8 @@ CUDNN_WORKSPACE_CAP_MIB = 2048  # nst.engine.fastpath's cap on cuDNN's autotunin
 # A CPU worker process before any pixel: Python, torch and its libraries, the engine, the decoded images and the
 # allocator's slack (measured with bench/memory_model.py: 740 MiB after the imports; +100 MiB centres 256-2048 px).
 CPU_PROCESS_BYTES = 840 << 20
+# torch.utils.checkpoint loads torch._dynamo (and sympy) on its first call: measured +160 MiB RSS, once per process.
+RECOMPUTE_PROCESS_BYTES = 160 << 20
 MAX_TENSOR_ELEMENTS = 2**31 - 1  # many convolution kernels index with int32: one activation must stay below this
 CPU_MEMORY_FRACTION = 0.5  # of available RAM
 CUDA_SATURATION_PIXELS = 8 * 512 * 512  # pixels per step past which a larger batch adds no throughput (to measure)
@@ -81,46 +84,93 @@ def optimizer_state_images(params: StyleParams) -> int:
     return 2 * params.history_size + 3  # s and y histories; accepted iterate, previous gradient, direction
 
 
-def step_memory(
-    height: int, width: int, params: StyleParams, device: str | torch.device = "cuda", *, native_bf16: bool = False
-) -> StepMemory:
-    """Memory model of one eager step at height x width for these parameters (VGG layer shapes, dtypes)."""
-    kind = device_type(device)
-    act = activation_bytes(params, kind, native_bf16=native_bf16)
+@dataclass
+class _Segment:
+    """Bytes of one run of layers ending at a layer the losses read (what `VGGFeatures.recomputing` checkpoints)."""
+
+    inner: int = 0  # what autograd saves inside the run (recomputed in the backward pass when recomputing)
+    kept: int = 0  # what is kept for the backward pass either way: the losses' tensors, the next run's input
+    widest: int = 0  # elements of the run's widest activation
+    out: int = 0  # elements of its output (the layer the losses read)
+    gram: bool = False  # whether a style loss reads it
+
+
+def _segments(height: int, width: int, params: StyleParams, act: int) -> tuple[list[_Segment], int, int]:
+    """The loss network's runs of layers per pair at height x width; also the loss targets' and weights' bytes."""
     network = params.network
     content = {canonical_layer(n, network) for n in params.content_layers}
     style = {canonical_layer(n, network) for n in params.style_layers}
     order = LAYER_NAMES[network]
     deepest = max(order.index(n) for n in content | style)
-    h, w = height, width
-    pixels = height * width
-    saved = 3 * pixels * act  # the network's (cast) input, saved by the first convolution
-    widest = targets = weights = 0
-    c_in = 3
+    h, w, c_in = height, width, 3
+    segments, run = [], _Segment(inner=3 * height * width * act)  # the (cast) input, saved by the first convolution
+    targets = weights = 0
     for name in order[: deepest + 1]:
         block = int(name[5])
         if name.endswith("_pool"):
             h, w = h // 2, w // 2
             out = _BLOCK_CHANNELS[block - 1] * h * w
-            if params.pooling == "max":
-                saved += out * 8  # int64 indices
-            saved += out * act  # pooled output = the next convolution's saved input
+            run.inner += out * (8 if params.pooling == "max" else 0) + out * act  # int64 indices; the pooled output
             continue
         c_out = _BLOCK_CHANNELS[block - 1]
         weights += c_out * c_in * 9 * 4
         c_in = c_out
         elems = c_out * h * w
-        widest = max(widest, elems)
-        saved += elems * act  # ReLU output (saved by ReLU and by the next convolution: one tensor)
+        run.widest = max(run.widest, elems)
+        run.inner += elems * act  # ReLU output (saved by ReLU and by the next convolution: one tensor)
+        if name not in style and name not in content:
+            continue
+        run.out, run.gram = elems, name in style
         if name in style:
-            saved += elems * 4 if act != 4 else 0  # fp32 copy for the Gram product's backward
-            saved += c_out * c_out * 4  # Gram difference kept by the squared error
+            run.kept += elems * 4 if act != 4 else 0  # fp32 copy for the Gram product's backward
+            run.kept += c_out * c_out * 4  # Gram difference kept by the squared error
             targets += c_out * c_out * 4
         if name in content:
-            saved += elems * 4  # fp32 difference kept by the squared error
+            run.kept += elems * 4  # fp32 difference kept by the squared error
             targets += elems * act
-    transient = widest * (2 * act + 4)  # upstream and downstream gradients + one fp32 loss gradient
-    image = 3 * pixels * 4
+        segments.append(run)
+        run = _Segment()
+    return segments, targets, weights
+
+
+def _recompute_peak(segments: list[_Segment], input_bytes: int, act: int) -> tuple[int, int]:
+    """Saved bytes per pair, and the backward's peak above them, when each run is recomputed in the backward pass.
+
+    Kept: the input image (fp32, the first run's input), each run's output but the last (the next run's input) and
+    the losses' tensors (fp32: the Gram keeps the features themselves). While run k recomputes, its saved tensors
+    are alive again with its gradients, and the runs after it are done: their kept tensors are freed.
+    """
+    last = segments[-1]
+    outputs = [s.out * act for s in segments[:-1]] + [last.out * 4 if act == 4 and last.gram else 0]
+    saved = input_bytes + sum(outputs) + sum(s.kept for s in segments)
+    peak, alive = saved, input_bytes
+    for k, segment in enumerate(segments):
+        inner = segment.inner - (input_bytes if k == 0 and act == 4 else 0)  # fp32: its input is the image itself
+        peak = max(peak, alive + inner + segment.widest * (2 * act + 4))
+        alive += outputs[k] + segment.kept
+    return saved, peak - saved
+
+
+def step_memory(
+    height: int,
+    width: int,
+    params: StyleParams,
+    device: str | torch.device = "cuda",
+    *,
+    native_bf16: bool = False,
+    recompute: bool = False,
+) -> StepMemory:
+    """Memory model of one eager step at height x width for these parameters (VGG layer shapes, dtypes); with
+    `recompute`, of the step that recomputes activations in the backward pass (`VGGFeatures.recomputing`)."""
+    kind = device_type(device)
+    act = activation_bytes(params, kind, native_bf16=native_bf16)
+    segments, targets, weights = _segments(height, width, params, act)
+    if recompute:
+        saved, transient = _recompute_peak(segments, 3 * height * width * 4, act)
+    else:
+        saved = sum(s.inner + s.kept for s in segments)
+        transient = max(s.widest for s in segments) * (2 * act + 4)  # upstream, downstream, fp32 loss gradients
+    image = 3 * height * width * 4
     # At the backward's peak: the iterate, its new gradient and the last step's masked gradient, and the optimiser's
     # state (its own working tensors live only in the step, after the activations are freed).
     state = image * (3 + optimizer_state_images(params))
@@ -128,7 +178,7 @@ def step_memory(
     if kind == "cuda":
         fixed += CUDA_RESERVED_BYTES + (CUDNN_WORKSPACE_CAP_MIB << 20)
     else:
-        fixed += CPU_PROCESS_BYTES
+        fixed += CPU_PROCESS_BYTES + (RECOMPUTE_PROCESS_BYTES if recompute else 0)
     return StepMemory(saved, transient, state + targets, fixed)
 
 
@@ -178,13 +228,14 @@ def auto_batch_pairs(
 def max_square_side(params: StyleParams, memory_bytes: int, *, device: str = "cuda", pairs: int = 1) -> int:
     """The largest square image side (px) whose step fits `pairs` pairs in `memory_bytes`, by the memory model.
 
-    Also below the int32 indexing limit of one activation tensor (64 channels at full resolution: 5792 px, 1 pair).
+    The step recomputing activations counts where it needs less. Also below the int32 indexing limit of one
+    activation tensor (64 channels at full resolution: 5792 px, 1 pair).
     """
     budget = memory_bytes * (CUDA_MEMORY_FRACTION if device_type(device) == "cuda" else 1.0)
     low, high = 0, math.isqrt(MAX_TENSOR_ELEMENTS // (_BLOCK_CHANNELS[0] * pairs))
     while low < high:
         mid = (low + high + 1) // 2
-        if step_memory(mid, mid, params, device).total(pairs) <= budget:
+        if least_step(mid, mid, params, device).total(pairs) <= budget:
             low = mid
         else:
             high = mid - 1
@@ -253,9 +304,51 @@ def worker_memory(environ: dict[str, str] | None = None) -> WorkerMemory | None:
 
 
 def pairs_that_fit(height: int, width: int, params: StyleParams, memory: WorkerMemory) -> int:
-    """How many pairs of this shape one batch may hold in `memory` by the model (0: not even one)."""
-    model = step_memory(height, width, params, memory.device_for(params))
-    return max(0, int((memory.budget(params) - model.fixed) // max(1, model.per_pair)))
+    """How many pairs of this shape one batch may hold in `memory` by the model (0: not even one); the step that
+    recomputes activations counts only where not even one pair fits without it (the engine then recomputes)."""
+    for recompute in (False, True):
+        model = step_memory(height, width, params, memory.device_for(params), recompute=recompute)
+        fits = max(0, int((memory.budget(params) - model.fixed) // max(1, model.per_pair)))
+        if fits:
+            return fits
+    return 0
+
+
+def least_step(
+    height: int, width: int, params: StyleParams, device: str | torch.device, *, native_bf16: bool = False
+) -> StepMemory:
+    """The step that needs less memory at this shape: the plain one or the one recomputing activations."""
+    models = (step_memory(height, width, params, device, native_bf16=native_bf16, recompute=r) for r in (False, True))
+    return min(models, key=lambda m: m.total(1))
+
+
+def needs_recompute(
+    height: int,
+    width: int,
+    params: StyleParams,
+    device: str | torch.device,
+    pairs: int = 1,
+    *,
+    native_bf16: bool = False,
+    memory: WorkerMemory | None = None,
+    free_bytes: int | None = None,
+) -> bool:
+    """Whether a batch of `pairs` at height x width recomputes activations in the backward pass: only when its plain
+    step would not fit, by the model, the worker's stated memory (`memory`, default `worker_memory()`), or with none
+    stated for this device, the share of its free memory a batch may take (`free_bytes`, default what is free now).
+
+    Recomputing costs one more forward pass of the network per step and changes no value, so it is kept for where
+    memory is short: then it is what lets the batch run (docs/performance.md measures both).
+    """
+    kind = device_type(device)
+    need = step_memory(height, width, params, kind, native_bf16=native_bf16).total(pairs)
+    stated = worker_memory() if memory is None else memory
+    if stated is not None and stated.device_for(params) == kind:
+        return need > stated.budget(params)
+    free = available_bytes(device) if free_bytes is None else free_bytes
+    if kind == "cuda":
+        return need > free * CUDA_MEMORY_FRACTION
+    return need - CPU_PROCESS_BYTES > free * CPU_MEMORY_FRACTION  # this process already holds its own share
 
 
 def largest_size(params: StyleParams, memory: WorkerMemory) -> int:
@@ -268,7 +361,7 @@ def too_big(pair_id: str, params: StyleParams, memory: WorkerMemory) -> str | No
     size = params.size
     if pairs_that_fit(size, size, params, memory) >= 1:
         return None
-    need = step_memory(size, size, params, memory.device_for(params)).total(1)
+    need = least_step(size, size, params, memory.device_for(params)).total(1)
     fits = largest_size(params, memory)
     fitting = f"the largest size that fits is {fits}" if fits >= MIN_SIDE else "no size fits"
     return (
@@ -283,7 +376,9 @@ __all__ = [
     "WorkerMemory",
     "auto_batch_pairs",
     "available_bytes",
+    "least_step",
     "max_square_side",
+    "needs_recompute",
     "pairs_that_fit",
     "parse_memory",
     "step_memory",

@@ -7,14 +7,24 @@ The optimiser is a `Stepper` (nst.engine.steppers), what is logged and reported 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nst.engine.fastpath import CUDNN_WORKSPACE_CAP_MIB, FastPath, FeatureExtractor, LossStep, autocast, backend_flags
+from nst.engine.fastpath import (
+    CUDNN_WORKSPACE_CAP_MIB,
+    FastPath,
+    FeatureExtractor,
+    LossStep,
+    Recomputable,
+    autocast,
+    backend_flags,
+)
 from nst.engine.losses import LossTargets, blended_gram, gram_matrix, loss_normalization, total_losses
+from nst.engine.memory import needs_recompute
 from nst.engine.pairs import PairProblem, PairResult
 from nst.engine.steplog import LOSS_TERMS, ProgressCallback, ProgressEvent, StepLog, read_losses, stack_losses
 from nst.engine.steppers import AdamStepper, ProjectedLBFGS, Stepper
@@ -38,6 +48,8 @@ __all__ = [
     "schedule",
     "stylize_batch",
 ]
+
+log = logging.getLogger(__name__)
 
 # Under bf16 the network sees its input rounded to ~3 significant digits (0.5-1 grey level on the Caffe scale), so
 # L-BFGS's tiny first step (torch: 1/|g|_1) moves nothing it can see and its first curvature pair is noise. Under
@@ -187,6 +199,7 @@ class _BatchLoop:
         # Bicubic resizing overshoots [0, 1] a little: the start, like every iterate, lies inside the valid range.
         x = self.extractor.to_model(resize(x01, h, w).clamp(0, 1)).detach().contiguous().requires_grad_(True)
         stepper = self._stepper(x)
+        recompute = self._recompute(h, w)
         log = self.log
         log.begin_scale(scale, h, w, steps)
         # Pairs whose kept iterate (Adam's best, L-BFGS's accepted) had a finite loss at this scale.
@@ -197,7 +210,7 @@ class _BatchLoop:
 
         for step in range(steps):
             x.grad = None
-            losses = self.loss_step(x, targets, log.alive)
+            losses = self.loss_step(x, targets, log.alive, recompute)
             alive = log.evaluated(losses["total"])
             assert x.grad is not None
             grad = torch.where(alive.view(-1, 1, 1, 1), x.grad, 0.0)
@@ -207,6 +220,25 @@ class _BatchLoop:
         # Every iterate is inside the valid range, so this clamp only removes float rounding at the bounds.
         # A pair whose loss was never finite keeps its start image; it is reported failed.
         return shown(), log.rescued(kept_finite)
+
+    def _recompute(self, height: int, width: int) -> bool:
+        """Whether this scale's steps recompute activations in the backward pass: as `fast` says, else (None) when
+        the memory model says the plain step would not fit (`needs_recompute`); the values are the same either way."""
+        if not isinstance(self.extractor, Recomputable):
+            return False
+        if self.fast.recompute is not None:
+            return self.fast.recompute
+        native_bf16 = self.fast.amp is not None  # the activations' bytes the model counts are the fast path's
+        pairs = len(self.problems)
+        if not needs_recompute(height, width, self.params, self.device, pairs, native_bf16=native_bf16):
+            return False
+        log.info(
+            "recomputing activations in the backward pass at %dx%d px (%d pairs): the memory model",
+            height,
+            width,
+            pairs,
+        )
+        return True
 
     def _stepper(self, x: Tensor) -> Stepper:
         """The optimiser these parameters ask for, over the batch `x` [B,3,h,w] (model space)."""

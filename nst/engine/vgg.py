@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from nst.engine.weight_formats import Preprocessing
 from nst.engine.weights import ReadBytes, WeightsInfo, load_weights
@@ -83,6 +84,11 @@ class VGGFeatures(nn.Module):
                     modules[relu_name] = nn.ReLU()
                     self._plan.append((relu_name, None))
         self.body = nn.Sequential(modules)
+        # Runs of modules ending at each requested layer: what `recomputing` checkpoints (start, stop, capture).
+        ends = [i + 1 for i, (_, capture) in enumerate(self._plan) if capture is not None]
+        self.segments: list[tuple[int, int, str]] = [
+            (start, stop, self._plan[stop - 1][1] or "") for start, stop in zip([0, *ends[:-1]], ends, strict=True)
+        ]
         self.requires_grad_(False)
         self.eval()
 
@@ -108,6 +114,20 @@ class VGGFeatures(nn.Module):
             if capture is not None:
                 out[capture] = x
         return out
+
+    def recomputing(self, x: Tensor) -> dict[str, Tensor]:
+        """`forward`, keeping for the backward pass only each segment's input (the layers the losses read): the
+        activations between them are recomputed during the backward pass (less memory, the same values)."""
+        out: dict[str, Tensor] = {}
+        for start, stop, capture in self.segments:
+            x = checkpoint(self._run, x, start, stop, use_reentrant=False)
+            out[capture] = x
+        return out
+
+    def _run(self, x: Tensor, start: int, stop: int) -> Tensor:
+        for module in self.body[start:stop]:
+            x = module(x)
+        return x
 
     def _affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
         scale: Tensor = self._scale  # type: ignore[assignment]
