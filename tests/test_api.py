@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,11 @@ import nst
 import nst.api
 from nst.api import StyleOptions, Stylized, StylizeFailed
 from nst.cli import main
-from nst.engine.pairs import PairProblem, PairResult
-from nst.engine.steplog import ProgressCallback, ProgressEvent
-from nst.engine.stylizer import Stylizer
+from nst.engine.steplog import ProgressEvent
 from nst.errors import NSTError, OutputError, ParamsError, StorageError
 from nst.params import StyleParams
-from nst.results import error_info
 from nst_testing.paths import REPO, SAMPLES
+from tests.fake_engine import NaNStylizer
 
 CONTENT = SAMPLES / "content" / "chelsea.jpg"
 STYLE = SAMPLES / "styles" / "brick.jpg"
@@ -107,20 +104,6 @@ def test_output_writes_the_record_nst_stylize_writes(tmp_path: Path, capsys: pyt
     cli = json.loads((tmp_path / "cli.json").read_text())
     assert set(cli) == set(result.record) and set(cli["output"]) == set(result.record["output"])
     assert cli["params"] == result.record["params"] and cli["inputs"] == result.record["inputs"]
-
-
-class NaNStylizer(Stylizer):
-    """Every pair fails as a loss gone NaN at its first step would (no network loaded)."""
-
-    def stylize(
-        self,
-        jobs: Sequence[PairProblem[Image.Image]],
-        *,
-        callback: ProgressCallback | None = None,
-        input_roots: Sequence[str] | None = None,
-    ) -> list[PairResult[Image.Image]]:
-        error = error_info("NonFiniteLoss", "loss became NaN/inf at iteration 1", 1)
-        return [PairResult(j.id, "failed", j.params, None, None, [], 1, error=error) for j in jobs]
 
 
 def test_failed_optimisation_raises_with_its_record(tmp_path: Path) -> None:

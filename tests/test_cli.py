@@ -2,7 +2,6 @@
 
 import io
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,10 @@ from PIL import Image
 import nst.api
 from nst.api import Stylized
 from nst.cli import build_parser, main
-from nst.engine.pairs import PairProblem, PairResult
-from nst.engine.steplog import ProgressCallback, ProgressEvent
-from nst.engine.stylizer import Stylizer
+from nst.engine.steplog import ProgressEvent
 from nst.params import StyleParams
-from nst.results import error_info
 from nst_testing.paths import SAMPLES
+from tests.fake_engine import NaNStylizer
 
 CONTENT = str(SAMPLES / "content" / "chelsea.jpg")
 STYLE = str(SAMPLES / "styles" / "brick.jpg")
@@ -229,20 +226,6 @@ def test_stylize_goes_through_the_public_api(
     assert call == {"size": 32, "iterations": 2, "preset": "tf-keras", "style_weight": 5e3}  # only the flags set
     assert stdout == f"wrote {out} and {out.with_suffix('.json')} (style loss 2.5)\n"
     assert "spy:" in err and "1/2" in err and "style=2" in err  # the bar, fed by the API's progress events
-
-
-class NaNStylizer(Stylizer):
-    """Every pair fails as a loss gone NaN at its first step would (no network loaded)."""
-
-    def stylize(
-        self,
-        jobs: Sequence[PairProblem[Image.Image]],
-        *,
-        callback: ProgressCallback | None = None,
-        input_roots: Sequence[str] | None = None,
-    ) -> list[PairResult[Image.Image]]:
-        error = error_info("NonFiniteLoss", "loss became NaN/inf at iteration 1", 1)
-        return [PairResult(j.id, "failed", j.params, None, None, [], 1, error=error) for j in jobs]
 
 
 def test_failed_optimisation_is_one_line_and_its_record(
