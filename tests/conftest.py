@@ -290,7 +290,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.unit)
         if MODULE_SERVER in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    if getattr(config.option, "numprocesses", None):
+    if "PYTEST_XDIST_WORKER" in os.environ:  # a pytest-xdist worker (each collects, in the same order)
         items[:] = longest_first(items)
 
 
