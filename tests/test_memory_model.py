@@ -72,8 +72,8 @@ def test_recomputing_keeps_less_and_peaks_lower() -> None:
     for side in (1024, 2048):
         plain, recompute = (step_memory(side, side, params, "cpu", recompute=r) for r in (False, True))
         assert recompute.saved_per_pair < plain.saved_per_pair / 2  # only the layers the losses read are kept
-        assert recompute.transient_per_pair > plain.transient_per_pair  # one run's activations come back
-        assert recompute.total(1) < plain.total(1)
+        assert recompute.per_pair < plain.per_pair and recompute.total(1) < plain.total(1)
+        assert recompute.fixed > plain.fixed  # torch.utils.checkpoint loads torch._dynamo: once per process
         assert recompute.state_per_pair == plain.state_per_pair  # the optimiser's state is what it is
     per_pair = [step_memory(s, s, params, "cpu", recompute=True).per_pair for s in (1024, 2048)]
     assert per_pair[1] / per_pair[0] == pytest.approx(4, rel=0.01)

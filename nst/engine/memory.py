@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from nst.errors import ParamsError
@@ -93,6 +93,7 @@ class _Segment:
     widest: int = 0  # elements of the run's widest activation
     out: int = 0  # elements of its output (the layer the losses read)
     gram: bool = False  # whether a style loss reads it
+    convs: list[tuple[int, int]] = field(default_factory=list)  # per convolution: `inner` up to its ReLU, elements
 
 
 def _segments(height: int, width: int, params: StyleParams, act: int) -> tuple[list[_Segment], int, int]:
@@ -118,6 +119,7 @@ def _segments(height: int, width: int, params: StyleParams, act: int) -> tuple[l
         elems = c_out * h * w
         run.widest = max(run.widest, elems)
         run.inner += elems * act  # ReLU output (saved by ReLU and by the next convolution: one tensor)
+        run.convs.append((run.inner, elems))
         if name not in style and name not in content:
             continue
         run.out, run.gram = elems, name in style
@@ -137,16 +139,18 @@ def _recompute_peak(segments: list[_Segment], input_bytes: int, act: int) -> tup
     """Saved bytes per pair, and the backward's peak above them, when each run is recomputed in the backward pass.
 
     Kept: the input image (fp32, the first run's input), each run's output but the last (the next run's input) and
-    the losses' tensors (fp32: the Gram keeps the features themselves). While run k recomputes, its saved tensors
-    are alive again with its gradients, and the runs after it are done: their kept tensors are freed.
+    the losses' tensors (fp32: the Gram keeps the features themselves). At the backward's start, those and the
+    losses' fp32 gradients. While run k's backward reaches a convolution, the runs after k are done (their kept
+    tensors freed) and of run k's recomputed tensors those up to that layer are left, with its gradients.
     """
     last = segments[-1]
     outputs = [s.out * act for s in segments[:-1]] + [last.out * 4 if act == 4 and last.gram else 0]
     saved = input_bytes + sum(outputs) + sum(s.kept for s in segments)
-    peak, alive = saved, input_bytes
+    peak, alive = saved + sum(s.out * 4 for s in segments), input_bytes
     for k, segment in enumerate(segments):
-        inner = segment.inner - (input_bytes if k == 0 and act == 4 else 0)  # fp32: its input is the image itself
-        peak = max(peak, alive + inner + segment.widest * (2 * act + 4))
+        image = input_bytes if k == 0 and act == 4 else 0  # fp32: the first convolution's input is the image itself
+        for inner, elems in segment.convs:
+            peak = max(peak, alive + inner - image + elems * (2 * act + 4))
         alive += outputs[k] + segment.kept
     return saved, peak - saved
 
