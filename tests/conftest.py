@@ -297,8 +297,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 MODULE_SERVER = "isolated_prefect_server"  # module-scoped: its module's tests share one worker (--dist loadgroup)
 
 
+# The longest tests of docs/bench/test-durations.txt (several minutes each beside other test processes): handed out
+# before the other end-to-end tests, so that none of them starts last. Only an order: a stale name costs nothing.
+LONGEST = (
+    "test_server_restart.py",
+    "test_many_pairs.py",
+    "test_shard_e2e.py",
+    "test_faults.py",
+    "test_fast_path.py::test_bf16_batched_run_tracks",
+    "test_stack.py",
+    "test_deployment_e2e.py",
+    "test_notifications.py",
+    "test_ui_retry.py",
+)
+
+
 def cost_rank(item: pytest.Item) -> int:
-    """0 for end-to-end tests (minutes each), 1 for the other heavy ones, 2 for the unit tier."""
+    """Below 0 for LONGEST (in its order), 0 for the other end-to-end tests (minutes each), 1 for the other heavy
+    ones, 2 for the unit tier."""
+    for i, name in enumerate(LONGEST):
+        if item.nodeid.split("/")[-1].startswith(name):
+            return i - len(LONGEST)
     if item.get_closest_marker("slow") or item.get_closest_marker("browser"):
         return 0
     return 2 if item.get_closest_marker("unit") else 1
