@@ -38,6 +38,7 @@ from nst.run.shards import (
     split_batches,
 )
 from nst.run_options import RunOptions
+from nst.schedule import schedule
 from nst_testing.paths import REPO, SAMPLES
 
 CHELSEA = SAMPLES / "content" / "chelsea.jpg"  # landscape: 32x21 at size 32
@@ -79,6 +80,20 @@ def test_split_balances_pixels_times_iterations_and_keeps_batches_whole(tmp_path
     # By pair count the 4+4 pairs would go to two shards and `big` (the most work) on top of one of them.
     assert sorted(map(sorted, shards)) == [["big"], sorted(["q0", "q1", "q2", "q3", "s0", "s1", "s2", "s3"])]
     assert split_batches(batches, 10) == [["big"], ["q0", "q1", "q2", "q3"], ["s0", "s1", "s2", "s3"]]
+
+
+def test_a_pairs_cost_follows_its_schedule(tmp_path: Path) -> None:
+    """Coarse-to-fine work is mostly at the coarse scales: the cost sums pixels x steps per scale, not the output's."""
+    pairs = [
+        {"id": "one", "content": ASTRONAUT, "style": BRICK, "size": 128, "iterations": 70},
+        {"id": "three", "content": ASTRONAUT, "style": BRICK, "size": 128, "iterations": 70, "scales": 3},
+    ]
+    _, plan, _ = planned(tmp_path, pairs)
+    costs = {p.id: pair_cost(p, plan.inputs) for p in plan.to_run}
+    assert costs["one"] == 128 * 128 * 70
+    assert (
+        costs["three"] == sum(s.height * s.width * s.iterations for s in schedule(128, 128, 3, 70)) < costs["one"] / 3
+    )
 
 
 def test_retry_reruns_only_shards_with_pending_pairs_and_only_those_pairs(tmp_path: Path) -> None:

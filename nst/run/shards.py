@@ -25,6 +25,7 @@ from nst.run.planner import listed_ids
 from nst.run.records import PairRecord, read_record
 from nst.run_options import RunOptions
 from nst.safejson import MAX_RECORD_BYTES
+from nst.schedule import schedule
 
 HISTORY_PAIRS = 50  # pairs whose loss history the parent keeps for the report's curves
 IDS_IN_A_PARAMETER = 200  # a child's pair ids inline in its options up to this many, else in a file (~40 B each)
@@ -58,16 +59,19 @@ def given_ids(options: Mapping[str, Any]) -> list[str]:
 
 
 def pair_cost(spec: PairSpec, inputs: dict[str, InputFacts]) -> int:
-    """Work of one pair: output pixels × iterations (1 for an unreadable pair: it fails at once)."""
+    """Work of one pair: pixels × steps at each scale of its schedule, summed (one scale: output pixels ×
+    iterations; 1 for an unreadable pair: it fails at once)."""
     dims = inputs[spec.content].dims
     if dims is None or any(inputs[u].error for u in (spec.content, *spec.styles)):
         return 1
     width, height = resized_size(*dims, spec.params.size)
-    return width * height * spec.params.iterations
+    return sum(
+        s.height * s.width * s.iterations for s in schedule(height, width, spec.params.scales, spec.params.iterations)
+    )
 
 
 def split_batches(batches: Sequence[Batch], shards: int) -> list[list[str]]:
-    """Deal whole batches, costliest first, to the shard with the least pixels × iterations; empty shards dropped."""
+    """Deal whole batches, costliest first, to the shard with the least work (`pair_cost`); empty shards dropped."""
     loads = [0] * max(1, shards)
     groups: list[list[str]] = [[] for _ in loads]
     costed = [(sum(pair_cost(p, b.inputs) for p in b.pairs), i, b) for i, b in enumerate(batches)]
