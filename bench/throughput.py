@@ -327,7 +327,7 @@ def run_config(
     size = batch if cfg.batched else 1
     for start in range(0, len(problems), size):
         chunk = problems[start : start + size]
-        iterations = chunk[0].params.iterations * chunk[0].params.scales
+        iterations = chunk[0].params.iterations  # every step, across the scales (nst/schedule.py)
         marks: dict[str, float] = {}
         t_start = time.perf_counter()
 
