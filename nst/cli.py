@@ -42,7 +42,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], tit
         default = info.get_default(call_default_factory=True)
         help_text = f"{info.description} (default: {default if default is not None else 'unset'})"
         if "unset:" in (info.description or ""):  # the default follows other fields (scales): the text says how
-            help_text = str(info.description)
+            help_text = f"{info.description} (default: unset)"
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": name}
         origin = typing.get_origin(annotation)
         if annotation is bool:

@@ -102,7 +102,7 @@ def _image(seed: int, h: int, w: int) -> torch.Tensor:
 
 
 def test_the_scales_flag_says_its_default_follows_the_size() -> None:
-    """`--scales` has no fixed default (unset follows the size), so its help names none; other flags keep theirs."""
+    """`--scales` has no fixed default (unset follows the size), so its help says unset, not 1; others keep theirs."""
     import argparse
 
     from nst.cli import build_parser
@@ -110,5 +110,5 @@ def test_the_scales_flag_says_its_default_follows_the_size() -> None:
     parser = build_parser()
     stylize_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["stylize"]
     helps = {a.dest: a.help or "" for a in stylize_parser._actions}
-    assert "(default:" not in helps["scales"] and f"below size {COARSE_TO_FINE_FROM}" in helps["scales"]
+    assert helps["scales"].endswith("(default: unset)") and f"below size {COARSE_TO_FINE_FROM}" in helps["scales"]
     assert helps["iterations"].endswith("(default: 500)")
