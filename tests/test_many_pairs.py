@@ -25,7 +25,7 @@ def test_two_thousand_pairs_complete_with_the_server_responsive(prefect_server: 
         env=prefect_server.env,  # PREFECT_API_URL: the real server, not the ephemeral API
         capture_output=True,
         text=True,
-        timeout=1700,  # ~250 s alone on an idle 2-core machine; several times that beside other test processes
+        timeout=1700,  # ~80 s alone on an idle 2-core machine (was ~250 s with the full VGG19); more beside other tests
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
