@@ -203,7 +203,9 @@ def loss_curves_png(records: Sequence[Any], *, title: str = "") -> bytes | None:
         return None
     from matplotlib.figure import Figure  # no pyplot: no global state, safe outside the main thread
 
-    fig = Figure(figsize=(12, 3.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    # Fixed margins and legend place: "constrained" layout and loc="best" cost ~0.3 s a flow run (~0.6 -> 0.37 s).
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.84, wspace=0.22)
     axes = fig.subplots(1, 3)
     for ax, key in zip(axes, ("content", "style", "total"), strict=True):
         for r in with_history:
@@ -220,7 +222,7 @@ def loss_curves_png(records: Sequence[Any], *, title: str = "") -> bytes | None:
         ax.set_title(f"{key} loss")
         ax.grid(True, which="both", alpha=0.3)
     if len(with_history) <= MAX_LEGEND:
-        axes[-1].legend(fontsize="small", loc="best")
+        axes[-1].legend(fontsize="small", loc="upper right")
     if title:
         fig.suptitle(title)
     buf = io.BytesIO()
