@@ -49,6 +49,13 @@ os.environ.setdefault(DB_TEMPLATE_ENV, os.path.join(tempfile.mkdtemp(prefix="nst
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+# Servers and workers are stopped with SIGINT, as a user's Ctrl-C. A suite started in the background (`make test &`,
+# nohup, some CI runners) inherits SIGINT ignored, every process it starts too, and Python then installs no Ctrl-C
+# handler: each stop waited out its grace (20-30 s) before SIGTERM, ~35 s a worker, and the restart test's server
+# stop took minutes. The default handler here makes every child start with SIGINT's default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Tests name the sample images by absolute path from manifests in temporary directories: allow them as inputs.
 os.environ.setdefault("NST_INPUT_ROOTS", str(SAMPLES))
 # Deployment runs read manifests only under their roots: the tests' manifests live in temporary directories and buckets.

@@ -110,3 +110,11 @@ def test_a_unit_test_cannot_load_weights_or_start_a_server(
 )
 def test_heavy_commands_are_recognised(argv: list[str] | str, heavy: bool) -> None:
     assert (heavy_command(argv) is not None) == heavy
+
+
+def test_children_of_the_suite_can_be_stopped_with_sigint() -> None:
+    # Servers and workers are stopped with SIGINT; started in the background the suite inherits it ignored, and
+    # tests/conftest.py restores it, so each child starts with Python's Ctrl-C handler (not SIG_IGN's 1).
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "True"
