@@ -14,35 +14,26 @@ from pathlib import Path
 
 import pytest
 
+from nst_testing.prefect import process_tree
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _descendants_cpu(root: int) -> float:
-    """CPU seconds of the live descendants of `root`, each with the children it reaped (/proc stat fields 14-17)."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        cpu[pid] = sum(int(f) for f in fields[11:15]) / TICK
-    total, frontier = 0.0, {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
-        total += sum(cpu[pid] for pid in frontier)
-    return total
+def _cpu(pid: int) -> float:
+    """CPU seconds of a live process with the children it reaped (/proc stat fields 14-17); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / TICK
 
 
 def cpu_now() -> float:
     """CPU seconds used so far by this process and everything it started."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + _descendants_cpu(os.getpid())
+    live = sum(_cpu(pid) for pid in process_tree(os.getpid())[1:])
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + live
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
