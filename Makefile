@@ -52,7 +52,7 @@ demo: install
 # test and test-fast run on TEST_WORKERS pytest-xdist processes: the end-to-end tests mostly wait on servers and
 # workers, so more processes than cores pay. Each process starts its own servers on free ports; a module that shares
 # one server keeps its tests on one process (--dist loadgroup); the longest tests are handed out first (conftest.py).
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: install browser lint typecheck

@@ -76,7 +76,10 @@ def test_progress_callback_gets_every_step() -> None:
     events: list[ProgressEvent] = []
     result = nst.stylize(content=CONTENT, styles=STYLE, progress=events.append, log_every=1, **TINY)
     assert [e.iteration for e in events] == [1, 2] and {e.total_iterations for e in events} == {2}
-    assert events[-1].losses is not None and events[-1].losses[0]["style"] == result.losses["style"]
+    # The last event's losses come from the last step's forward, the result's from a forward of the final image
+    # without autograd: equal up to float summation order (kernels differ with and without grad, and by threads).
+    assert events[-1].losses is not None
+    assert events[-1].losses[0]["style"] == pytest.approx(result.losses["style"], rel=1e-5)
     assert [row["iteration"] for row in result.history] == [1, 2]
 
 
