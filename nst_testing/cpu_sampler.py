@@ -1,0 +1,134 @@
+"""CPU seconds of every process a command starts, summed by kind (Linux): where `make test`'s CPU goes.
+
+Usage: `python -m nst_testing.cpu_sampler [--every 0.25] [--json FILE] -- make test`. Every `--every` seconds it reads
+/proc/*/stat and keeps each process's last CPU seconds (processes that started before the command are left out: the
+kernel's and the machine's own); at the end it prints one JSON line per kind (Prefect servers, flow-run processes,
+workers, CLI calls, test processes, ...), most CPU first, then the total. A process that lives less than one sample
+or the last sample of a process's life are missed (at most `--every` seconds each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+TICK = os.sysconf("SC_CLK_TCK")
+KINDS = (  # (what the command line contains, kind): the first match names it
+    ("prefect.runner._workspace_supervisor", "flow-run process"),
+    ("prefect.engine", "flow-run process"),
+    ("server start", "prefect server"),
+    ("uvicorn", "prefect server (in-process API)"),
+    ("worker start", "prefect worker"),
+    ("bin/prefect", "prefect CLI"),
+    ("weed server", "SeaweedFS"),
+    ("chrom", "chromium"),
+    ("exec(eval(sys.stdin", "pytest process (xdist worker)"),
+    ("pytest", "pytest process (xdist worker)"),
+    ("deploy/setup.py", "deploy/setup.py"),
+    ("nst.cli", "nst CLI"),
+    ("mypy", "mypy"),
+    ("ruff", "ruff"),
+    ("pip", "pip"),
+)
+
+
+def kind_of(cmdline: str) -> str:
+    """The kind of a process from its command line (`other: <program>` when no rule matches)."""
+    for needle, kind in KINDS:
+        if needle in cmdline:
+            return kind
+    return "other: " + Path(cmdline.split(" ", 1)[0]).name if cmdline else "other"
+
+
+def _read(pid: str) -> tuple[tuple[str, int], float] | None:
+    """((pid, start time), CPU seconds) of a live process, or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (pid, int(fields[19])), (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class Sampler:
+    """Keeps each process's last CPU seconds and command line; processes alive at the start are ignored."""
+
+    def __init__(self) -> None:
+        self.before: set[tuple[str, int]] = set()
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and (seen := _read(pid)) is not None:
+                self.before.add(seen[0])
+        self.cpu: dict[tuple[str, int], float] = {}
+        self.cmd: dict[tuple[str, int], str] = {}
+
+    def sample(self) -> None:
+        """One pass over /proc."""
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or (seen := _read(pid)) is None or seen[0] in self.before:
+                continue
+            key, cpu = seen
+            self.cpu[key] = cpu
+            if not self.cmd.get(key):  # read again until exec has given the process its own command line
+                self.cmd[key] = _cmdline(pid)
+
+    def by_kind(self) -> list[dict[str, Any]]:
+        """CPU seconds and process count per kind, most CPU first."""
+        cpu: dict[str, float] = defaultdict(float)
+        count: dict[str, int] = defaultdict(int)
+        for key, seconds in self.cpu.items():
+            kind = kind_of(self.cmd.get(key, ""))
+            cpu[kind] += seconds
+            count[kind] += 1
+        rows = [{"kind": k, "cpu_s": round(cpu[k], 1), "processes": count[k]} for k in cpu]
+        return sorted(rows, key=lambda row: -float(row["cpu_s"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command, sampling; print the JSON summary; exit with the command's status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--every", type=float, default=0.25, help="seconds between samples")
+    parser.add_argument("--json", type=Path, default=None, help="also write every process's row to this file")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (put it after --)")
+    sampler, done = Sampler(), threading.Event()
+
+    def loop() -> None:
+        while not done.wait(args.every):
+            sampler.sample()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    began = time.monotonic()
+    thread.start()
+    status = subprocess.call(command)
+    done.set()
+    thread.join()
+    rows = sampler.by_kind()
+    for row in rows:
+        print(json.dumps(row))
+    total = round(sum(float(row["cpu_s"]) for row in rows), 1)
+    print(json.dumps({"total_cpu_s": total, "wall_s": round(time.monotonic() - began, 1), "status": status}))
+    if args.json is not None:
+        every = [{"cmd": sampler.cmd.get(k, ""), "cpu_s": c} for k, c in sampler.cpu.items()]
+        args.json.write_text(json.dumps(every))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
