@@ -1,10 +1,10 @@
 """CPU seconds of every process a command starts, summed by kind (Linux): where `make test`'s CPU goes.
 
 Usage: `python -m nst_testing.cpu_sampler [--every 0.25] [--json FILE] -- make test`. Every `--every` seconds it reads
-/proc/*/stat and keeps each process's last CPU seconds (processes that started before the command are left out: the
-kernel's and the machine's own); at the end it prints one JSON line per kind (Prefect servers, flow-run processes,
-workers, CLI calls, test processes, ...), most CPU first, then the total. A process that lives less than one sample
-or the last sample of a process's life are missed (at most `--every` seconds each).
+/proc/*/stat and keeps the last CPU seconds of the command and of every process it starts, down the tree (the rest of
+the machine is left out); at the end it prints one JSON line per kind (Prefect servers, flow-run processes, workers,
+CLI calls, test processes, ...), most CPU first, then the total. Missed: a process that lives less than one sample, the
+last sample of a process's life (at most `--every` seconds each), and one whose parent exited before it was seen.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ def kind_of(cmdline: str) -> str:
     return "other: " + Path(cmdline.split(" ", 1)[0]).name if cmdline else "other"
 
 
-def _read(pid: str) -> tuple[tuple[str, int], float] | None:
-    """((pid, start time), CPU seconds) of a live process, or None once it is gone."""
+def _read(pid: str) -> tuple[tuple[str, int], str, float] | None:
+    """((pid, start time), parent pid, CPU seconds) of a live process, or None once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (pid, int(fields[19])), (int(fields[11]) + int(fields[12])) / TICK
+    return (pid, int(fields[19])), fields[1], (int(fields[11]) + int(fields[12])) / TICK
 
 
 def _cmdline(pid: str) -> str:
@@ -65,23 +65,25 @@ def _cmdline(pid: str) -> str:
 
 
 class Sampler:
-    """Keeps each process's last CPU seconds and command line; processes alive at the start are ignored."""
+    """Keeps the last CPU seconds and command line of `root` and each descendant seen while its parent was known."""
 
-    def __init__(self) -> None:
-        self.before: set[tuple[str, int]] = set()
-        for pid in os.listdir("/proc"):
-            if pid.isdigit() and (seen := _read(pid)) is not None:
-                self.before.add(seen[0])
+    def __init__(self, root: int) -> None:
+        self.root = str(root)
+        self.ours: dict[str, tuple[str, int]] = {}  # pid -> (pid, start time) of the processes counted
         self.cpu: dict[tuple[str, int], float] = {}
         self.cmd: dict[tuple[str, int], str] = {}
 
     def sample(self) -> None:
-        """One pass over /proc."""
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or (seen := _read(pid)) is None or seen[0] in self.before:
-                continue
-            key, cpu = seen
-            self.cpu[key] = cpu
+        """One pass over /proc: a process is ours if it is the root or its parent is ours (to a fixed point)."""
+        seen = {pid: row for pid in os.listdir("/proc") if pid.isdigit() and (row := _read(pid)) is not None}
+        self.ours = {pid: key for pid, key in self.ours.items() if pid in seen and seen[pid][0] == key}
+        grown = True
+        while grown:
+            new = {p: r[0] for p, r in seen.items() if p not in self.ours and (p == self.root or r[1] in self.ours)}
+            self.ours.update(new)
+            grown = bool(new)
+        for pid, key in self.ours.items():
+            self.cpu[key] = seen[pid][2]
             if not self.cmd.get(key):  # read again until exec has given the process its own command line
                 self.cmd[key] = _cmdline(pid)
 
@@ -107,16 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (put it after --)")
-    sampler, done = Sampler(), threading.Event()
+    began, done = time.monotonic(), threading.Event()
+    proc = subprocess.Popen(command)
+    sampler = Sampler(proc.pid)
 
     def loop() -> None:
         while not done.wait(args.every):
             sampler.sample()
 
     thread = threading.Thread(target=loop, daemon=True)
-    began = time.monotonic()
     thread.start()
-    status = subprocess.call(command)
+    status = proc.wait()
     done.set()
     thread.join()
     rows = sampler.by_kind()

@@ -11,8 +11,6 @@ carries `@pytest.mark.vgg` itself, or uses tests/tiny_extractor.py or a fake eng
 Chromium fails with UnitTierViolation, in every run (the guard below): nothing heavy hides in the unit tier.
 """
 
-import contextlib
-import inspect
 import os
 import signal
 import subprocess
@@ -130,21 +128,9 @@ def prefect_harness(prefect_server: PrefectServer) -> Iterator[None]:
     """Flows run in this process talk to the session's real server (as `prefect_test_harness` does with a server of
     its own: one server a test process instead of two, ~15 s of CPU each to start). Tests find their runs by id."""
     from prefect.context import _temporary_global_settings_context, get_settings_context
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    async def drain() -> None:
-        """Send what this process still holds for the API before the server stops (as the harness does)."""
-        with contextlib.suppress(RuntimeError):  # no log worker was started
-            if inspect.isawaitable(logs := APILogWorker.instance().drain()):
-                await logs
-        if inspect.isawaitable(events := EventsWorker.drain_all()):
-            await events
 
     with prefect_server.settings(), _temporary_global_settings_context(get_settings_context()):
         yield
-        run_coro_as_sync(drain())
 
 
 def _served(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[PrefectServer]:

@@ -1,7 +1,9 @@
 """nst_testing/cpu_sampler.py: the per-kind CPU meter behind docs/bench/test-durations.txt."""
 
 import json
+import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -19,6 +21,9 @@ def test_kinds_are_named_from_the_command_line() -> None:
 
 
 def test_the_cpu_of_what_the_command_starts_is_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    """The command and its grandchild are counted; a process started beside it (here by this test) is not."""
+    beside = threading.Timer(0.1, subprocess.run, args=([sys.executable, "-c", BUSY],))
+    beside.start()
     assert (
         main(
             [
@@ -32,6 +37,7 @@ def test_the_cpu_of_what_the_command_starts_is_counted(capsys: pytest.CaptureFix
         )
         == 0
     )
+    beside.join()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     total = rows[-1]
     assert total["status"] == 0 and 0.4 <= total["total_cpu_s"] <= 5.0, rows

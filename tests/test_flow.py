@@ -31,6 +31,7 @@ from nst.run_options import RunOptions
 from nst_testing.faults import FaultyStylizer
 from nst_testing.manifests import write_manifest
 from nst_testing.paths import SAMPLES
+from nst_testing.prefect import PrefectServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -131,6 +132,22 @@ def task_run_states(run_id: Any) -> list[tuple[str, str]]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     return sorted((r.name, r.state.name if r.state else "") for r in runs)  # type: ignore[misc]
+
+
+def test_no_events_worker_outlives_the_server_settings_it_started_under(prefect_server: PrefectServer) -> None:
+    """Prefect keys its events worker by client type, not URL: one started while a test pointed this process at a
+    module's own server would send every later test's task-run events to that server after it stopped (the task
+    runs were then missing here). Leaving `PrefectServer.settings()` sends what it holds and stops it."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    def running() -> list[Any]:
+        return [w for w in EventsWorker._instances.values() if not w._stopped]
+
+    with prefect_server.settings():
+        assert emit_event("nst.test.ping", resource={"prefect.resource.id": "nst.test"}) is not None
+        assert running()
+    assert not running()
 
 
 def test_mixed_manifest_fails_records_failures_and_publishes_artifacts(tmp_path: Path, engine: EngineCalls) -> None:
