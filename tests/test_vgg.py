@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from skimage import data as skdata
 from torch import nn
@@ -51,6 +50,8 @@ def vgg16_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Seque
     classifier would only slow the test) to show that extra classifier keys are ignored.
     """
     torch.manual_seed(0)
+    import torchvision  # here, not at the top: importing it costs ~3 s of every tier's collection
+
     model = torchvision.models.vgg16(weights=None).eval()
     state = model.state_dict()
     keep = {
@@ -68,6 +69,8 @@ def vgg16_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Seque
 def vgg19_features_state() -> dict[str, torch.Tensor]:
     """A random VGG19 in torchvision layout, features only (80 MB rather than 550 MB)."""
     torch.manual_seed(1)
+    import torchvision
+
     return torchvision.models.vgg19(weights=None).features.state_dict(prefix="features.")
 
 
@@ -207,6 +210,8 @@ def test_vgg16_file_matches_torchvision(
     # An unknown torchvision-layout file is taken to expect torchvision's ImageNet normalisation.
     assert info.preprocessing == "torchvision"
     x = model.to_model(astronaut64)
+    import torchvision
+
     normalize = torchvision.transforms.Normalize(vgg.IMAGENET_MEAN, vgg.IMAGENET_STD)
     torch.testing.assert_close(x, normalize(astronaut64), rtol=0, atol=1e-5)
     with torch.no_grad():
