@@ -10,22 +10,18 @@ import os
 import resource
 import time
 from collections.abc import Generator
-from pathlib import Path
 
 import pytest
 
-from nst_testing.prefect import process_tree
+from nst_testing.prefect import process_tree, stat_fields
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu(pid: int) -> float:
     """CPU seconds of a live process with the children it reaped (/proc stat fields 14-17); 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return sum(int(f) for f in fields[11:15]) / TICK
+    fields = stat_fields(pid)
+    return 0.0 if fields is None else sum(int(f) for f in fields[11:15]) / TICK
 
 
 def cpu_now() -> float:

@@ -20,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from nst_testing.prefect import stat_fields
+
 TICK = os.sysconf("SC_CLK_TCK")
 KINDS = (  # (what the command line contains, kind): the first match names it
     ("prefect.runner._workspace_supervisor", "flow-run process"),
@@ -50,9 +52,7 @@ def kind_of(cmdline: str) -> str:
 
 def _read(pid: str) -> tuple[tuple[str, int], str, float] | None:
     """((pid, start time), parent pid, CPU seconds) of a live process, or None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    if (fields := stat_fields(pid)) is None:
         return None
     return (pid, int(fields[19])), fields[1], (int(fields[11]) + int(fields[12])) / TICK
 
