@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
 
-from nst.engine.optimize import ProgressCallback, ProgressEvent
 from nst.run import Batch
+
+if TYPE_CHECKING:  # the engine (torch) loads when a batch runs, not when Prefect loads the flow to deploy it
+    from nst.engine.optimize import ProgressCallback, ProgressEvent
 
 PROGRESS_UPDATE_S = 5.0
 LOG_EVERY_S = 30.0

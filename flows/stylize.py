@@ -32,7 +32,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact
@@ -48,13 +48,15 @@ import nst.run.batches
 from flows import outcome, report
 from flows.progress import Progress, progress_callback
 from nst import storage
-from nst.engine.stylizer import Stylizer
 from nst.errors import NSTError, StorageError
 from nst.manifest import PairSpec, ParamOverrides, load_manifest, override_values
 from nst.results import error_info
 from nst.run import Batch, PairRecord, Plan, RunHooks, RunSummary, new_run_id, some_ids, verify_written
 from nst.run.inputs import InputFacts
 from nst.run_options import RunOptions
+
+if TYPE_CHECKING:  # the engine (torch) loads in the flow run's first batch: `prefect deploy` loads this file too
+    from nst.engine.stylizer import Stylizer
 
 # Task retries are for transient trouble only (storage, network): waits before the 2nd and 3rd attempt, seconds.
 RETRY_DELAYS_S: list[float] = [10, 60]
@@ -133,12 +135,19 @@ def visible_devices(cpu_slots: int) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] if n else ["cpu"] * cpu_slots
 
 
+def new_stylizer() -> Stylizer:
+    """The engine with its network cache, reading weights through `nst.storage`; torch loads here, not at import."""
+    from nst.engine.stylizer import Stylizer
+
+    return Stylizer(read_bytes=storage.read_bytes)
+
+
 @dataclass
 class _RunParts:
     """What the batch tasks of one flow run share in this process."""
 
     slots: DeviceSlots
-    stylizer: Stylizer = field(default_factory=lambda: Stylizer(read_bytes=storage.read_bytes))
+    stylizer: Stylizer = field(default_factory=new_stylizer)
     progress: Progress = field(default_factory=lambda: Progress(0, None))
 
 

@@ -64,7 +64,9 @@ def _loss_and_grad(net: VGGFeatures, problems: list[PairProblem], amp: torch.dty
 
 
 def test_bf16_step_computes_the_fp32_loss_and_gradient(vgg: VGGFeatures) -> None:
-    problems = _pairs(64)
+    # 32 px: the same errors as at 64 px (loss 0.7 %, gradient cosine 0.9986, norm 0.9 %) in a seventh of the time;
+    # this CPU has no bf16 units, so torch emulates them (~10x fp32).
+    problems = _pairs(32)
     loss32, grad32 = _loss_and_grad(vgg, problems, None)
     loss16, grad16 = _loss_and_grad(vgg, problems, torch.bfloat16)
     assert loss16.dtype == torch.float32 and torch.isfinite(loss16).all()
@@ -76,8 +78,8 @@ def test_bf16_step_computes_the_fp32_loss_and_gradient(vgg: VGGFeatures) -> None
 
 def test_bf16_grams_stay_fp32_and_finite(vgg: VGGFeatures) -> None:
     # Real photos, plus what an unclamped L-BFGS iterate can look like: far outside [0, 1].
-    images = torch.cat([_sample("content/astronaut.jpg", 64), _sample("styles/hubble.jpg", 64)])
-    wild = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 8 - 4
+    images = torch.cat([_sample("content/astronaut.jpg", 32), _sample("styles/hubble.jpg", 32)])
+    wild = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 8 - 4
     for batch in (images, wild):
         x = vgg.to_model(batch)
         with torch.no_grad():
@@ -95,7 +97,8 @@ def test_bf16_grams_stay_fp32_and_finite(vgg: VGGFeatures) -> None:
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
 def test_bf16_batched_run_tracks_the_fp32_single_pair_reference(vgg: VGGFeatures, optimizer: str) -> None:
     lr = 10.0 if optimizer == "adam" else 1.0
-    problems = _pairs(32, optimizer=optimizer, lr=lr, iterations=25, log_every=5)
+    iterations = 25 if optimizer == "adam" else 15  # L-BFGS is as far down in 15 (emulated bf16: ~1 s a step here)
+    problems = _pairs(32, optimizer=optimizer, lr=lr, iterations=iterations, log_every=5)
     reference = [stylize_batch([p], vgg, fast=FastPath())[0] for p in problems]
     fast = stylize_batch(problems, vgg, fast=BF16)
     for ref, out in zip(reference, fast, strict=True):
