@@ -98,8 +98,8 @@ def test_a_failed_or_crashed_nightly_run_is_sent_to_the_webhook_and_other_runs_a
     server = isolated_prefect_server
     out = run_setup(server, "--alert-webhook-url", receiver.url)
     assert "automation notify-nightly-failures: created" in out, out
-    for name in ("stylize-manifest/nightly", "stylize-manifest/on-demand"):
-        server.cli("--no-prompt", "deploy", "--name", name, cwd=REPO)
+    names = ("stylize-manifest/nightly", "stylize-manifest/on-demand")
+    server.cli("--no-prompt", "deploy", *(a for name in names for a in ("--name", name)), cwd=REPO)  # one process
     with server.client() as client:
         nightly = client.read_deployment_by_name("stylize-manifest/nightly")
         assert "nightly" in nightly.tags
