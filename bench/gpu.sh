@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmarks, one section per call (each fits a 10-minute command limit on an H100), from the repository root:
-#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|all
+#   bash bench/gpu.sh throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|print|print-nspt|all
 # Writes JSON lines (and the sweep's plot) to $OUT if set (the lent-device tool), else docs/bench/, named after the
 # GPU (h100.jsonl, h100-sweep.jsonl, h100.png, ...). `python -m bench.report FILE...` turns them into tables.
 # Packages the machine lacks travel as wheels in .whl/ (see docs/performance.md, "Running on a GPU").
@@ -39,13 +39,21 @@ run() {
     large) $py -m bench.memory_model --device cuda --sizes 1024,2048,4096 --iterations 20 --out "$out/$gpu-large.jsonl"
            $py -m bench.memory_model --device cuda --sizes 1024,2048,4096 --iterations 500 --schedule \
              --out "$out/$gpu-large.jsonl" ;;
-    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|all)" >&2
+    # issue 30's comparison at 1024 px (docs/quality.md section 8): our coarse-to-fine default and one scale, 500 steps,
+    # style weights 1, 3, 10, the four pairs in one batch; then neural-style-pt's multires recipe (NSPT=checkout, carried)
+    # judged at the schedule's time (REFERENCE=the first section's print-size.jsonl, carried in the tree)
+    print) $py -m bench.print_size --workdir /tmp/nst-print-size --out "$out/print-size-$gpu.jsonl"
+           mkdir -p "$out/print-size" && cp /tmp/nst-print-size/*.jpg "$out/print-size/" ;;
+    print-nspt) $py -m bench.print_size --series nspt --neural-style-pt "$NSPT" ${REFERENCE:+--reference "$REFERENCE"} \
+                  --workdir /tmp/nst-print-size --out "$out/print-size-nspt-$gpu.jsonl"
+                mkdir -p "$out/print-size" && cp /tmp/nst-print-size/*.jpg "$out/print-size/" ;;
+    *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|print|print-nspt|all)" >&2
        exit 2 ;;
   esac
 }
 
 if [ "$section" = all ]; then
-  for s in throughput defaults sweep ttq coldstart pipeline quality frontier large; do run "$s"; done
+  for s in throughput defaults sweep ttq coldstart pipeline quality frontier large print; do run "$s"; done
 else
   run "$section"
 fi

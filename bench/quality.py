@@ -168,7 +168,8 @@ class Pair:
     style: Image.Image = field(repr=False)
 
 
-def _pair(content: Path, style: Path) -> Pair:
+def load_pair(content: Path, style: Path) -> Pair:
+    """The pair of these two files, decoded (id: content stem __ style stem)."""
     return Pair(
         f"{content.stem}__{style.stem}",
         content,
@@ -180,12 +181,12 @@ def _pair(content: Path, style: Path) -> Pair:
 
 def painting_pairs() -> list[Pair]:
     """pytorch/examples' photo with each of its four paintings (bench/images)."""
-    return [_pair(PAINTINGS / PAINTING_CONTENT, PAINTINGS / style) for style in PAINTING_STYLES]
+    return [load_pair(PAINTINGS / PAINTING_CONTENT, PAINTINGS / style) for style in PAINTING_STYLES]
 
 
 def photo_pairs() -> list[Pair]:
     """The 3 x 3 content x style pairs of the shipped sample images, interleaved so any prefix mixes them."""
-    pairs = [_pair(SAMPLES / "content" / c, SAMPLES / "styles" / s) for s in STYLES for c in CONTENTS]
+    pairs = [load_pair(SAMPLES / "content" / c, SAMPLES / "styles" / s) for s in STYLES for c in CONTENTS]
     return sorted(pairs, key=lambda p: (CONTENTS.index(p.content_path.name) + STYLES.index(p.style_path.name)) % 3)
 
 
@@ -313,72 +314,68 @@ def run_neural_style_pt(
 
     `style_weight` sets its -style_weight, `init` its -init (random or image); everything else stays its default.
     """
-    model = convert_weights_for_neural_style_pt(checkout)
     extra = ["-init", init] + (["-style_weight", str(style_weight)] if style_weight is not None else [])
     records = []
     for pair in pairs:
         out = workdir / f"nspt-{init}-{style_weight}-{pair.id}.png"
-        cmd = [
-            sys.executable,
-            "-u",
-            "neural_style.py",
-            "-content_image",
-            str(pair.content_path),
-            "-style_image",
-            str(pair.style_path),
-            "-image_size",
-            str(size),
-            "-num_iterations",
-            str(iterations),
-            "-gpu",
-            "0" if torch.cuda.is_available() else "c",
-            "-model_file",
-            str(model),
-            "-disable_check",
-            "-seed",
-            "0",
-            "-print_iter",
-            "1",
-            "-save_iter",
-            str(save_every),
-            "-output_image",
-            str(out),
-            *extra,
-        ]
-        start = time.perf_counter()
-        seconds_at: dict[int, float] = {}
-        t0: float | None = None
-        with subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            assert proc.stdout is not None
-            lines = []
-            for line in proc.stdout:
-                lines.append(line)
-                if line.startswith("Running optimization"):
-                    t0 = time.perf_counter()
-                elif (m := re.match(r"Iteration (\d+) /", line)) and t0 is not None:
-                    seconds_at[int(m.group(1))] = time.perf_counter() - t0
-        process_seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"neural-style-pt failed on {pair.id}:\n{''.join(lines[-20:])}")
-        curve = []
-        for it in range(save_every, iterations, save_every):
-            path = out.with_name(f"{out.stem}_{it}.png")
-            curve.append((it, seconds_at.get(it, math.nan), Image.open(path).convert("RGB")))
-        image = Image.open(out).convert("RGB")
-        curve.append((iterations, seconds_at.get(iterations, math.nan), image))
+        run = neural_style_pt_process(checkout, pair, size, iterations, save_every, out, extra)
         records.append(
             {
                 "pair": pair.id,
                 "status": "succeeded",
-                "image": image,
-                "curve": curve,
-                "seconds": seconds_at.get(iterations, time.perf_counter() - start),
-                "process_seconds": process_seconds,
+                "image": run.curve[-1][2],
+                "curve": run.curve,
+                "seconds": run.seconds,
+                "process_seconds": run.process_seconds,
                 "batch": 1,
                 "init": "noise" if init == "random" else "content",
             }
         )
     return records
+
+
+@dataclass
+class ExternalRun:
+    """One neural-style-pt process: (iteration, seconds, image) every `save_every` and at the end, and its times."""
+
+    curve: list[tuple[int, float, Image.Image]]
+    seconds: float  # from "Running optimization" to its last iteration
+    process_seconds: float  # the whole process: start, model load, targets, optimisation, saving
+
+
+def neural_style_pt_process(
+    checkout: Path, pair: Pair, size: int, iterations: int, save_every: int, out: Path, extra: Sequence[str]
+) -> ExternalRun:
+    """Run neural_style.py once for this pair (the converted VGG19, seed 0, its other options `extra`)."""
+    model = convert_weights_for_neural_style_pt(checkout)
+    cmd = [
+        *(sys.executable, "-u", "neural_style.py", "-content_image", str(pair.content_path.resolve())),
+        *("-style_image", str(pair.style_path.resolve()), "-image_size", str(size)),
+        *("-num_iterations", str(iterations), "-gpu", "0" if torch.cuda.is_available() else "c"),
+        *("-model_file", str(model), "-disable_check", "-seed", "0", "-print_iter", "1"),
+        *("-save_iter", str(save_every), "-output_image", str(out.resolve()), *extra),
+    ]
+    start = time.perf_counter()
+    seconds_at: dict[int, float] = {}
+    t0: float | None = None
+    with subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Running optimization"):
+                t0 = time.perf_counter()
+            elif (m := re.match(r"Iteration (\d+) /", line)) and t0 is not None:
+                seconds_at[int(m.group(1))] = time.perf_counter() - t0
+    process_seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"neural-style-pt failed on {pair.id}:\n{''.join(lines[-20:])}")
+    curve = []
+    for it in range(save_every, iterations, save_every):
+        path = out.with_name(f"{out.stem}_{it}{out.suffix}")
+        curve.append((it, seconds_at.get(it, math.nan), Image.open(path).convert("RGB")))
+    curve.append((iterations, seconds_at.get(iterations, math.nan), Image.open(out).convert("RGB")))
+    return ExternalRun(curve, seconds_at.get(iterations, process_seconds), process_seconds)
 
 
 def time_to(points: Sequence[Checkpoint], target: float) -> tuple[int | None, float | None]:

@@ -1,0 +1,336 @@
+"""Issue 30 at print size: our coarse-to-fine default against one scale and neural-style-pt's multires recipe.
+
+Pairs: pytorch/examples' photo with its four paintings, each at its full resolution (bench/images/full). Per style
+weight (--weights), our default (coarse-to-fine from 1024 px: 256 -> 512 -> 1024) and our engine at one scale each run
+--iterations steps, the pairs in one batch as `nst run` batches them, keeping an image every --iterations / 20 steps
+(on a GPU every shape is compiled and autotuned first, untimed). neural-style-pt (an external checkout) runs the recipe
+of its examples/scripts/starry_stanford.sh: 1000 -> 500 -> 200 steps at size / 4 -> size / 2 -> size, each
+`-init image` from the last, `-tv_weight 0`, `-style_weight 500`, cuDNN autotuned on a GPU; its seconds are its
+optimisation's (from "Running optimization" to its last step, summed over the three processes). Every image is judged
+at the output size by bench.quality's GatysJudge (coarse images upsampled, as the next scale starts from them).
+
+Issue 30's goals, per pair (`"kind": "print_size_pair"`):
+- `schedule_vs_single`: the schedule at the default weight against the single-scale frontier: its style_err over the
+  frontier's at its content_err (goal: <= 1.0), and its seconds over the single scale's at that weight (<= 1/3);
+- `equal_time`: every other run's image at the schedule's time (its last checkpoint by then) against the schedule's
+  frontier: our style_err at its content_err over its style_err (goal: <= 0.8).
+
+    python -m bench.print_size --workdir W --out W/ours.jsonl                                  # ours (a GPU)
+    python -m bench.print_size --series nspt --neural-style-pt /tmp/nspt --reference W/ours.jsonl \\
+        --workdir W --out W/nspt.jsonl
+    python -m bench.print_size --replot W/ours.jsonl W/nspt.jsonl --workdir W --sheets docs/quality/print-size \\
+        --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from bench import quality
+from bench.frontier import interpolate
+from bench.gallery import thumbnail
+from nst.params import StyleParams
+from nst.schedule import default_scales, schedule
+
+FULL = quality.PAINTINGS / "full"  # the pytorch/examples originals (bench/images keeps them downscaled)
+SCHEDULE, SINGLE, NSPT = "ours coarse-to-fine", "ours one scale", "neural-style-pt multires"
+SERIES = {"schedule": SCHEDULE, "single": SINGLE, "nspt": NSPT}
+NSPT_STEPS = (1000, 500, 200)  # starry_stanford.sh at 256, 512, 1024 px
+NSPT_WEIGHT = 500.0  # its -style_weight there
+CROP = 256  # px of the 1:1 crops on the sheets
+
+
+def full_pairs() -> list[quality.Pair]:
+    """pytorch/examples' photo with each of its four paintings, at their full resolution."""
+    return [quality.load_pair(FULL / quality.PAINTING_CONTENT, FULL / s) for s in quality.PAINTING_STYLES]
+
+
+def our_scales(series: str, args: argparse.Namespace) -> int:
+    """The scales of one of our series: one for `single`, else --scales or the project's default at --size."""
+    return 1 if series == "single" else args.scales or default_scales(args.size)
+
+
+def run_ours(
+    pairs: Sequence[quality.Pair], size: int, iterations: int, weight: float, scales: int
+) -> list[dict[str, Any]]:
+    """Our defaults at this style weight and number of scales, the pairs batched as `nst run` batches them."""
+    config = f"defaults:style_weight={weight}:scales={scales}"
+    return quality.run_ours(config, None, pairs, size, iterations, max(1, iterations // 20))
+
+
+def run_multires(
+    checkout: Path, pair: quality.Pair, size: int, steps: Sequence[int], weight: float, workdir: Path
+) -> dict[str, Any]:
+    """neural-style-pt's multires recipe for one pair: each stage twice the last's size, from its image."""
+    gpu = ["-backend", "cudnn", "-cudnn_autotune"] if torch.cuda.is_available() else []
+    curve: list[tuple[int, float, Image.Image]] = []
+    done, seconds, process_seconds, init = 0, 0.0, 0.0, None
+    for k, n in enumerate(steps):
+        side = max(1, round(size / 2 ** (len(steps) - 1 - k)))
+        out = workdir / "nspt" / f"multires-{weight:g}-{pair.id}-{side}.png"  # and its intermediates beside it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        extra = ["-style_weight", f"{weight:g}", "-tv_weight", "0", *gpu]
+        extra += ["-init", "image", "-init_image", str(init.resolve())] if init is not None else []
+        run = quality.neural_style_pt_process(checkout, pair, side, n, max(1, n // 10), out, extra)
+        curve += [(done + it, seconds + sec, img) for it, sec, img in run.curve]
+        done, seconds, process_seconds = done + n, seconds + run.seconds, process_seconds + run.process_seconds
+        init = out
+    return {
+        "pair": pair.id,
+        "status": "succeeded",
+        "image": curve[-1][2],
+        "curve": curve,
+        "seconds": seconds,
+        "process_seconds": process_seconds,
+    }
+
+
+def at_time(curve: Sequence[Sequence[float]], seconds: float) -> Sequence[float] | None:
+    """The last (iteration, seconds, content_err, style_err) checkpoint at or before `seconds`; None if none was."""
+    by_then = [p for p in curve if not math.isnan(p[1]) and p[1] <= seconds]
+    return max(by_then, key=lambda p: p[1]) if by_then else None
+
+
+def schedule_seconds(rows: Sequence[dict[str, Any]], weight: float) -> dict[str, float]:
+    """Per pair, the seconds of the schedule at this weight: the time every other run is judged at."""
+    return {r["pair"]: r["seconds"] for r in rows if r["series"] == SCHEDULE and r["weight"] == weight}
+
+
+def judged_row(
+    judge: quality.GatysJudge,
+    cache: dict[tuple[str, tuple[int, int]], dict[str, Any]],
+    pair: quality.Pair,
+    series: str,
+    weight: float,
+    record: dict[str, Any],
+    reference: dict[str, float],
+    workdir: Path,
+) -> dict[str, Any]:
+    """One run judged at the output size, its final image (and its image at the schedule's time) saved in workdir."""
+    final, points = quality.judge_run(judge, pair, record["image"], record["curve"], cache)
+    stem = f"{series.replace(' ', '_')}-{weight:g}-{pair.id}"
+    record["image"].save(workdir / f"{stem}.jpg", quality=95)  # judged above from the image itself
+    row: dict[str, Any] = {"kind": "print_size_run", "series": series, "weight": weight, "pair": pair.id}
+    row |= {"size": max(record["image"].size), "seconds": record["seconds"]}
+    row |= {"process_seconds": record.get("process_seconds"), "batch": record.get("batch", 1)}
+    row |= {
+        "content_err": final["content_err"],
+        "style_err": final["style_err"],
+        "gatys_total": final["gatys"]["total"],
+    }
+    row["curve"] = [(p.iteration, p.seconds, p.content_err, p.style_err) for p in points]
+    row["image"] = f"{stem}.jpg"
+    if series != SCHEDULE and pair.id in reference:
+        point = at_time(row["curve"], reference[pair.id])
+        images = {it: img for it, _, img in record["curve"]}
+        if point is not None and int(point[0]) in images:
+            images[int(point[0])].resize(record["image"].size, Image.Resampling.BICUBIC).save(
+                workdir / f"{stem}-at.jpg", quality=95
+            )
+            row["image_at_schedule_time"] = f"{stem}-at.jpg"
+    return row
+
+
+def run_series(
+    args: argparse.Namespace, pairs: list[quality.Pair], reference_rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every run asked for, judged: the schedule first, so that the others know its time."""
+    judge = quality.GatysJudge(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    cache: dict[tuple[str, tuple[int, int]], dict[str, Any]] = {}
+    by_id = {p.id: p for p in pairs}
+    rows: list[dict[str, Any]] = []
+    if torch.cuda.is_available():  # compile and autotune every shape before anything is timed
+        for scales in {our_scales(k, args) for k in ("schedule", "single") if k in args.series}:
+            run_ours(pairs, args.size, max(2, scales), args.default_weight, scales)
+    for key in [k for k in SERIES if k in args.series]:
+        series = SERIES[key]
+        for weight in args.nspt_weights if key == "nspt" else args.weights:
+            if key == "nspt":
+                records = [
+                    run_multires(args.neural_style_pt, p, args.size, args.nspt_steps, weight, args.workdir)
+                    for p in pairs
+                ]
+            else:
+                records = run_ours(pairs, args.size, args.iterations, weight, our_scales(key, args))
+            reference = schedule_seconds([*reference_rows, *rows], args.default_weight)
+            for record in records:
+                row = judged_row(judge, cache, by_id[record["pair"]], series, weight, record, reference, args.workdir)
+                if key != "nspt":
+                    w, h = record["image"].size
+                    row["schedule"] = [x.to_dict() for x in schedule(h, w, our_scales(key, args), args.iterations)]
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    return rows
+
+
+def pair_summary(rows: Sequence[dict[str, Any]], pair: str, weight: float) -> dict[str, Any]:
+    """Issue 30's two goals for one pair: the schedule against the single-scale frontier, and everyone at its time."""
+    mine = [r for r in rows if r["pair"] == pair]
+    fronts = {s: [(r["content_err"], r["style_err"]) for r in mine if r["series"] == s] for s in (SCHEDULE, SINGLE)}
+    main = next((r for r in mine if r["series"] == SCHEDULE and r["weight"] == weight), None)
+    single = next((r for r in mine if r["series"] == SINGLE and r["weight"] == weight), None)
+    summary: dict[str, Any] = {"kind": "print_size_pair", "pair": pair, "weight": weight}
+    if main is not None and single is not None:
+        at = interpolate(fronts[SINGLE], main["content_err"])  # None outside the frontier: no claim either way
+        summary["schedule_vs_single"] = {
+            "frontier_ratio": main["style_err"] / at if at is not None else None,
+            "time_fraction": main["seconds"] / single["seconds"],
+        }
+    equal_time = []
+    for r in mine:
+        if main is None or r["series"] == SCHEDULE:
+            continue
+        point = at_time(r["curve"], main["seconds"])
+        entry: dict[str, Any] = {"series": r["series"], "weight": r["weight"], "ratio": None}
+        if point is not None:
+            at = interpolate(fronts[SCHEDULE], point[2], bound=True)
+            entry |= {"iteration": point[0], "seconds": point[1], "content_err": point[2], "style_err": point[3]}
+            entry["ratio"] = at / point[3] if at is not None else None
+        equal_time.append(entry)
+    summary["equal_time"] = equal_time
+    summary["worst_equal_time"] = {
+        s: max((e["ratio"] for e in equal_time if e["series"] == s and e["ratio"] is not None), default=None)
+        for s in (SINGLE, NSPT)
+    }
+    return summary
+
+
+def sheet(
+    rows: Sequence[dict[str, Any]], pair: quality.Pair, weights: tuple[float, float], workdir: Path
+) -> Image.Image:
+    """Content, style and the results at `weights` (ours, neural-style-pt's): finals, and the others at the
+    schedule's time, as thumbnails, with a 1:1 crop of each result's centre below."""
+    cells: list[tuple[str, Image.Image]] = [("content", pair.content), ("style", pair.style)]
+    for r in rows:
+        if r["pair"] != pair.id or r["weight"] != weights[r["series"] == NSPT]:
+            continue
+        text = f"{r['series']} w {r['weight']:g}\nc {r['content_err']:.2f} s {r['style_err']:.3f} {r['seconds']:.0f} s"
+        if (workdir / r["image"]).exists():
+            cells.append((text, Image.open(workdir / r["image"]).convert("RGB")))
+        at = r.get("image_at_schedule_time")
+        if at and (workdir / at).exists():
+            cells.append((f"{r['series']}\nat the schedule's time", Image.open(workdir / at).convert("RGB")))
+    tile, head = 256, 30
+    out = Image.new("RGB", (tile * len(cells), head + 2 * tile), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (text, img) in enumerate(cells):
+        out.paste(thumbnail(img, tile), (i * tile, head))
+        draw.multiline_text((i * tile + 3, 2), text, fill="black", spacing=1)
+        if i >= 2:
+            w, h = img.size
+            box = ((w - CROP) // 2, (h - CROP) // 2, (w + CROP) // 2, (h + CROP) // 2)
+            out.paste(img.crop(box), (i * tile, head + tile))
+    draw.text((3, head + tile + 3), f"below: the centre\n{CROP} px, 1:1", fill="black")
+    return out
+
+
+def markdown(rows: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]]) -> str:
+    """Per pair: the schedule's and the single scale's default points, goal 1's two ratios and goal 2's worst."""
+
+    def point(pair: str, series: str, weight: float) -> str:
+        r = next((r for r in rows if (r["pair"], r["series"], r["weight"]) == (pair, series, weight)), None)
+        return f"{r['content_err']:.3f} / {r['style_err']:.4f} / {r['seconds']:.1f} s" if r else "–"
+
+    def num(x: float | None) -> str:
+        return f"{x:.2f}" if x is not None else "–"
+
+    lines = [
+        "| pair | coarse-to-fine c / s / time | one scale c / s / time | frontier ratio vs one scale (≤ 1) "
+        "| time fraction (≤ 0.33) | equal time: worst ratio vs one scale / vs nspt multires (≤ 0.8) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for s in summaries:
+        vs = s.get("schedule_vs_single", {})
+        worst = s["worst_equal_time"]
+        lines.append(
+            f"| {s['pair'].replace('__', ' / ')} | {point(s['pair'], SCHEDULE, s['weight'])} | "
+            f"{point(s['pair'], SINGLE, s['weight'])} | {num(vs.get('frontier_ratio'))} | "
+            f"{num(vs.get('time_fraction'))} | {num(worst[SINGLE])} / {num(worst[NSPT])} |"
+        )
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _read(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    return [
+        row
+        for p in paths
+        for line in p.read_text().splitlines()
+        if (row := json.loads(line))["kind"] == "print_size_run"
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--iterations", type=int, default=500, help="our steps in all (the schedule's across scales)")
+    parser.add_argument("--weights", type=_floats, default=[1.0, 3.0, 10.0], help="our style weights")
+    parser.add_argument("--default-weight", type=float, default=StyleParams().style_weight)
+    parser.add_argument("--scales", type=int, help="the schedule's scales (default: the project's at --size)")
+    parser.add_argument("--series", default="schedule,single", help="of schedule, single, nspt; comma-separated")
+    parser.add_argument("--neural-style-pt", type=Path, help="a neural-style-pt checkout (series nspt)")
+    parser.add_argument("--nspt-weights", type=_floats, default=[NSPT_WEIGHT])
+    parser.add_argument("--nspt-steps", type=_ints, default=list(NSPT_STEPS), help="per stage, coarse to fine")
+    parser.add_argument("--reference", type=Path, nargs="*", default=[], help="earlier runs (the schedule's times)")
+    parser.add_argument("--only", help="pair ids, comma-separated (default: all four)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/nst-print-size"))
+    parser.add_argument("--out", type=Path, help="write the runs and summaries here (JSON lines)")
+    parser.add_argument("--sheets", type=Path, help="folder for one JPEG per pair: pictures and 1:1 crops")
+    parser.add_argument("--markdown", action="store_true", help="print the table for docs/quality.md")
+    parser.add_argument("--replot", type=Path, nargs="+", help="only summarise these files' runs")
+    args = parser.parse_args(argv)
+    args.series = [s for s in args.series.split(",") if s]
+    if unknown := set(args.series) - set(SERIES):
+        parser.error(f"--series: unknown {', '.join(sorted(unknown))}; known: {', '.join(SERIES)}")
+    if "nspt" in args.series and args.neural_style_pt is None:
+        parser.error("--series nspt needs --neural-style-pt")
+    pairs = [p for p in full_pairs() if args.only is None or p.id in args.only.split(",")]
+    if not pairs:
+        parser.error(f"--only: no such pair; known: {', '.join(p.id for p in full_pairs())}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    earlier = _read(args.reference)
+    rows = _read(args.replot) if args.replot else run_series(args, pairs, earlier)
+    everything = [*earlier, *rows]
+    summaries = [pair_summary(everything, p.id, args.default_weight) for p in pairs]
+    ratios = [s["schedule_vs_single"] for s in summaries if "schedule_vs_single" in s]
+    total = {
+        "kind": "summary",
+        "size": args.size,
+        "max_frontier_ratio_vs_single": max((r["frontier_ratio"] for r in ratios if r["frontier_ratio"]), default=None),
+        "max_time_fraction": max((r["time_fraction"] for r in ratios), default=None),
+        "worst_equal_time": {
+            series: max((v for s in summaries if (v := s["worst_equal_time"][series]) is not None), default=None)
+            for series in (SINGLE, NSPT)
+        },
+    }
+    for line in [*summaries, total]:
+        print(json.dumps(line))
+    if args.out:
+        args.out.write_text("".join(json.dumps(line) + "\n" for line in [*rows, *summaries, total]))
+    if args.markdown:
+        print(markdown(everything, summaries))
+    if args.sheets:
+        args.sheets.mkdir(parents=True, exist_ok=True)
+        for pair in pairs:
+            weights = (args.default_weight, args.nspt_weights[0])
+            sheet(everything, pair, weights, args.workdir).save(args.sheets / f"{pair.id}.jpg", quality=88)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
