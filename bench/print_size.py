@@ -168,6 +168,9 @@ def run_series(
                     row["schedule"] = [x.to_dict() for x in schedule(h, w, our_scales(key, args), args.iterations)]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+                if args.out:  # as it comes: a run cut short (a device command's time limit) keeps what it measured
+                    with args.out.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -304,7 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--only: no such pair; known: {', '.join(p.id for p in full_pairs())}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     earlier = _read(args.reference)
-    rows = _read(args.replot) if args.replot else run_series(args, pairs, earlier)
+    if args.replot:
+        rows = _read(args.replot)
+    else:
+        if args.out:
+            args.out.write_text("")  # run_series appends each run as it is judged
+        rows = run_series(args, pairs, earlier)
     everything = [*earlier, *rows]
     summaries = [pair_summary(everything, p.id, args.default_weight) for p in pairs]
     ratios = [s["schedule_vs_single"] for s in summaries if "schedule_vs_single" in s]
@@ -321,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in [*summaries, total]:
         print(json.dumps(line))
     if args.out:
-        args.out.write_text("".join(json.dumps(line) + "\n" for line in [*rows, *summaries, total]))
+        with args.out.open("w" if args.replot else "a") as fh:
+            fh.write("".join(json.dumps(line) + "\n" for line in [*(rows if args.replot else []), *summaries, total]))
     if args.markdown:
         print(markdown(everything, summaries))
     if args.sheets:
