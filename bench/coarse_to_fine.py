@@ -49,19 +49,19 @@ def run(
 
 
 def sheet(pair: Pair, images: list[tuple[str, Image.Image]], size: int) -> Image.Image:
-    """Content, style and each result in a row; below, the centre crop of each result at 1:1."""
-    tile, crop = 256, 256
+    """Content, style and each result in a row (labels of up to two lines); below, each result's centre at 1:1."""
+    tile, crop, head = 256, 256, 30
     row = [("content", pair.content), ("style", pair.style), *images]
-    out = Image.new("RGB", (tile * len(row), tile * 2 + 20), "white")
+    out = Image.new("RGB", (tile * len(row), tile * 2 + head), "white")
     draw = ImageDraw.Draw(out)
     for i, (label, img) in enumerate(row):
-        out.paste(resize_long_side(img, tile).convert("RGB"), (i * tile, 20))
-        draw.text((i * tile + 4, 4), label, fill="black")
+        out.paste(resize_long_side(img, tile).convert("RGB"), (i * tile, head))
+        draw.multiline_text((i * tile + 4, 2), label, fill="black", spacing=1)
     for i, (_, img) in enumerate(images, start=2):
         w, h = img.size
         box = ((w - crop) // 2, (h - crop) // 2, (w + crop) // 2, (h + crop) // 2)
-        out.paste(img.crop(box).convert("RGB"), (i * tile, tile + 20))
-    draw.text((4, tile + 24), f"below: centre {crop} px of the {size} px results, 1:1", fill="black")
+        out.paste(img.crop(box).convert("RGB"), (i * tile, tile + head))
+    draw.text((4, tile + head + 4), f"below: centre {crop} px of the {size} px results, 1:1", fill="black")
     return out
 
 

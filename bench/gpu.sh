@@ -15,6 +15,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/nst-inductor-cache}
 py=python3
+print_work=/tmp/nst-print-size  # bench.print_size's pictures; only its JPEGs come back (neural-style-pt's PNGs stay)
 gpu=$($py -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv || true
 
@@ -42,15 +43,15 @@ run() {
     # issue 30's comparison at 1024 px (docs/quality.md section 8): our coarse-to-fine default and one scale, 500 steps,
     # style weights 1, 3, 10, the four pairs in one batch; then neural-style-pt's multires recipe (NSPT=checkout, carried)
     # judged at the schedule's time (REFERENCE=the first section's print-size.jsonl, carried in the tree)
-    print) $py -m bench.print_size --workdir /tmp/nst-print-size --out "$out/print-size-$gpu.jsonl"
-           mkdir -p "$out/print-size" && cp /tmp/nst-print-size/*.jpg "$out/print-size/" ;;
+    print) $py -m bench.print_size --workdir "$print_work" --out "$out/print-size-$gpu.jsonl"
+           mkdir -p "$out/print-size" && cp "$print_work"/*.jpg "$out/print-size/" ;;
     print-nspt) if ! $py -c "import torchvision" 2>/dev/null; then  # neural_style.py imports it (bench/gpu_prepare.sh)
                   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$NSPT"/wheels/*.whl
                   export PYTHONPATH=/tmp/site:$PYTHONPATH
                 fi
                 $py -m bench.print_size --series nspt --neural-style-pt "$NSPT" ${REFERENCE:+--reference "$REFERENCE"} \
-                  --workdir /tmp/nst-print-size --out "$out/print-size-nspt-$gpu.jsonl"
-                mkdir -p "$out/print-size" && cp /tmp/nst-print-size/*.jpg "$out/print-size/" ;;
+                  --workdir "$print_work" --out "$out/print-size-nspt-$gpu.jsonl"
+                mkdir -p "$out/print-size" && cp "$print_work"/*.jpg "$out/print-size/" ;;
     *) echo "unknown section $1 (throughput|defaults|sweep|ttq|coldstart|pipeline|quality|frontier|large|print|print-nspt|all)" >&2
        exit 2 ;;
   esac

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from bench import quality
+from bench import coarse_to_fine, quality
 from bench.frontier import interpolate
-from bench.gallery import thumbnail
 from nst.params import StyleParams
 from nst.schedule import default_scales, schedule
 
@@ -45,7 +44,6 @@ SCHEDULE, SINGLE, NSPT = "ours coarse-to-fine", "ours one scale", "neural-style-
 SERIES = {"schedule": SCHEDULE, "single": SINGLE, "nspt": NSPT}
 NSPT_STEPS = (1000, 500, 200)  # starry_stanford.sh at 256, 512, 1024 px
 NSPT_WEIGHT = 500.0  # its -style_weight there
-CROP = 256  # px of the 1:1 crops on the sheets
 
 
 def full_pairs() -> list[quality.Pair]:
@@ -130,8 +128,8 @@ def judged_row(
     row["image"] = f"{stem}.jpg"
     if series != SCHEDULE and pair.id in reference:
         point = at_time(row["curve"], reference[pair.id])
-        images = {it: img for it, _, img in record["curve"]}
-        if point is not None and int(point[0]) in images:
+        images = {it: img for it, _, img in record["curve"]}  # the judged curve's iterations
+        if point is not None:
             images[int(point[0])].resize(record["image"].size, Image.Resampling.BICUBIC).save(
                 workdir / f"{stem}-at.jpg", quality=95
             )
@@ -207,11 +205,11 @@ def pair_summary(rows: Sequence[dict[str, Any]], pair: str, weight: float) -> di
 
 
 def sheet(
-    rows: Sequence[dict[str, Any]], pair: quality.Pair, weights: tuple[float, float], workdir: Path
+    rows: Sequence[dict[str, Any]], pair: quality.Pair, weights: tuple[float, float], size: int, workdir: Path
 ) -> Image.Image:
-    """Content, style and the results at `weights` (ours, neural-style-pt's): finals, and the others at the
-    schedule's time, as thumbnails, with a 1:1 crop of each result's centre below."""
-    cells: list[tuple[str, Image.Image]] = [("content", pair.content), ("style", pair.style)]
+    """bench.coarse_to_fine's sheet of the results at `weights` (ours, neural-style-pt's): finals, and the others at
+    the schedule's time."""
+    cells: list[tuple[str, Image.Image]] = []
     for r in rows:
         if r["pair"] != pair.id or r["weight"] != weights[r["series"] == NSPT]:
             continue
@@ -221,18 +219,7 @@ def sheet(
         at = r.get("image_at_schedule_time")
         if at and (workdir / at).exists():
             cells.append((f"{r['series']}\nat the schedule's time", Image.open(workdir / at).convert("RGB")))
-    tile, head = 256, 30
-    out = Image.new("RGB", (tile * len(cells), head + 2 * tile), "white")
-    draw = ImageDraw.Draw(out)
-    for i, (text, img) in enumerate(cells):
-        out.paste(thumbnail(img, tile), (i * tile, head))
-        draw.multiline_text((i * tile + 3, 2), text, fill="black", spacing=1)
-        if i >= 2:
-            w, h = img.size
-            box = ((w - CROP) // 2, (h - CROP) // 2, (w + CROP) // 2, (h + CROP) // 2)
-            out.paste(img.crop(box), (i * tile, head + tile))
-    draw.text((3, head + tile + 3), f"below: the centre\n{CROP} px, 1:1", fill="black")
-    return out
+    return coarse_to_fine.sheet(pair, cells, size)
 
 
 def markdown(rows: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]]) -> str:
@@ -337,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.sheets.mkdir(parents=True, exist_ok=True)
         for pair in pairs:
             weights = (args.default_weight, args.nspt_weights[0])
-            sheet(everything, pair, weights, args.workdir).save(args.sheets / f"{pair.id}.jpg", quality=88)
+            sheet(everything, pair, weights, args.size, args.workdir).save(args.sheets / f"{pair.id}.jpg", quality=88)
     return 0
 
 
