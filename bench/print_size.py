@@ -163,7 +163,8 @@ def run_series(
                 row = judged_row(judge, cache, by_id[record["pair"]], series, weight, record, reference, args.workdir)
                 if key != "nspt":
                     w, h = record["image"].size
-                    row["schedule"] = [x.to_dict() for x in schedule(h, w, our_scales(key, args), args.iterations)]
+                    steps = schedule(h, w, our_scales(key, args), args.iterations, StyleParams().init)
+                    row["schedule"] = [x.to_dict() for x in steps]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
                 if args.out:  # as it comes: a run cut short (a device command's time limit) keeps what it measured

@@ -21,7 +21,7 @@ from nst.run.index import Written
 from nst.run.planner import _other_schedule
 from nst.run.records import parse_record, schedule_steps
 from nst.run_options import RunOptions
-from nst.schedule import schedule
+from nst.schedule import START_UPSAMPLED, schedule
 from nst_testing.paths import SAMPLES
 from tests.fake_engine import FakeEngine
 
@@ -96,6 +96,17 @@ def test_old_records_at_1024_px(tmp_path: Path) -> None:
     assert verdicts(manifest) == ([], IDS, 1)
 
 
+def test_records_listing_no_starts(tmp_path: Path) -> None:
+    """Before scales listed their start, a first scale started from `init` as now and finer ones upsampled: one
+    scale stays done; several scales from noise (no detail put back) stay done; from the content they do not."""
+    for extra, older in (("", 0), (", scales: 2, init: noise", 0), (", scales: 2", 2)):
+        manifest = put(tmp_path, 128, extra, 5)
+        run(manifest, RunOptions())
+        for pair in IDS:
+            edit(tmp_path, pair, lambda r: [scale.pop("start") for scale in r["schedule"]])
+        assert verdicts(manifest) == ([], IDS, older)
+
+
 def test_an_old_record_of_one_scale_below_1024_px_is_done(tmp_path: Path) -> None:
     manifest = put(tmp_path, 128)
     assert verdicts(manifest) == (IDS, [], 0)
@@ -111,6 +122,9 @@ def test_an_old_record_of_one_scale_below_1024_px_is_done(tmp_path: Path) -> Non
         lambda s: s.pop(0),  # one scale fewer
         lambda s: s[-1].update(iterations=s[-1]["iterations"] + 1),  # more steps
         lambda s: s[0].update(height=str(s[0]["height"])),  # not a schedule
+        lambda s: s[-1].pop("start"),  # made before the content's detail was put back (an upsampled start)
+        lambda s: s[-1].update(start=START_UPSAMPLED),  # the same, listed
+        lambda s: s[-1].update(start=7),  # not a schedule
     ],
 )
 def test_a_record_whose_schedule_differs_is_not_done(tmp_path: Path, change: Callable[[list[Any]], None]) -> None:
@@ -161,7 +175,7 @@ def test_schedule_steps_reads_what_build_record_wrote(tmp_path: Path) -> None:
     record = parse_record(json.loads((tmp_path / "out" / "a.json").read_text()))
     assert record is not None and Written.of(record) is not None
     steps = schedule_steps(record)
-    assert steps == [(s.height, s.width, s.iterations) for s in schedule(85, 128, 2, 5)]
+    assert steps == [(s.height, s.width, s.iterations, s.start) for s in schedule(85, 128, 2, 5, "content")]
     params = nst.params.StyleParams(size=128, scales=2, iterations=5)
     assert not _other_schedule(params, steps)
     assert _other_schedule(params, None) and _other_schedule(params, [])

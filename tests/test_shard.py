@@ -92,7 +92,9 @@ def test_a_pairs_cost_follows_its_schedule(tmp_path: Path) -> None:
     costs = {p.id: pair_cost(p, plan.inputs) for p in plan.to_run}
     assert costs["one"] == 128 * 128 * 70
     assert (
-        costs["three"] == sum(s.height * s.width * s.iterations for s in schedule(128, 128, 3, 70)) < costs["one"] / 3
+        costs["three"]
+        == sum(s.height * s.width * s.iterations for s in schedule(128, 128, 3, 70, "content"))
+        < costs["one"] / 3
     )
 
 

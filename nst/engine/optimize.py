@@ -28,7 +28,7 @@ from nst.engine.memory import needs_recompute
 from nst.engine.pairs import PairProblem, PairResult
 from nst.engine.steplog import LOSS_TERMS, ProgressCallback, ProgressEvent, StepLog, read_losses, stack_losses
 from nst.engine.steppers import AdamStepper, ProjectedLBFGS, Stepper
-from nst.schedule import MIN_SCALE_SIDE, Scale, scale_iterations, scale_sizes, schedule
+from nst.schedule import MIN_SCALE_SIDE, START_DETAIL, Scale, scale_iterations, scale_sizes, schedule
 
 __all__ = [
     "CUDNN_WORKSPACE_CAP_MIB",
@@ -42,6 +42,7 @@ __all__ = [
     "ProgressEvent",
     "Scale",
     "build_targets",
+    "finer_start",
     "initial_images",
     "scale_iterations",
     "scale_sizes",
@@ -111,6 +112,16 @@ def build_targets(
     )
 
 
+def finer_start(x01: Tensor, contents: Tensor, coarse: Scale, fine: Scale) -> Tensor:
+    """The start of a finer scale in [0,1]: the coarser result upsampled, plus (START_DETAIL) the contents' detail
+    between the two scales (the contents at `fine` minus themselves blurred through `coarse`)."""
+    start = resize(x01, fine.height, fine.width)
+    if fine.start == START_DETAIL:
+        sharp = resize(contents, fine.height, fine.width)
+        start = start + sharp - resize(resize(sharp, coarse.height, coarse.width), fine.height, fine.width)
+    return start.clamp(0, 1)
+
+
 def initial_images(problems: Sequence[PairProblem[Tensor]], height: int, width: int, device: torch.device) -> Tensor:
     """The starting images [B,3,H,W] in [0,1]: content, white noise (seeded per pair) or the first style image."""
     images = []
@@ -161,7 +172,7 @@ class _BatchLoop:
         self.problems, self.extractor, self.device, self.fast = problems, extractor, device, fast
         self.params = params = problems[0].params
         height, width = problems[0].content.shape[-2:]
-        self.scales = schedule(height, width, params.scales, params.iterations)
+        self.scales = schedule(height, width, params.scales, params.iterations, params.init)
         self.low, self.high = (t.to(device).view(1, -1, 1, 1) for t in extractor.input_range())
         if isinstance(extractor, torch.nn.Module):  # weights in the activations' layout: converted once, not per step
             extractor.to(memory_format=torch.channels_last if fast.channels_last else torch.contiguous_format)
@@ -182,10 +193,13 @@ class _BatchLoop:
         first = self.scales[0]
         x01 = initial_images(self.problems, first.height, first.width, self.device)
         rescued = torch.zeros(len(self.problems), dtype=torch.bool, device=self.device)
+        contents = torch.cat([p.content for p in self.problems]).to(self.device)
         for index, scale in enumerate(self.scales):
             targets = build_targets(
                 self.problems, self.extractor, scale.height, scale.width, scale.factor, self.device, self.fast.amp
             )
+            if index:
+                x01 = finer_start(x01, contents, self.scales[index - 1], scale)
             x01, rescued = self._run_scale(index, targets, x01)
         with torch.no_grad(), autocast(self.device, self.fast.amp):
             final = self.extractor.to_model(x01)

@@ -24,7 +24,9 @@ from nst.run.inputs import Identity
 from nst.run.layout import read_json, summary_uri, write
 from nst.run.records import Output, Record, Steps, parse_record, schedule_steps
 
-INDEX_SCHEMA = 2  # 2: entries keep the record's schedule (an index of 1 is read as none: its records are read once)
+# 2: entries keep the record's schedule; 3: with each scale's start. An older index is read as none: its records are
+# read once.
+INDEX_SCHEMA = 3
 MAX_INDEX_BYTES = 64 * 2**20  # gzip-compressed
 MAX_INDEX_INFLATED = 256 * 2**20  # ~250,000 pairs' entries
 
@@ -44,7 +46,7 @@ class Written:
     image_sha256: str | None
     image_identity: Identity | None
     manifest: str | None = None  # the name of the manifest that wrote it (None: written before records named one)
-    schedule: list[Steps] | None = None  # (height, width, iterations) per scale as the record lists them (None: none)
+    schedule: list[Steps] | None = None  # (height, width, iterations, start) per scale as the record lists them
 
     @classmethod
     def of(cls, record: Record | Mapping[str, Any]) -> Written | None:

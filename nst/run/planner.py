@@ -270,9 +270,9 @@ def _other_schedule(params: StyleParams, recorded: list[Steps] | None) -> bool:
         return len(scale_sizes(params.size, params.size, params.scales)) > 1
     if not recorded:
         return True
-    height, width, _ = recorded[-1]  # the finest scale is the output's size
-    now = schedule(height, width, params.scales, params.iterations)
-    return recorded != [(s.height, s.width, s.iterations) for s in now]
+    height, width, *_ = recorded[-1]  # the finest scale is the output's size
+    now = schedule(height, width, params.scales, params.iterations, params.init)
+    return recorded != [(s.height, s.width, s.iterations, s.start) for s in now]
 
 
 def _judge(

@@ -21,7 +21,7 @@ from nst.results import Status, error_info, now_iso, runner, versions
 from nst.run.inputs import Identity, InputFacts, identity
 from nst.run.layout import output_uris, summary_uri, write
 from nst.safejson import MAX_RECORD_BYTES, read_json
-from nst.schedule import schedule
+from nst.schedule import START_INIT, START_UPSAMPLED, schedule
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -278,24 +278,26 @@ def _schedule(params: StyleParams, result: PairResult[Image.Image] | None) -> li
     """The scales the image was made at, coarse to fine, with each one's steps (None: no image)."""
     if result is None or result.image is None:
         return None
-    scales = schedule(result.image.height, result.image.width, params.scales, params.iterations)
+    scales = schedule(result.image.height, result.image.width, params.scales, params.iterations, params.init)
     return [scale.to_dict() for scale in scales]
 
 
-Steps = tuple[int, int, int]  # one scale of a schedule as the planner compares it: (height, width, iterations)
+Steps = tuple[int, int, int, str]  # one scale as the planner compares it: (height, width, iterations, start)
 
 
 def schedule_steps(record: Record) -> list[Steps] | None:
-    """The record's schedule as (height, width, iterations) per scale, coarse to fine: None when it lists none
-    (made before records did, or no image), [] when what it lists is not a schedule (never one a pair runs)."""
+    """The record's schedule as (height, width, iterations, start) per scale, coarse to fine: None when it lists none
+    (made before records did, or no image), [] when what it lists is not a schedule (never one a pair runs). A scale
+    that lists no start was made before starts were listed: the first from `init`, the others upsampled."""
     if record.schedule is None:
         return None
     steps = []
-    for scale in record.schedule:
+    for index, scale in enumerate(record.schedule):
         height, width, iterations = (scale.get(k) for k in ("height", "width", "iterations"))
-        if type(height) is not int or type(width) is not int or type(iterations) is not int:
+        start = scale.get("start", START_UPSAMPLED if index else START_INIT)
+        if type(height) is not int or type(width) is not int or type(iterations) is not int or type(start) is not str:
             return []
-        steps.append((height, width, iterations))
+        steps.append((height, width, iterations, start))
     return steps
 
 

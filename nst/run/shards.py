@@ -65,9 +65,9 @@ def pair_cost(spec: PairSpec, inputs: dict[str, InputFacts]) -> int:
     if dims is None or any(inputs[u].error for u in (spec.content, *spec.styles)):
         return 1
     width, height = resized_size(*dims, spec.params.size)
-    return sum(
-        s.height * s.width * s.iterations for s in schedule(height, width, spec.params.scales, spec.params.iterations)
-    )
+    params = spec.params
+    scales = schedule(height, width, params.scales, params.iterations, params.init)
+    return sum(s.height * s.width * s.iterations for s in scales)
 
 
 def split_batches(batches: Sequence[Batch], shards: int) -> list[list[str]]:
