@@ -7,7 +7,9 @@ weight (--weights), our default (coarse-to-fine from 1024 px: 256 -> 512 -> 1024
 of its examples/scripts/starry_stanford.sh: 1000 -> 500 -> 200 steps at size / 4 -> size / 2 -> size, each
 `-init image` from the last, `-tv_weight 0`, `-style_weight 500`, cuDNN autotuned on a GPU; its seconds are its
 optimisation's (from "Running optimization" to its last step, summed over the three processes). Every image is judged
-at the output size by bench.quality's GatysJudge (coarse images upsampled, as the next scale starts from them).
+at the output size by bench.quality's GatysJudge (coarse images upsampled, as the next scale starts from them); each
+final image (and each image at the schedule's time) is also judged taken down to --smaller long sides (default size/2
+and size/4: `judged_smaller`), where the coarse scales' motifs are, which a Gram at the output size barely sees.
 
 Issue 30's goals, per pair (`"kind": "print_size_pair"`):
 - `schedule_vs_single`: the schedule at the default weight against the single-scale frontier: its style_err over the
@@ -102,6 +104,26 @@ def schedule_seconds(rows: Sequence[dict[str, Any]], weight: float) -> dict[str,
     return {r["pair"]: r["seconds"] for r in rows if r["series"] == SCHEDULE and r["weight"] == weight}
 
 
+def judged_smaller(
+    judge: quality.GatysJudge,
+    cache: dict[tuple[str, tuple[int, int]], dict[str, Any]],
+    pair: quality.Pair,
+    image: Image.Image,
+    sides: Sequence[int],
+) -> dict[str, tuple[float, float]]:
+    """(content_err, style_err) of `image` taken down to each long side in `sides` (the motifs' scale: a Gram at the
+    output size sees only strokes), judged against the content and the painting at that side."""
+    judged = {}
+    for side in sides:
+        w, h = image.size
+        small = image.resize(
+            (max(1, round(w * side / max(w, h))), max(1, round(h * side / max(w, h)))), Image.Resampling.LANCZOS
+        )
+        final, _ = quality.judge_run(judge, pair, small, [], cache)
+        judged[str(side)] = (final["content_err"], final["style_err"])
+    return judged
+
+
 def judged_row(
     judge: quality.GatysJudge,
     cache: dict[tuple[str, tuple[int, int]], dict[str, Any]],
@@ -111,8 +133,10 @@ def judged_row(
     record: dict[str, Any],
     reference: dict[str, float],
     workdir: Path,
+    smaller: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """One run judged at the output size, its final image (and its image at the schedule's time) saved in workdir."""
+    """One run judged at the output size (and its final image at each side in `smaller`), its final image (and its
+    image at the schedule's time, judged the same) saved in workdir."""
     final, points = quality.judge_run(judge, pair, record["image"], record["curve"], cache)
     stem = f"{series.replace(' ', '_')}-{weight:g}-{pair.id}"
     record["image"].save(workdir / f"{stem}.jpg", quality=95)  # judged above from the image itself
@@ -126,14 +150,15 @@ def judged_row(
     }
     row["curve"] = [(p.iteration, p.seconds, p.content_err, p.style_err) for p in points]
     row["image"] = f"{stem}.jpg"
+    row["judged_smaller"] = judged_smaller(judge, cache, pair, record["image"], smaller)
     if series != SCHEDULE and pair.id in reference:
         point = at_time(row["curve"], reference[pair.id])
         images = {it: img for it, _, img in record["curve"]}  # the judged curve's iterations
         if point is not None:
-            images[int(point[0])].resize(record["image"].size, Image.Resampling.BICUBIC).save(
-                workdir / f"{stem}-at.jpg", quality=95
-            )
+            at = images[int(point[0])].resize(record["image"].size, Image.Resampling.BICUBIC)
+            at.save(workdir / f"{stem}-at.jpg", quality=95)
             row["image_at_schedule_time"] = f"{stem}-at.jpg"
+            row["judged_smaller_at_schedule_time"] = judged_smaller(judge, cache, pair, at, smaller)
     return row
 
 
@@ -160,7 +185,8 @@ def run_series(
                 records = run_ours(pairs, args.size, args.iterations, weight, our_scales(key, args))
             reference = schedule_seconds([*reference_rows, *rows], args.default_weight)
             for record in records:
-                row = judged_row(judge, cache, by_id[record["pair"]], series, weight, record, reference, args.workdir)
+                pair = by_id[record["pair"]]
+                row = judged_row(judge, cache, pair, series, weight, record, reference, args.workdir, args.smaller)
                 if key != "nspt":
                     w, h = record["image"].size
                     steps = schedule(h, w, our_scales(key, args), args.iterations, StyleParams().init)
@@ -284,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sheets", type=Path, help="folder for one JPEG per pair: pictures and 1:1 crops")
     parser.add_argument("--markdown", action="store_true", help="print the table for docs/quality.md")
     parser.add_argument("--replot", type=Path, nargs="+", help="only summarise these files' runs")
+    parser.add_argument("--smaller", type=_ints, help="also judge each final image at these long sides (size/2, /4)")
     args = parser.parse_args(argv)
+    args.smaller = args.smaller if args.smaller is not None else [args.size // 2, args.size // 4]
     args.series = [s for s in args.series.split(",") if s]
     if unknown := set(args.series) - set(SERIES):
         parser.error(f"--series: unknown {', '.join(sorted(unknown))}; known: {', '.join(SERIES)}")

@@ -80,7 +80,7 @@ def test_neural_style_pt_needs_its_checkout(capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.vgg
 def test_a_tiny_comparison_end_to_end(tmp_path: Path) -> None:
     out, sheets = tmp_path / "runs.jsonl", tmp_path / "sheets"
-    argv = ["--size", "64", "--iterations", "4", "--weights", "1,3", "--scales", "2", "--only", "amber__candy"]
+    argv = ["--size", "64", "--iterations", "8", "--weights", "1,3", "--scales", "2", "--only", "amber__candy"]
     assert print_size.main([*argv, "--workdir", str(tmp_path), "--out", str(out), "--sheets", str(sheets)]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     runs = [r for r in lines if r["kind"] == "print_size_run"]
@@ -92,9 +92,13 @@ def test_a_tiny_comparison_end_to_end(tmp_path: Path) -> None:
     ]
     for r in runs:
         steps = [s["iterations"] for s in r["schedule"]]
-        assert steps == (scale_iterations(4, 2) if r["series"] == SCHEDULE else [4]) and r["size"] == 64
+        assert steps == (scale_iterations(8, 2) if r["series"] == SCHEDULE else [8]) and r["size"] == 64
         assert r["content_err"] > 0 and r["style_err"] > 0 and (tmp_path / r["image"]).exists()
         assert r["series"] == SCHEDULE or (tmp_path / r["image_at_schedule_time"]).exists()
+        smaller = [r["judged_smaller"], *([] if r["series"] == SCHEDULE else [r["judged_smaller_at_schedule_time"]])]
+        for judged in smaller:  # the final image (and the one at the schedule's time) at 32 and 16 px too
+            assert sorted(judged) == ["16", "32"] and all(c > 0 and s > 0 for c, s in judged.values())
+        assert r["judged_smaller"]["32"] != [r["content_err"], r["style_err"]]  # another size, another verdict
     [summary] = [r for r in lines if r["kind"] == "print_size_pair"]
     assert summary["schedule_vs_single"]["time_fraction"] > 0
     assert {e["series"] for e in summary["equal_time"]} == {SINGLE}
