@@ -193,13 +193,14 @@ class _BatchLoop:
         first = self.scales[0]
         x01 = initial_images(self.problems, first.height, first.width, self.device)
         rescued = torch.zeros(len(self.problems), dtype=torch.bool, device=self.device)
-        contents = torch.cat([p.content for p in self.problems]).to(self.device)
         for index, scale in enumerate(self.scales):
             targets = build_targets(
                 self.problems, self.extractor, scale.height, scale.width, scale.factor, self.device, self.fast.amp
             )
-            if index:
+            if index:  # the contents at full size only for this, then freed: the steps' peak memory is unchanged
+                contents = torch.cat([p.content for p in self.problems]).to(self.device)
                 x01 = finer_start(x01, contents, self.scales[index - 1], scale)
+                del contents
             x01, rescued = self._run_scale(index, targets, x01)
         with torch.no_grad(), autocast(self.device, self.fast.amp):
             final = self.extractor.to_model(x01)
