@@ -38,6 +38,7 @@ from PIL import Image
 
 from bench import coarse_to_fine, quality
 from bench.frontier import interpolate
+from nst.engine.images import resize_long_side
 from nst.params import StyleParams
 from nst.schedule import default_scales, schedule
 
@@ -115,11 +116,7 @@ def judged_smaller(
     output size sees only strokes), judged against the content and the painting at that side."""
     judged = {}
     for side in sides:
-        w, h = image.size
-        small = image.resize(
-            (max(1, round(w * side / max(w, h))), max(1, round(h * side / max(w, h)))), Image.Resampling.LANCZOS
-        )
-        final, _ = quality.judge_run(judge, pair, small, [], cache)
+        final, _ = quality.judge_run(judge, pair, resize_long_side(image, side), [], cache)
         judged[str(side)] = (final["content_err"], final["style_err"])
     return judged
 
