@@ -15,7 +15,9 @@ Issue 30's goals, per pair (`"kind": "print_size_pair"`):
 - `schedule_vs_single`: the schedule at the default weight against the single-scale frontier: its style_err over the
   frontier's at its content_err (goal: <= 1.0), and its seconds over the single scale's at that weight (<= 1/3);
 - `equal_time`: every other run's image at the schedule's time (its last checkpoint by then) against the schedule's
-  frontier: our style_err at its content_err over its style_err (goal: <= 0.8).
+  frontier: our style_err at its content_err over its style_err (goal: <= 0.8);
+- `equal_time_smaller`: the same with every image taken down to each --smaller side (the schedule's final images
+  against the others' at the schedule's time), where the coarse scales' motifs are judged.
 
     python -m bench.print_size --workdir W --out W/ours.jsonl                                  # ours (a GPU)
     python -m bench.print_size --series nspt --neural-style-pt /tmp/nspt --reference W/ours.jsonl \\
@@ -221,11 +223,40 @@ def pair_summary(rows: Sequence[dict[str, Any]], pair: str, weight: float) -> di
             entry["ratio"] = at / point[3] if at is not None else None
         equal_time.append(entry)
     summary["equal_time"] = equal_time
-    summary["worst_equal_time"] = {
-        s: max((e["ratio"] for e in equal_time if e["series"] == s and e["ratio"] is not None), default=None)
+    summary["worst_equal_time"] = _worst(equal_time)
+    if main is not None:
+        summary["equal_time_smaller"] = equal_time_smaller(mine, main)
+        summary["worst_equal_time_smaller"] = {k: _worst(v) for k, v in summary["equal_time_smaller"].items()}
+    return summary
+
+
+def equal_time_smaller(mine: Sequence[dict[str, Any]], main: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Goal 2's ratios with every image taken down to each side in the schedule's `judged_smaller`: the schedule's
+    frontier there against each other run's image at the schedule's time judged there (<= 0.8 is ours ahead)."""
+    ratios: dict[str, list[dict[str, Any]]] = {}
+    for side in main.get("judged_smaller", {}):
+        front: list[tuple[float, float]] = []
+        for r in mine:
+            if r["series"] == SCHEDULE and side in r.get("judged_smaller", {}):
+                content_err, style_err = r["judged_smaller"][side]
+                front.append((content_err, style_err))
+        ratios[side] = []
+        for r in mine:
+            theirs = r.get("judged_smaller_at_schedule_time", {}).get(side)
+            if r["series"] == SCHEDULE or theirs is None:
+                continue
+            at = interpolate(front, theirs[0], bound=True)
+            entry = {"series": r["series"], "weight": r["weight"], "content_err": theirs[0], "style_err": theirs[1]}
+            ratios[side].append(entry | {"ratio": at / theirs[1] if at is not None else None})
+    return ratios
+
+
+def _worst(entries: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Per series (one scale, neural-style-pt's), its worst equal-time ratio; None where none was measured."""
+    return {
+        s: max((e["ratio"] for e in entries if e["series"] == s and e["ratio"] is not None), default=None)
         for s in (SINGLE, NSPT)
     }
-    return summary
 
 
 def sheet(
@@ -258,18 +289,29 @@ def markdown(rows: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]]
 
     lines = [
         "| pair | coarse-to-fine c / s / time | one scale c / s / time | frontier ratio vs one scale (≤ 1) "
-        "| time fraction (≤ 0.33) | equal time: worst ratio vs one scale / vs nspt multires (≤ 0.8) |",
-        "|---|---|---|---:|---:|---:|",
+        "| time fraction (≤ 0.33) | equal time: worst ratio vs one scale / vs nspt multires (≤ 0.8) "
+        "| the same judged smaller (side: vs one scale / vs nspt) |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
     for s in summaries:
         vs = s.get("schedule_vs_single", {})
         worst = s["worst_equal_time"]
+        smaller = "; ".join(
+            f"{side}: {num(w[SINGLE])} / {num(w[NSPT])}" for side, w in s.get("worst_equal_time_smaller", {}).items()
+        )
         lines.append(
             f"| {s['pair'].replace('__', ' / ')} | {point(s['pair'], SCHEDULE, s['weight'])} | "
             f"{point(s['pair'], SINGLE, s['weight'])} | {num(vs.get('frontier_ratio'))} | "
-            f"{num(vs.get('time_fraction'))} | {num(worst[SINGLE])} / {num(worst[NSPT])} |"
+            f"{num(vs.get('time_fraction'))} | {num(worst[SINGLE])} / {num(worst[NSPT])} | {smaller} |"
         )
     return "\n".join(lines)
+
+
+def _worst_of(worsts: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Per series, the worst of the pairs' worst ratios; None where no pair has one."""
+    return {
+        series: max((v for w in worsts if (v := w.get(series)) is not None), default=None) for series in (SINGLE, NSPT)
+    }
 
 
 def _floats(text: str) -> list[float]:
@@ -334,9 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "size": args.size,
         "max_frontier_ratio_vs_single": max((r["frontier_ratio"] for r in ratios if r["frontier_ratio"]), default=None),
         "max_time_fraction": max((r["time_fraction"] for r in ratios), default=None),
-        "worst_equal_time": {
-            series: max((v for s in summaries if (v := s["worst_equal_time"][series]) is not None), default=None)
-            for series in (SINGLE, NSPT)
+        "worst_equal_time": _worst_of([s["worst_equal_time"] for s in summaries]),
+        "worst_equal_time_smaller": {
+            str(side): _worst_of([s.get("worst_equal_time_smaller", {}).get(str(side), {}) for s in summaries])
+            for side in args.smaller
         },
     }
     for line in [*summaries, total]:

@@ -59,6 +59,32 @@ def test_the_goals_of_one_pair() -> None:
     assert summary["worst_equal_time"] == {SINGLE: pytest.approx(0.4), NSPT: None}
 
 
+def test_goal_two_judged_smaller_compares_the_images_taken_down() -> None:
+    rows = [
+        run(SCHEDULE, 3.0, 0.4, 0.2, 10.0, []) | {"judged_smaller": {"8": [0.2, 0.4], "4": [0.3, 0.3]}},
+        run(SCHEDULE, 10.0, 0.8, 0.1, 10.0, []) | {"judged_smaller": {"8": [0.6, 0.1], "4": [0.5, 0.2]}},
+        run(SINGLE, 3.0, 0.2, 0.4, 40.0, [(100, 9.0, 0.4, 0.5)])
+        | {"judged_smaller": {"8": [0.1, 0.1]}, "judged_smaller_at_schedule_time": {"8": [0.2, 0.5], "4": [0.9, 0.4]}},
+        run(SINGLE, 10.0, 0.6, 0.1, 40.0, [(100, 9.0, 0.9, 0.25)])
+        | {"judged_smaller_at_schedule_time": {"8": [0.1, 0.9]}},  # judged only at side 8
+        run(NSPT, 500.0, 0.3, 0.3, 30.0, [(50, 12.0, 0.5, 0.2)]),  # no image by then: nothing judged smaller
+    ]
+    summary = pair_summary(rows, "p", 3.0)
+    at_8 = {(e["series"], e["weight"]): e for e in summary["equal_time_smaller"]["8"]}
+    # At side 8 our frontier is (0.2, 0.4)-(0.6, 0.1): the single scale at weight 3 had 0.5 at our 0.2, so 0.4 / 0.5.
+    assert at_8[(SINGLE, 3.0)] == {"series": SINGLE, "weight": 3.0, "content_err": 0.2, "style_err": 0.5, "ratio": 0.8}
+    assert at_8[(SINGLE, 10.0)]["ratio"] is None  # content 0.1 is below our frontier at side 8: no claim
+    assert (NSPT, 500.0) not in at_8
+    # At side 4 content 0.9 is past our frontier: bounded by its lowest style_err, 0.2, against the single's 0.4.
+    assert [e["ratio"] for e in summary["equal_time_smaller"]["4"]] == [pytest.approx(0.5)]
+    assert summary["worst_equal_time_smaller"] == {
+        "8": {SINGLE: 0.8, NSPT: None},
+        "4": {SINGLE: pytest.approx(0.5), NSPT: None},
+    }
+    # At the output size the same runs say otherwise: the verdicts are separate.
+    assert summary["worst_equal_time"][SINGLE] == pytest.approx(0.4)
+
+
 def test_without_the_schedule_at_the_default_weight_nothing_is_claimed() -> None:
     rows = [run(SINGLE, 3.0, 0.2, 0.4, 40.0, [(500, 40.0, 0.2, 0.4)])]
     summary = pair_summary(rows, "p", 3.0)
@@ -78,10 +104,13 @@ def test_neural_style_pt_needs_its_checkout(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.vgg
-def test_a_tiny_comparison_end_to_end(tmp_path: Path) -> None:
+def test_a_tiny_comparison_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, sheets = tmp_path / "runs.jsonl", tmp_path / "sheets"
     argv = ["--size", "64", "--iterations", "8", "--weights", "1,3", "--scales", "2", "--only", "amber__candy"]
-    assert print_size.main([*argv, "--workdir", str(tmp_path), "--out", str(out), "--sheets", str(sheets)]) == 0
+    argv += ["--workdir", str(tmp_path), "--out", str(out), "--sheets", str(sheets), "--markdown"]
+    assert print_size.main(argv) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| amber / candy |")]
+    assert " | 32: " in row and "; 16: " in row  # goal 2 judged smaller, per side
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     runs = [r for r in lines if r["kind"] == "print_size_run"]
     assert sorted((r["series"], r["weight"]) for r in runs) == [
@@ -102,4 +131,11 @@ def test_a_tiny_comparison_end_to_end(tmp_path: Path) -> None:
     [summary] = [r for r in lines if r["kind"] == "print_size_pair"]
     assert summary["schedule_vs_single"]["time_fraction"] > 0
     assert {e["series"] for e in summary["equal_time"]} == {SINGLE}
+    for side in ("32", "16"):  # goal 2 judged smaller too: both single-scale runs, at the schedule's time
+        assert [(e["series"], e["weight"]) for e in summary["equal_time_smaller"][side]] == [
+            (SINGLE, 1.0),
+            (SINGLE, 3.0),
+        ]
+    [total] = [r for r in lines if r["kind"] == "summary"]
+    assert sorted(total["worst_equal_time_smaller"]) == ["16", "32"]
     assert (sheets / "amber__candy.jpg").exists()
