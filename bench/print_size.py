@@ -309,9 +309,7 @@ def markdown(rows: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]]
 
 def _worst_of(worsts: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
     """Per series, the worst of the pairs' worst ratios; None where no pair has one."""
-    return {
-        series: max((v for w in worsts if (v := w.get(series)) is not None), default=None) for series in (SINGLE, NSPT)
-    }
+    return _worst([{"series": series, "ratio": ratio} for w in worsts for series, ratio in w.items()])
 
 
 def _floats(text: str) -> list[float]:
@@ -377,9 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_frontier_ratio_vs_single": max((r["frontier_ratio"] for r in ratios if r["frontier_ratio"]), default=None),
         "max_time_fraction": max((r["time_fraction"] for r in ratios), default=None),
         "worst_equal_time": _worst_of([s["worst_equal_time"] for s in summaries]),
-        "worst_equal_time_smaller": {
-            str(side): _worst_of([s.get("worst_equal_time_smaller", {}).get(str(side), {}) for s in summaries])
-            for side in args.smaller
+        "worst_equal_time_smaller": {  # the sides the runs were judged at (--replot's --smaller may differ)
+            side: _worst_of([s.get("worst_equal_time_smaller", {}).get(side, {}) for s in summaries])
+            for side in dict.fromkeys(side for s in summaries for side in s.get("worst_equal_time_smaller", {}))
         },
     }
     for line in [*summaries, total]:
